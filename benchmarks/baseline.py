@@ -1,0 +1,180 @@
+"""PyTorch baseline pipelines: InstantID and IP-Adapter (plain and Plus) on SDXL, from diffusers modules.
+
+They reproduce the reference data flow (REFERENCE.md) and are the oracle of every parity test
+and the yardstick of every benchmark:
+
+- prompt -> both CLIP text encoders -> penultimate hidden states concatenated (77 x 2048) and
+  the pooled projection; `negative_prompt=None` gives zero negatives (SDXL's
+  force_zeros_for_empty_prompt);
+- image tokens appended to the text tokens; negatives: Resampler(0) (InstantID), ImageProj(0)
+  (IP-Adapter), encoder(zero image) -> Resampler (IP-Adapter Plus);
+- IdentityNet gets the face tokens only as context, the kps image and the conditioning scale;
+- decoupled attention in every attn2 layer with scale λ (float or per layer);
+- Euler (or another diffusers scheduler), CFG [negative, positive], VAE in fp32.
+
+Batch > 1 (`num_images`) repeats every conditioning tensor, unlike upstream InstantID.
+Noise comes from a CPU `torch.Generator` seeded with `seed`, so results do not depend on device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from export import loaders
+from export.adapters import attach_ip_adapter, set_ip_scale
+from export.specs import ModelSpec
+
+SCHEDULERS = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
+                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "ddim": ("DDIMScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+}
+
+
+def make_scheduler(config: dict, name: str = "euler"):
+    """A diffusers scheduler of kind `name` (see SCHEDULERS) built from a scheduler_config dict."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}: choose one of {sorted(SCHEDULERS)}")
+    class_name, overrides = SCHEDULERS[name]
+    return getattr(diffusers, class_name).from_config({**config, **overrides})
+
+
+@dataclass
+class Result:
+    """Images (PIL, RGB) and the final latents (B, 4, H/8, W/8) before VAE decoding."""
+
+    images: list[Image.Image]
+    latents: torch.Tensor
+
+
+def default_device_dtype(device: str | None = None, dtype: torch.dtype | None = None):
+    """(device, dtype): cuda + fp16 when a GPU is present, else cpu + fp32."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
+
+
+class SDXLBase:
+    """Text encoders, UNet (with decoupled attention), VAE and the denoising loop shared by both pipelines."""
+
+    def __init__(self, spec: ModelSpec, weights_dir: Path | None, random_init: bool, device, dtype,
+                 vae_fp16_fix: bool = False):
+        self.spec, self.device, self.dtype = spec, device, dtype
+        self.text = loaders.load_text_stack(spec, weights_dir, random_init, dtype, device)
+        self.unet = loaders.load_unet(spec, weights_dir, random_init, dtype, device)
+        vae_dtype = dtype if vae_fp16_fix else torch.float32
+        self.vae = loaders.load_vae(spec, weights_dir, random_init, vae_dtype, device, fp16_fix=vae_fp16_fix)
+        self.scheduler_config = loaders.load_scheduler_config(spec, weights_dir, random_init)
+        self.ip_layers: list = []
+
+    # -- conditioning -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str | list[str], negative_prompt: str | list[str] | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prompt_embeds (B,77,C), pooled (B,P), negative_embeds, negative_pooled) for B prompts."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        embeds, pooled = self._encode(prompts)
+        if negative_prompt is None:
+            return embeds, pooled, torch.zeros_like(embeds), torch.zeros_like(pooled)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        negative_embeds, negative_pooled = self._encode(negatives)
+        return embeds, pooled, negative_embeds, negative_pooled
+
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, pooled = [], None
+        for tokenizer, encoder in ((self.text.tokenizer, self.text.text_encoder),
+                                   (self.text.tokenizer_2, self.text.text_encoder_2)):
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(self.device)
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # text_encoder_2 runs last: its projected pooled output
+        return torch.cat(hidden, dim=-1).to(self.dtype), pooled.to(self.dtype)
+
+    def time_ids(self, height: int, width: int, batch: int) -> torch.Tensor:
+        """SDXL micro-conditioning (batch, 6): original size, crop (0, 0), target size."""
+        ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype, device=self.device)
+        return ids.repeat(batch, 1)
+
+    def initial_latents(self, num_images: int, height: int, width: int, generator: torch.Generator,
+                        init_noise_sigma: float) -> torch.Tensor:
+        """Seeded Gaussian latents (num_images, 4, H/8, W/8) drawn on the CPU, scaled by the scheduler."""
+        factor = self.spec.vae_scale_factor
+        if height % factor or width % factor:
+            raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
+        shape = (num_images, self.unet.config.in_channels, height // factor, width // factor)
+        latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+        return (latents * init_noise_sigma).to(self.device, self.dtype)
+
+    # -- adapters -----------------------------------------------------------------------------
+    def attach_adapter(self, ip_state: dict, num_tokens: int) -> None:
+        """Install decoupled attention on the UNet from an `ip_adapter` state dict."""
+        self.ip_layers = attach_ip_adapter(self.unet, ip_state, num_tokens)
+
+    # -- loop ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def denoise(self, *, prompt_embeds, pooled, negative_embeds, negative_pooled, tokens, negative_tokens,
+                height, width, num_images, steps, guidance, ip_scale, seed, scheduler="euler",
+                controlnet=None, control_image=None, controlnet_scale=1.0) -> torch.Tensor:
+        """Run the sampling loop; returns final latents (num_images, 4, H/8, W/8).
+
+        prompt_embeds/negative_embeds (1|N, 77, C); pooled (1|N, P); tokens/negative_tokens
+        (1|N, K, C) image tokens; control_image (1, 3, H, W) in [0, 1] for the ControlNet,
+        which then gets the image tokens (not the text) as its context.
+        """
+        set_ip_scale(self.ip_layers, ip_scale)
+        cfg = guidance > 1.0
+
+        def batch(x):  # repeat (1|N, ...) conditioning to num_images rows
+            return x.repeat_interleave(num_images // x.shape[0], dim=0) if x.shape[0] != num_images else x
+
+        context = torch.cat([batch(prompt_embeds), batch(tokens)], dim=1)
+        text_embeds, face = batch(pooled), batch(tokens)
+        if cfg:
+            negative_context = torch.cat([batch(negative_embeds), batch(negative_tokens)], dim=1)
+            context = torch.cat([negative_context, context])
+            text_embeds = torch.cat([batch(negative_pooled), text_embeds])
+            face = torch.cat([batch(negative_tokens), face])
+        rows = context.shape[0]
+        time_ids = self.time_ids(height, width, rows)
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        if controlnet is not None:
+            control = control_image.to(self.device, self.dtype).repeat(rows, 1, 1, 1)
+
+        sched = make_scheduler(self.scheduler_config, scheduler)
+        sched.set_timesteps(steps, device=self.device)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        latents = self.initial_latents(num_images, height, width, generator, sched.init_noise_sigma)
+        for t in sched.timesteps:
+            model_in = torch.cat([latents] * 2) if cfg else latents
+            model_in = sched.scale_model_input(model_in, t)
+            residuals = {}
+            if controlnet is not None:
+                down, mid = controlnet(model_in, t, encoder_hidden_states=face, controlnet_cond=control,
+                                       conditioning_scale=controlnet_scale, added_cond_kwargs=added,
+                                       return_dict=False)
+                residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            noise = self.unet(model_in, t, encoder_hidden_states=context, added_cond_kwargs=added,
+                              return_dict=False, **residuals)[0]
+            if cfg:
+                uncond, cond = noise.chunk(2)
+                noise = uncond + guidance * (cond - uncond)
+            latents = sched.step(noise, t, latents, generator=generator, return_dict=False)[0]
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Latents (B, 4, h, w) -> B PIL RGB images, as diffusers' postprocessing does."""
+        vae = self.vae
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        return [Image.fromarray(image) for image in (images * 255).round().astype(np.uint8)]

@@ -1,0 +1,137 @@
+"""The two baseline pipelines: `InstantIDBaseline` and `IPAdapterBaseline` (see `benchmarks.baseline`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.baseline import Result, SDXLBase, default_device_dtype
+from export import loaders
+from export.specs import ModelSpec, get_spec
+
+
+def _spec(model: str | ModelSpec) -> ModelSpec:
+    return get_spec(model) if isinstance(model, str) else model
+
+
+def control_tensor(kps_image: np.ndarray) -> torch.Tensor:
+    """kps image (H, W, 3) uint8 RGB -> (1, 3, H, W) float in [0, 1], the ControlNet's input."""
+    return torch.from_numpy(np.ascontiguousarray(kps_image)).permute(2, 0, 1)[None].float() / 255.0
+
+
+class InstantIDBaseline(SDXLBase):
+    """InstantID on SDXL: face embedding -> Resampler tokens; kps image -> IdentityNet; decoupled attention."""
+
+    def __init__(self, model: str | ModelSpec = "tiny", weights_dir: Path | None = None, random_init: bool = False,
+                 device: str | None = None, dtype: torch.dtype | None = None, face_analyzer=None,
+                 vae_fp16_fix: bool = False):
+        device, dtype = default_device_dtype(device, dtype)
+        spec = _spec(model)
+        super().__init__(spec, weights_dir, random_init, device, dtype, vae_fp16_fix)
+        self.controlnet = loaders.load_controlnet(spec, weights_dir, random_init, dtype, device)
+        self.resampler, ip_state = loaders.load_instantid_adapter(spec, self.unet, weights_dir, random_init,
+                                                                   dtype, device)
+        self.attach_adapter(ip_state, spec.instantid_resampler.num_queries)
+        self.face_analyzer = face_analyzer
+        self._negative_tokens = None
+
+    @torch.no_grad()
+    def face_tokens(self, face_embedding: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw ArcFace embedding(s) (512,) or (N, 512) -> (tokens (N,16,C), negative = Resampler(0) (1,16,C))."""
+        embedding = torch.as_tensor(np.asarray(face_embedding), dtype=self.dtype, device=self.device).reshape(
+            -1, 1, self.spec.face_embedding_dim)
+        if self._negative_tokens is None:  # input-independent: computed once
+            self._negative_tokens = self.resampler(torch.zeros_like(embedding[:1]))
+        return self.resampler(embedding), self._negative_tokens
+
+    def generate(self, face_embedding, kps_image: np.ndarray, prompt: str, negative_prompt: str | None = None,
+                 steps: int = 30, guidance: float = 5.0, ip_scale=0.8, controlnet_scale: float = 0.8,
+                 seed: int = 0, num_images: int = 1, scheduler: str = "euler", decode: bool = True) -> Result:
+        """Generate from a face embedding (512,) and a kps image (H, W, 3) uint8; output is H x W."""
+        height, width = kps_image.shape[:2]
+        tokens, negative_tokens = self.face_tokens(face_embedding)
+        embeds, pooled, negative_embeds, negative_pooled = self.encode_prompt(prompt, negative_prompt)
+        latents = self.denoise(prompt_embeds=embeds, pooled=pooled, negative_embeds=negative_embeds,
+                               negative_pooled=negative_pooled, tokens=tokens, negative_tokens=negative_tokens,
+                               height=height, width=width, num_images=num_images, steps=steps, guidance=guidance,
+                               ip_scale=ip_scale, seed=seed, scheduler=scheduler, controlnet=self.controlnet,
+                               control_image=control_tensor(kps_image), controlnet_scale=controlnet_scale)
+        return Result(self.decode(latents) if decode else [], latents)
+
+    def __call__(self, image, prompt: str, negative_prompt: str | None = None, pose_image=None,
+                 face_index: int | None = None, **kwargs) -> Result:
+        """Full InstantID: identity from `image`, pose (kps) from `pose_image` or `image`.
+
+        Images are resized as InstantID's infer.py does; the output size is the pose image's.
+        """
+        from runtime.face import draw_kps
+        from runtime.images import load_image, resize_for_instantid
+
+        if self.face_analyzer is None:
+            raise ValueError("this pipeline has no face analyzer: pass face_analyzer=FaceAnalyzer(...)")
+        face_rgb = resize_for_instantid(load_image(image))
+        face = self.face_analyzer.analyze(face_rgb, face_index=face_index)
+        pose_rgb = face_rgb if pose_image is None else resize_for_instantid(load_image(pose_image))
+        kps = face.kps if pose_image is None else self.face_analyzer.analyze(pose_rgb).kps
+        kps_image = draw_kps(pose_rgb.shape[1], pose_rgb.shape[0], kps)
+        return self.generate(face.embedding, kps_image, prompt, negative_prompt, **kwargs)
+
+
+class IPAdapterBaseline(SDXLBase):
+    """IP-Adapter SDXL (ViT-H): CLIP image embedding -> ImageProj (plain) or Resampler (Plus) tokens."""
+
+    def __init__(self, model: str | ModelSpec = "tiny", plus: bool = False, weights_dir: Path | None = None,
+                 random_init: bool = False, device: str | None = None, dtype: torch.dtype | None = None,
+                 vae_fp16_fix: bool = False):
+        from transformers import CLIPImageProcessor
+
+        device, dtype = default_device_dtype(device, dtype)
+        spec = _spec(model)
+        super().__init__(spec, weights_dir, random_init, device, dtype, vae_fp16_fix)
+        self.plus = plus
+        self.image_encoder = loaders.load_image_encoder(spec, weights_dir, random_init, dtype, device)
+        self.projector, ip_state = loaders.load_ip_adapter(spec, self.unet, plus, weights_dir, random_init,
+                                                           dtype, device)
+        num_tokens = spec.ip_plus_resampler.num_queries if plus else spec.ip_image_proj.num_tokens
+        self.attach_adapter(ip_state, num_tokens)
+        self.processor = CLIPImageProcessor()
+        self._negative_tokens = None
+
+    def pixel_values(self, image) -> torch.Tensor:
+        """An image (path, bytes, PIL, RGB array) -> CLIP pixel values (1, 3, 224, 224)."""
+        from runtime.images import load_image
+
+        pixels = self.processor(images=Image.fromarray(load_image(image)), return_tensors="pt").pixel_values
+        return pixels.to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.plus:
+            return self.image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
+        return self.image_encoder(pixels).image_embeds
+
+    @torch.no_grad()
+    def image_tokens(self, image) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens (1, K, C), negative tokens (1, K, C)) for a reference image; the negative is cached."""
+        pixels = self.pixel_values(image)
+        embeds = self._embed(pixels)
+        if self._negative_tokens is None:
+            negative = self._embed(torch.zeros_like(pixels)) if self.plus else torch.zeros_like(embeds)
+            self._negative_tokens = self.projector(negative)
+        return self.projector(embeds), self._negative_tokens
+
+    def __call__(self, image, prompt: str, negative_prompt: str | None = None, steps: int = 30,
+                 guidance: float = 5.0, ip_scale=0.6, seed: int = 0, width: int | None = None,
+                 height: int | None = None, num_images: int = 1, scheduler: str = "euler",
+                 decode: bool = True) -> Result:
+        """Generate `num_images` images (width x height, default the model's resolution) from an image prompt."""
+        size = self.spec.default_resolution
+        tokens, negative_tokens = self.image_tokens(image)
+        embeds, pooled, negative_embeds, negative_pooled = self.encode_prompt(prompt, negative_prompt)
+        latents = self.denoise(prompt_embeds=embeds, pooled=pooled, negative_embeds=negative_embeds,
+                               negative_pooled=negative_pooled, tokens=tokens, negative_tokens=negative_tokens,
+                               height=height or size, width=width or size, num_images=num_images, steps=steps,
+                               guidance=guidance, ip_scale=ip_scale, seed=seed, scheduler=scheduler)
+        return Result(self.decode(latents) if decode else [], latents)

@@ -1,0 +1,224 @@
+"""Build the PyTorch modules of a model from its spec: from checkpoints, or random (`random_init`).
+
+Every loader takes `weights_dir` (a local folder laid out like the hub repositories, or None for
+the hub) and `random_init` (the real architecture with seeded random weights, no files read).
+Pickled checkpoints are read with `torch.load(weights_only=True)` only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from export.adapters import ImageProj, Resampler
+from export.specs import ModelSpec, Source
+from export.weights import resolve
+
+
+@dataclass
+class TextStack:
+    """SDXL's two tokenizers and text encoders."""
+
+    tokenizer: object
+    tokenizer_2: object
+    text_encoder: torch.nn.Module
+    text_encoder_2: torch.nn.Module
+
+
+def _seeded(seed: int):
+    torch.manual_seed(seed)
+
+
+def _fill_zero_init(module: torch.nn.Module, seed: int, std: float = 0.02) -> torch.nn.Module:
+    """Give zero-initialised tensors (ControlNet zero convs, norm biases) small random values,
+    so random-weight models exercise every path (a zero conv would make residuals vanish)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            if not param.any():
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return module
+
+
+def _finish(module: torch.nn.Module, dtype: torch.dtype, device: str | torch.device) -> torch.nn.Module:
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _diffusers_model(cls, config: dict, source: Source, weights_dir, random_init, seed, dtype, device):
+    if random_init:
+        _seeded(seed)
+        return _finish(_fill_zero_init(cls.from_config(config), seed), dtype, device)
+    path = resolve(source, weights_dir, folder=True)
+    variant = "fp16" if dtype == torch.float16 and any(path.glob("*.fp16.safetensors")) else None
+    return _finish(cls.from_pretrained(path, variant=variant, torch_dtype=dtype), dtype, device)
+
+
+def load_unet(spec: ModelSpec, weights_dir: Path | None = None, random_init: bool = False,
+              dtype: torch.dtype = torch.float32, device="cpu", seed: int = 1):
+    """SDXL UNet2DConditionModel (plain processors; attach adapters with `attach_ip_adapter`)."""
+    from diffusers import UNet2DConditionModel
+
+    source = Source(spec.sdxl_source.repo_id, "unet")
+    return _diffusers_model(UNet2DConditionModel, spec.unet, source, weights_dir, random_init, seed, dtype, device)
+
+
+def load_controlnet(spec: ModelSpec, weights_dir: Path | None = None, random_init: bool = False,
+                    dtype: torch.dtype = torch.float32, device="cpu", seed: int = 2):
+    """InstantID IdentityNet: a full SDXL ControlNetModel."""
+    from diffusers import ControlNetModel
+
+    return _diffusers_model(ControlNetModel, spec.controlnet, spec.controlnet_source, weights_dir, random_init,
+                            seed, dtype, device)
+
+
+def load_vae(spec: ModelSpec, weights_dir: Path | None = None, random_init: bool = False,
+             dtype: torch.dtype = torch.float32, device="cpu", seed: int = 3, fp16_fix: bool = False):
+    """AutoencoderKL; `fp16_fix` takes the fp16-safe SDXL VAE (else run it in fp32)."""
+    from diffusers import AutoencoderKL
+
+    if fp16_fix:
+        source = Source(spec.vae_fp16_fix_source.repo_id, "")
+    else:
+        source = Source(spec.sdxl_source.repo_id, "vae")
+    return _diffusers_model(AutoencoderKL, spec.vae, source, weights_dir, random_init, seed, dtype, device)
+
+
+def _clip_text(cls, config: dict, source: Source, weights_dir, random_init, seed, dtype, device):
+    from transformers import CLIPTextConfig
+
+    if random_init:
+        _seeded(seed)
+        return _finish(cls(CLIPTextConfig(**config)), dtype, device)
+    return _finish(cls.from_pretrained(resolve(source, weights_dir, folder=True), dtype=dtype), dtype, device)
+
+
+def load_tokenizers(spec: ModelSpec, weights_dir: Path | None = None, random_init: bool = False):
+    """SDXL's two CLIP tokenizers; with `random_init` they are written from open_clip's BPE vocabulary."""
+    from transformers import CLIPTokenizer
+
+    if random_init:
+        import tempfile
+
+        from export.tokenizer import write_clip_tokenizer
+
+        folder = Path(tempfile.mkdtemp(prefix="clip_tokenizer_"))
+        return (CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "tokenizer")),
+                CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "tokenizer_2", pad_token="!")))
+    repo = spec.sdxl_source.repo_id
+    return tuple(CLIPTokenizer.from_pretrained(resolve(Source(repo, sub), weights_dir, folder=True))
+                 for sub in ("tokenizer", "tokenizer_2"))
+
+
+def load_text_stack(spec: ModelSpec, weights_dir: Path | None = None, random_init: bool = False,
+                    dtype: torch.dtype = torch.float32, device="cpu", seed: int = 4) -> TextStack:
+    """Tokenizers + CLIPTextModel + CLIPTextModelWithProjection."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    repo = spec.sdxl_source.repo_id
+    tokenizer, tokenizer_2 = load_tokenizers(spec, weights_dir, random_init)
+    text_encoder = _clip_text(CLIPTextModel, spec.text_encoder, Source(repo, "text_encoder"), weights_dir,
+                              random_init, seed, dtype, device)
+    text_encoder_2 = _clip_text(CLIPTextModelWithProjection, spec.text_encoder_2, Source(repo, "text_encoder_2"),
+                                weights_dir, random_init, seed + 1, dtype, device)
+    return TextStack(tokenizer, tokenizer_2, text_encoder, text_encoder_2)
+
+
+def load_image_encoder(spec: ModelSpec, weights_dir: Path | None = None, random_init: bool = False,
+                       dtype: torch.dtype = torch.float32, device="cpu", seed: int = 6):
+    """CLIPVisionModelWithProjection (OpenCLIP ViT-H/14 for the `*_vit-h` adapters)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    if random_init:
+        _seeded(seed)
+        return _finish(CLIPVisionModelWithProjection(CLIPVisionConfig(**spec.image_encoder)), dtype, device)
+    path = resolve(spec.image_encoder_source, weights_dir, folder=True)
+    return _finish(CLIPVisionModelWithProjection.from_pretrained(path, dtype=dtype), dtype, device)
+
+
+def read_adapter_checkpoint(path: Path) -> tuple[dict, dict]:
+    """(image_proj, ip_adapter) state dicts from an adapter checkpoint.
+
+    `.bin`: a torch pickle {'image_proj': …, 'ip_adapter': …}, read with weights_only=True.
+    `.safetensors`: flat keys prefixed `image_proj.` / `ip_adapter.`.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        flat = load_file(path)
+        state = {"image_proj": {}, "ip_adapter": {}}
+        for key, value in flat.items():
+            group, _, rest = key.partition(".")
+            if group not in state:
+                raise ValueError(f"{path}: unexpected key {key!r}; expected 'image_proj.*' or 'ip_adapter.*'")
+            state[group][rest] = value
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    missing = {"image_proj", "ip_adapter"} - set(state)
+    if missing:
+        raise ValueError(f"{path} is not an IP-Adapter checkpoint: it lacks {sorted(missing)}")
+    return state["image_proj"], state["ip_adapter"]
+
+
+def random_ip_state(unet, seed: int = 7) -> dict[str, torch.Tensor]:
+    """Random `to_k_ip`/`to_v_ip` weights for every attn2 layer of `unet`, keyed as the checkpoints are."""
+    generator = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    std = cross**-0.5
+    state = {}
+    for index, name in enumerate(unet.attn_processors):
+        if name.endswith("attn2.processor"):
+            hidden = unet.get_submodule(name.removesuffix(".processor")).to_q.out_features
+            for kind in ("to_k_ip", "to_v_ip"):
+                state[f"{index}.{kind}.weight"] = torch.randn(hidden, cross, generator=generator) * std
+    return state
+
+
+def _projector(module: torch.nn.Module, state: dict | None, dtype, device) -> torch.nn.Module:
+    if state is not None:
+        module.load_state_dict(state, strict=True)
+    return _finish(module, dtype, device)
+
+
+def load_instantid_adapter(spec: ModelSpec, unet, weights_dir: Path | None = None, random_init: bool = False,
+                           dtype: torch.dtype = torch.float32, device="cpu", seed: int = 8):
+    """InstantID `ip-adapter.bin` -> (face Resampler module, ip_adapter state dict for `attach_ip_adapter`)."""
+    _seeded(seed)
+    if random_init:
+        return _projector(Resampler(spec.instantid_resampler), None, dtype, device), random_ip_state(unet, seed)
+    proj_state, ip_state = read_adapter_checkpoint(resolve(spec.instantid_adapter_source, weights_dir))
+    return _projector(Resampler(spec.instantid_resampler), proj_state, dtype, device), ip_state
+
+
+def load_ip_adapter(spec: ModelSpec, unet, plus: bool, weights_dir: Path | None = None, random_init: bool = False,
+                    dtype: torch.dtype = torch.float32, device="cpu", seed: int = 9):
+    """IP-Adapter SDXL (plain: ImageProj, Plus: Resampler) -> (projector module, ip_adapter state dict)."""
+    _seeded(seed)
+    module = Resampler(spec.ip_plus_resampler) if plus else ImageProj(spec.ip_image_proj)
+    if random_init:
+        return _projector(module, None, dtype, device), random_ip_state(unet, seed + 1)
+    source = spec.ip_adapter_plus_source if plus else spec.ip_adapter_source
+    proj_state, ip_state = read_adapter_checkpoint(resolve(source, weights_dir))
+    return _projector(module, proj_state, dtype, device), ip_state
+
+
+def load_scheduler_config(spec: ModelSpec, weights_dir: Path | None = None, random_init: bool = False) -> dict:
+    """scheduler_config.json of the SDXL base repository (the spec's copy with `random_init`)."""
+    import json
+
+    if random_init:
+        return dict(spec.scheduler)
+    folder = resolve(Source(spec.sdxl_source.repo_id, "scheduler"), weights_dir, folder=True)
+    return json.loads((folder / "scheduler_config.json").read_text())
+
+
+def face_models_dir(spec: ModelSpec, weights_dir: Path | None, face_models: Path | None = None) -> Path:
+    """Folder with the antelopev2 detector + recogniser: `face_models`, else `weights_dir/antelopev2`."""
+    from export.weights import WeightsNotFound
+
+    folder = Path(face_models) if face_models else (Path(weights_dir) / spec.face_models_dir if weights_dir else None)
+    needed = (spec.face_detector_file, spec.face_recognizer_file)
+    if folder is None or not all((folder / name).is_file() for name in needed):
+        raise WeightsNotFound(f"face models {list(needed)} not found in {folder}: insightface's antelopev2 pack "
+                              "cannot be downloaded automatically; unpack it and pass --face-models DIR")
+    return folder
