@@ -242,8 +242,9 @@ TINY = ModelSpec(
     text_encoder_2={**SDXL.text_encoder_2, **_TINY_TEXT},
     image_encoder={**SDXL.image_encoder, **_TINY_TEXT, "projection_dim": 16},
     scheduler=SCHEDULER_CONFIG,
-    instantid_resampler=ResamplerConfig(32, 2, 8, 4, 16, 512, 64),
-    ip_plus_resampler=ResamplerConfig(32, 2, 8, 4, 16, 32, 64),
+    # 64-d heads and depth 4 as in the published checkpoints (diffusers' converter assumes both)
+    instantid_resampler=ResamplerConfig(64, 4, 64, 1, 16, 512, 64),
+    ip_plus_resampler=ResamplerConfig(64, 4, 64, 1, 16, 32, 64),
     ip_image_proj=ImageProjConfig(16, 64, 4),
     default_face_detector="yunet",
     default_resolution=128,

@@ -25,3 +25,11 @@ def real_models() -> Path:
     if folder is None:
         pytest.skip("real face models not found: set INSTANTRT_SHARED_MODELS or place them in ../shared/models")
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """The tiny model written once per session in the real checkpoint formats."""
+    from export.tiny import write_tiny
+
+    return write_tiny(tmp_path_factory.mktemp("tiny_weights"))
