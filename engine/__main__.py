@@ -1,0 +1,55 @@
+"""`python -m engine BUILD_DIR [...]`: build the engines of an exported build directory.
+
+Example: python -m engine build/tiny --backend tensorrt-rtx --static 1x1024x1024
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from engine.build_all import build_all
+from engine.profiles import Geometry
+
+
+def parse_static(text: str) -> Geometry:
+    """'BxHxW' (e.g. '1x1024x1024') -> Geometry.fixed(B, H, W)."""
+    try:
+        batch, height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--static wants BxHxW, e.g. 1x1024x1024, not '{text}'") from None
+    return Geometry.fixed(batch, height, width)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, run build_all, return the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
+    parser.add_argument("build_dir", help="build/<model> with manifest.json and onnx/")
+    parser.add_argument("--components", nargs="+", help="only these components (default: all)")
+    parser.add_argument("--backend", choices=["tensorrt", "tensorrt-rtx"], help="default: detect")
+    parser.add_argument("--static", type=parse_static, metavar="BxHxW",
+                        help="one fixed serving size instead of batch 1-4, 512-1536 px")
+    parser.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0-5")
+    parser.add_argument("--workspace-gb", type=float, help="workspace memory limit")
+    parser.add_argument("--compute-capabilities", nargs="+", metavar="SM",
+                        help="ahead-of-time targets, e.g. sm86 sm89 (tensorrt-rtx)")
+    parser.add_argument("--refittable", action="store_true", help="weights can be refitted later")
+    parser.add_argument("--strip-plan", action="store_true", help="leave weights out of the plans")
+    parser.add_argument("--timing-cache", help="timing cache file (tensorrt)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log builder warnings")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(name)s: %(message)s")
+    try:
+        build_all(args.build_dir, args.components, args.backend, geometry=args.static,
+                  opt_level=args.opt_level, workspace_gb=args.workspace_gb, refittable=args.refittable,
+                  strip_plan=args.strip_plan, compute_capabilities=args.compute_capabilities,
+                  timing_cache=args.timing_cache, force=args.force)
+    except (RuntimeError, ValueError, FileNotFoundError) as error:  # our errors say what to do
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

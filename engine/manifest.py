@@ -1,0 +1,341 @@
+"""`manifest.json`: the build directory's record of every component's ONNX and engine.
+
+Layout (see DESIGN.md): build/<model>/{manifest.json, onnx/<c>.onnx, engines/<c>.plan, assets/}.
+
+Schema (version 1), all paths relative to the build directory::
+
+    {"schema_version": 1, "model": "tiny", "metadata": {...owned by export/...},
+     "components": {"<component>": {
+        "onnx":   {"path", "sha256", "size_bytes", "params", "opset", "external_data": [..],
+                   "inputs": [{"name", "dtype", "shape": [int | axis name]}], "outputs": [...],
+                   "export_flags": {...}, "export_seconds"},
+        "engine": {"path", "onnx_sha256", "backend", "backend_version", "compute_capabilities",
+                   "build_device", "flags": {"opt_level", "workspace_gb", "refittable",
+                   "strip_plan", "compute_capabilities"},
+                   "profiles": [{"<input>": {"min", "opt", "max"}}],
+                   "inputs"/"outputs": [{"name", "dtype", "shape", "min", "opt", "max"}],
+                   "build_seconds", "plan_bytes", "plan_sha256", "built_at"} }}}
+
+`onnx` is written by the exporter through `record_onnx`; `engine` by `engine.build_all`.
+Axis names in shapes follow engine/profiles.py. Output min/opt/max are null where an axis
+name does not determine a size; runtimes should still ask the execution context.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from engine.profiles import Profile, ShapeRange
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+Shape = tuple  # of int | str (axis names)
+
+
+class ManifestError(RuntimeError):
+    """manifest.json is missing, unreadable or lacks what was asked for."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """An ONNX graph input/output: name, numpy dtype name, dims (ints and axis names)."""
+
+    name: str
+    dtype: str
+    shape: Shape
+
+
+@dataclass
+class OnnxRecord:
+    """One exported ONNX file (plus external data) and how it was made."""
+
+    path: str
+    sha256: str
+    size_bytes: int
+    params: int
+    opset: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    external_data: tuple[str, ...] = ()
+    export_flags: dict[str, Any] = field(default_factory=dict)
+    export_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class BuildFlags:
+    """Options that change the engine; a change triggers a rebuild.
+
+    compute_capabilities: None = the backend's default targets (or the build GPU).
+    """
+
+    opt_level: int = 3
+    workspace_gb: float | None = None
+    refittable: bool = False
+    strip_plan: bool = False
+    compute_capabilities: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class EngineTensor:
+    """An engine input/output: dtype, dims with axis names, and shape range over all profiles."""
+
+    name: str
+    dtype: str
+    shape: Shape
+    min: tuple[int, ...] | None = None
+    opt: tuple[int, ...] | None = None
+    max: tuple[int, ...] | None = None
+
+
+@dataclass
+class EngineRecord:
+    """One built plan: what it was built from, with what, for which GPUs, and its checksum."""
+
+    path: str
+    onnx_sha256: str
+    backend: str
+    backend_version: str
+    compute_capabilities: tuple[str, ...]
+    build_device: str
+    flags: BuildFlags
+    profiles: tuple[Profile, ...]
+    inputs: tuple[EngineTensor, ...]
+    outputs: tuple[EngineTensor, ...]
+    build_seconds: float
+    plan_bytes: int
+    plan_sha256: str
+    built_at: str
+
+
+@dataclass
+class Component:
+    """One pipeline component: its ONNX record and (once built) its engine record."""
+
+    onnx: OnnxRecord | None = None
+    engine: EngineRecord | None = None
+
+
+@dataclass
+class Manifest:
+    """The whole build directory: model name, components by name, exporter metadata."""
+
+    model: str
+    components: dict[str, Component] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+
+# ---- JSON <-> dataclasses --------------------------------------------------------------------
+
+def _shape(values) -> tuple:
+    return tuple(values) if values is not None else None
+
+
+def _tensor(d: dict) -> TensorSpec:
+    return TensorSpec(d["name"], d["dtype"], _shape(d["shape"]))
+
+
+def _engine_tensor(d: dict) -> EngineTensor:
+    return EngineTensor(d["name"], d["dtype"], _shape(d["shape"]), _shape(d.get("min")),
+                        _shape(d.get("opt")), _shape(d.get("max")))
+
+
+def _profile(d: dict) -> Profile:
+    return {name: ShapeRange(tuple(r["min"]), tuple(r["opt"]), tuple(r["max"])) for name, r in d.items()}
+
+
+def _onnx_record(d: dict) -> OnnxRecord:
+    return OnnxRecord(d["path"], d["sha256"], d["size_bytes"], d["params"], d["opset"],
+                      tuple(map(_tensor, d["inputs"])), tuple(map(_tensor, d["outputs"])),
+                      tuple(d.get("external_data", ())), dict(d.get("export_flags", {})),
+                      float(d.get("export_seconds", 0.0)))
+
+
+def _flags(d: dict) -> BuildFlags:
+    caps = d.get("compute_capabilities")
+    return BuildFlags(d["opt_level"], d.get("workspace_gb"), d["refittable"], d["strip_plan"],
+                      tuple(caps) if caps is not None else None)
+
+
+def _engine_record(d: dict) -> EngineRecord:
+    return EngineRecord(
+        d["path"], d["onnx_sha256"], d["backend"], d["backend_version"],
+        tuple(d["compute_capabilities"]), d["build_device"], _flags(d["flags"]),
+        tuple(map(_profile, d["profiles"])), tuple(map(_engine_tensor, d["inputs"])),
+        tuple(map(_engine_tensor, d["outputs"])), float(d["build_seconds"]), d["plan_bytes"],
+        d["plan_sha256"], d["built_at"])
+
+
+def manifest_from_dict(d: dict) -> Manifest:
+    """Manifest from its JSON dict; ManifestError on a schema this code does not read."""
+    if d.get("schema_version") != SCHEMA_VERSION:
+        raise ManifestError(f"manifest schema {d.get('schema_version')} is not {SCHEMA_VERSION}; "
+                            "rebuild the directory with this version of `python -m export.build`")
+    components = {
+        name: Component(_onnx_record(c["onnx"]) if c.get("onnx") else None,
+                        _engine_record(c["engine"]) if c.get("engine") else None)
+        for name, c in d.get("components", {}).items()}
+    return Manifest(d["model"], components, dict(d.get("metadata", {})), d["schema_version"])
+
+
+def manifest_to_dict(manifest: Manifest) -> dict:
+    """JSON-ready dict of a Manifest (tuples become lists)."""
+    return json.loads(json.dumps(asdict(manifest)))
+
+
+# ---- files ---------------------------------------------------------------------------------
+
+def load_manifest(build_dir: str | Path) -> Manifest:
+    """Read build_dir/manifest.json; ManifestError saying how to create it if it is missing."""
+    path = Path(build_dir) / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{path} not found: export the model first "
+                            f"(python -m export.build --model <model> --out {build_dir})")
+    try:
+        return manifest_from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ManifestError(f"{path} is unreadable ({error.__class__.__name__}: {error}); "
+                            "delete it and re-run the export") from None
+
+
+def save_manifest(build_dir: str | Path, manifest: Manifest) -> Path:
+    """Write build_dir/manifest.json atomically (temp file + rename). Returns the path."""
+    path = Path(build_dir) / MANIFEST
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(manifest_to_dict(manifest), indent=2) + "\n"
+    atomic_write(path, text.encode())
+    return path
+
+
+def atomic_write(path: Path, data) -> None:
+    """Write bytes (or a buffer) to `path` so readers see the old or the new file, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _locked(build_dir: Path):
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / f".{MANIFEST}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def update_manifest(build_dir: str | Path, model: str, change: Callable[[Manifest], None]) -> Manifest:
+    """Load (or start) the manifest, apply `change` in place, save; serialised by a file lock.
+
+    model: used when the manifest does not exist yet; must match the existing one otherwise.
+    """
+    build_dir = Path(build_dir)
+    with _locked(build_dir):
+        manifest = (load_manifest(build_dir) if (build_dir / MANIFEST).is_file() else Manifest(model))
+        if manifest.model != model:
+            raise ManifestError(f"{build_dir} holds model '{manifest.model}', not '{model}'; "
+                                "use another --out directory")
+        change(manifest)
+        save_manifest(build_dir, manifest)
+    return manifest
+
+
+def sha256_files(paths) -> str:
+    """sha256 over the bytes of `paths` in order (an ONNX file, then its external data)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---- ONNX description ----------------------------------------------------------------------
+
+_ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64",
+                9: "bool", 10: "float16", 11: "float64", 16: "bfloat16"}
+
+
+def onnx_dtype(elem_type: int) -> str:
+    """numpy-style dtype name of an ONNX TensorProto element type."""
+    if elem_type in _ONNX_DTYPES:
+        return _ONNX_DTYPES[elem_type]
+    import onnx
+    return onnx.TensorProto.DataType.Name(elem_type).lower()
+
+
+def _value_spec(value) -> TensorSpec:
+    tensor = value.type.tensor_type
+    dims = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor.shape.dim)
+    return TensorSpec(value.name, onnx_dtype(tensor.elem_type), dims)
+
+
+def describe_onnx(onnx_path: str | Path, build_dir: str | Path | None = None, *,
+                  export_flags: dict | None = None, export_seconds: float = 0.0) -> OnnxRecord:
+    """Read an ONNX file's I/O, parameter count and checksum (external data included).
+
+    onnx_path: the .onnx file; external data files are found next to it.
+    build_dir: paths in the record are relative to it (default: the file's grandparent).
+    """
+    import onnx
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"{onnx_path} does not exist: export the component first")
+    root = Path(build_dir) if build_dir is not None else onnx_path.parent.parent
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    external = sorted({entry.value for t in graph.initializer for entry in t.external_data
+                       if entry.key == "location"})
+    params = sum(_count(t.dims) for t in graph.initializer if onnx_dtype(t.data_type).startswith(("float", "bfloat")))
+    files = [onnx_path] + [onnx_path.parent / name for name in external]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"external data {missing} of {onnx_path} is missing: re-export it")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return OnnxRecord(
+        path=os.path.relpath(onnx_path, root), sha256=sha256_files(files),
+        size_bytes=sum(f.stat().st_size for f in files), params=params, opset=opset,
+        inputs=tuple(_value_spec(v) for v in graph.input if v.name not in initializers),
+        outputs=tuple(_value_spec(v) for v in graph.output),
+        external_data=tuple(external), export_flags=dict(export_flags or {}),
+        export_seconds=float(export_seconds))
+
+
+def _count(dims) -> int:
+    total = 1
+    for d in dims:
+        total *= d
+    return total
+
+
+def record_onnx(build_dir: str | Path, model: str, component: str, onnx_path: str | Path | None = None,
+                *, export_flags: dict | None = None, export_seconds: float = 0.0) -> OnnxRecord:
+    """Describe an exported ONNX and store it in manifest.json (the exporter calls this).
+
+    onnx_path: default build_dir/onnx/<component>.onnx. The engine record, if any, is kept:
+    `needs_rebuild` compares its onnx_sha256 with the new checksum. Returns the OnnxRecord.
+    """
+    build_dir = Path(build_dir)
+    onnx_path = Path(onnx_path) if onnx_path else build_dir / "onnx" / f"{component}.onnx"
+    record = describe_onnx(onnx_path, build_dir, export_flags=export_flags, export_seconds=export_seconds)
+
+    def change(manifest: Manifest) -> None:
+        manifest.components.setdefault(component, Component()).onnx = record
+
+    update_manifest(build_dir, model, change)
+    return record

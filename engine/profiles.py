@@ -1,0 +1,248 @@
+"""Optimisation profiles from pipeline geometry, and the dynamic-axis naming convention.
+
+An engine with dynamic inputs needs, per input, a (min, opt, max) shape. They come from one
+`Geometry` (images per request, pixel height/width ranges) and from the *names* the exporter
+gives to each dynamic ONNX axis (`dim_param`). This module owns that naming convention.
+
+Naming convention (the exporter names every dynamic axis of every input AND output so)
+--------------------------------------------------------------------------------------
+A dynamic axis is named by a small expression over six base symbols::
+
+    symbol          meaning                                   default range (min, opt, max)
+    batch   | B     images per request                        1, 1, 4
+    height  | H     image height in pixels (multiple of 64)   512, 1024, 1536
+    width   | W     image width in pixels (multiple of 64)    512, 1024, 1536
+    latent_height   height / 8 (the VAE factor)               64, 128, 192
+    latent_width    width / 8                                 64, 128, 192
+
+    dim := [k] [*] symbol [ (/ | //) d ]   |   symbol * k [ (/ | //) d ]
+           k, d positive integers; spaces allowed
+
+Examples: ``batch``; ``2B`` or ``2*batch`` (a component that runs with classifier-free
+guidance: uncond + cond stacked, 2..8); ``latent_height``; ``latent_height/2`` and
+``latent_height/4`` (ControlNet residuals of the 2nd and 3rd down blocks);
+``8*latent_height`` (= height, as torch's dynamo exporter writes it).
+
+Rules for the exporter:
+- Name *every* dynamic axis, outputs included (the legacy exporter's guessed names for
+  outputs can be wrong: a stride-2 output may come out named ``latent_height``).
+- Axes that do not depend on geometry (77 text tokens, 2048 channels, 16 face tokens, the
+  number of ip-scale entries) stay static integers.
+- Use ``2B`` (or ``2*batch``) exactly where the component's batch carries CFG pairs
+  (unet, controlnet); ``batch`` for per-request components (encoders, vae_decoder, arcface).
+- Every value must be an integer across the whole range: with the default geometry,
+  ``latent_height/8`` is fine (8..24), ``latent_height/16`` at 576 px is not (4.5).
+
+A fixed serving size (the static-shape fast path) is ``Geometry.fixed(batch, height, width)``:
+min = opt = max, so TensorRT specialises every kernel for one shape.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+LATENT_FACTOR = 8          # SDXL VAE: latent = pixels / 8
+PIXEL_MULTIPLE = 64        # UNet needs latents divisible by 8 (3 downsamplings)
+
+
+class ProfileError(ValueError):
+    """A dynamic axis name or a geometry the profiles cannot turn into shapes."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """One integer quantity's (min, opt, max)."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self):
+        if not (0 < self.min <= self.opt <= self.max):
+            raise ProfileError(f"need 0 < min <= opt <= max, got {self.min}, {self.opt}, {self.max}")
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """The (min, opt, max) shape of one engine input, as TensorRT's profile takes it."""
+
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+    @property
+    def is_static(self) -> bool:
+        """True when min == opt == max (the static-shape fast path)."""
+        return self.min == self.opt == self.max
+
+
+Profile = dict[str, ShapeRange]    # input name -> shape range; one optimisation profile
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a served request can look like: images per request and pixel size ranges.
+
+    batch: images per request (CFG doubles it for ``2B`` axes).
+    height, width: pixels, multiples of 64; latent sizes are these / 8.
+    """
+
+    batch: Range = field(default_factory=lambda: Range(1, 1, 4))
+    height: Range = field(default_factory=lambda: Range(512, 1024, 1536))
+    width: Range = field(default_factory=lambda: Range(512, 1024, 1536))
+
+    def __post_init__(self):
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            bad = [v for v in (value.min, value.opt, value.max) if v % PIXEL_MULTIPLE]
+            if bad:
+                raise ProfileError(f"{name} {bad} is not a multiple of {PIXEL_MULTIPLE} px; "
+                                   f"round the serving size to a multiple of {PIXEL_MULTIPLE}")
+
+    @classmethod
+    def fixed(cls, batch: int = 1, height: int = 1024, width: int = 1024) -> "Geometry":
+        """Static-shape fast path: one serving size, min = opt = max for every axis."""
+        return cls(Range(batch, batch, batch), Range(height, height, height), Range(width, width, width))
+
+    @property
+    def is_static(self) -> bool:
+        """True when every base symbol has min == opt == max."""
+        return all(r.min == r.max for r in (self.batch, self.height, self.width))
+
+    def base_ranges(self) -> dict[str, Range]:
+        """Base symbol -> range in its own units: {"batch", "height", "width"}."""
+        return {"batch": self.batch, "height": self.height, "width": self.width}
+
+
+# symbol -> (base symbol, divisor applied to the base): latent_height = height / 8
+_SYMBOLS = {
+    "batch": ("batch", 1), "B": ("batch", 1),
+    "height": ("height", 1), "H": ("height", 1),
+    "width": ("width", 1), "W": ("width", 1),
+    "latent_height": ("height", LATENT_FACTOR), "latent_width": ("width", LATENT_FACTOR),
+}
+_EXPR = re.compile(r"^(?:(\d+)\s*\*?\s*)?([A-Za-z_]\w*)(?:\s*\*\s*(\d+))?(?:\s*//?\s*(\d+))?$")
+
+
+@dataclass(frozen=True)
+class DimExpr:
+    """A parsed axis name: value = base * coef / div (must stay an integer)."""
+
+    base: str
+    coef: int
+    div: int
+
+    def value(self, base_value: int, name: str = "") -> int:
+        """The axis size for one value of its base symbol; ProfileError if not an integer."""
+        numerator = base_value * self.coef
+        if numerator % self.div:
+            raise ProfileError(f"axis '{name}' is {numerator}/{self.div}, not an integer, at "
+                               f"{self.base}={base_value}; choose sizes divisible by it")
+        return numerator // self.div
+
+    def base_value(self, axis_value: int) -> int | None:
+        """Invert: the base symbol's value for one axis size (None if not exact)."""
+        numerator = axis_value * self.div
+        return numerator // self.coef if numerator % self.coef == 0 else None
+
+
+def parse_dim(name: str) -> DimExpr:
+    """Parse one dynamic axis name (see the module docstring) into a DimExpr.
+
+    name: e.g. "2B", "2*batch", "latent_height/4", "8*latent_height". Raises ProfileError
+    naming the known symbols when the name does not follow the convention.
+    """
+    match = _EXPR.match(name.strip())
+    if not match or match.group(2) not in _SYMBOLS or (match.group(1) and match.group(3)):
+        raise ProfileError(
+            f"dynamic axis '{name}' does not follow the naming convention: use "
+            f"[k*]symbol[/d] with symbol one of {sorted(_SYMBOLS)} (e.g. 'batch', '2B', "
+            "'latent_height/2'); see engine/profiles.py")
+    coef = int(match.group(1) or match.group(3) or 1)
+    base, divisor = _SYMBOLS[match.group(2)]
+    div = divisor * int(match.group(4) or 1)
+    if coef == 0 or div == 0:
+        raise ProfileError(f"dynamic axis '{name}' multiplies or divides by zero")
+    return DimExpr(base, coef, div)
+
+
+def dim_range(dim: int | str, geometry: Geometry) -> Range:
+    """(min, opt, max) of one axis: a static int, or a named dynamic axis under `geometry`."""
+    if isinstance(dim, int):
+        if dim <= 0:
+            raise ProfileError(f"static axis of size {dim}: name the dynamic axis instead")
+        return Range(dim, dim, dim)
+    if not dim:
+        raise ProfileError("a dynamic axis has no name; name it per engine/profiles.py (e.g. 'batch')")
+    expr = parse_dim(dim)
+    base = geometry.base_ranges()[expr.base]
+    return Range(*(expr.value(v, dim) for v in (base.min, base.opt, base.max)))
+
+
+def shape_range(dims: Sequence[int | str], geometry: Geometry) -> ShapeRange:
+    """(min, opt, max) shape for one input's ONNX dims, e.g. ["2B", 4, "latent_height", "latent_width"]."""
+    ranges = [dim_range(d, geometry) for d in dims]
+    return ShapeRange(tuple(r.min for r in ranges), tuple(r.opt for r in ranges),
+                      tuple(r.max for r in ranges))
+
+
+def profile_for(inputs: Mapping[str, Sequence[int | str]], geometry: Geometry) -> Profile:
+    """One optimisation profile for a component.
+
+    inputs: input name -> ONNX dims (ints and axis names), as in the manifest's OnnxRecord.
+    Returns input name -> ShapeRange. Errors name the input whose axis is badly named.
+    """
+    profile = {}
+    for name, dims in inputs.items():
+        try:
+            profile[name] = shape_range(dims, geometry)
+        except ProfileError as error:
+            raise ProfileError(f"input '{name}' {list(dims)}: {error}") from None
+    return profile
+
+
+def solve_symbols(inputs: Mapping[str, Sequence[int | str]], profile: Profile) -> dict[str, Range]:
+    """Recover base symbol ranges from input dims and a profile (to size outputs).
+
+    Returns base symbol -> Range for every base symbol that some input axis determines.
+    """
+    solved: dict[str, Range] = {}
+    for name, dims in inputs.items():
+        if name not in profile:
+            continue
+        shapes = profile[name]
+        for axis, dim in enumerate(dims):
+            if isinstance(dim, int):
+                continue
+            try:
+                expr = parse_dim(dim)
+            except ProfileError:
+                continue
+            values = [expr.base_value(s[axis]) for s in (shapes.min, shapes.opt, shapes.max)]
+            if None not in values and expr.base not in solved:
+                solved[expr.base] = Range(*values)
+    return solved
+
+
+def output_range(dims: Sequence[int | str], bases: Mapping[str, Range]) -> ShapeRange | None:
+    """(min, opt, max) shape of an output from solved base symbols; None if any axis is unknown."""
+    ranges = []
+    for dim in dims:
+        if isinstance(dim, int):
+            ranges.append(Range(dim, dim, dim))
+            continue
+        try:
+            expr = parse_dim(dim)
+        except ProfileError:
+            return None
+        if expr.base not in bases:
+            return None
+        base = bases[expr.base]
+        try:
+            ranges.append(Range(*(expr.value(v, dim) for v in (base.min, base.opt, base.max))))
+        except ProfileError:
+            return None
+    return ShapeRange(tuple(r.min for r in ranges), tuple(r.opt for r in ranges),
+                      tuple(r.max for r in ranges))
+

@@ -1,0 +1,206 @@
+"""Refit a built engine with a new checkpoint's weights, without rebuilding it.
+
+The ONNX parser names each engine weight after the ONNX initializer (or Constant node output)
+it came from, so a new checkpoint exported by the same exporter maps onto the engine by name:
+
+1. engine weight specs: `engine_weight_specs(refitter)` on a GPU (Refitter.get_all_weights and
+   the prototypes' dtype/count), or `network_weight_specs(old_onnx)` anywhere (the names the
+   parser gives weights, with the old ONNX's dtype/shape; no GPU needed).
+2. `plan_refit(specs, new_onnx)` pairs every engine weight with a new value and lists what is
+   missing or has the wrong dtype/shape; `.check()` raises a readable RefitError.
+3. `refit_engine(plan, new_onnx)` (GPU only) sets them with Refitter.set_named_weights, refits,
+   and writes the refitted plan. The caller records the new checksums in the manifest.
+
+Weights the parser rewrites (folded BatchNorm, RNN gates) are not named after an initializer and
+show up as missing: rebuild those engines instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from engine.backend import Backend, detect_gpu, load_backend
+from engine.build import parser_error, trt_dtype
+from engine.manifest import atomic_write, onnx_dtype
+
+SHOW = 8  # names listed per problem in an error message
+
+
+class RefitError(RuntimeError):
+    """A refit cannot proceed: missing or mismatched weights, no GPU, or a non-refittable plan."""
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """One engine weight: name, numpy dtype name, shape (None when only the count is known)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...] | None
+    count: int
+
+
+@dataclass
+class RefitPlan:
+    """New values for every engine weight, and what could not be matched.
+
+    weights: engine weight name -> contiguous array with the engine's dtype and element count.
+    missing: engine weights the new ONNX lacks. mismatched: "name: engine ... vs onnx ..." lines.
+    unused: ONNX weights the engine does not have (information only: shape constants and such).
+    """
+
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """True when every engine weight has a new value of the right dtype and shape."""
+        return not self.missing and not self.mismatched
+
+    def check(self, source: str = "the new ONNX") -> "RefitPlan":
+        """Return self if complete, else raise RefitError listing missing and mismatched weights."""
+        if self.complete:
+            return self
+        lines = []
+        if self.missing:
+            lines.append(f"{len(self.missing)} engine weight(s) have no value in {source}: "
+                         + ", ".join(self.missing[:SHOW]) + (" ..." if len(self.missing) > SHOW else ""))
+        if self.mismatched:
+            lines.append(f"{len(self.mismatched)} weight(s) changed dtype or shape:\n    "
+                         + "\n    ".join(self.mismatched[:SHOW]))
+        raise RefitError("cannot refit: " + "\n  ".join(lines) + "\nThe checkpoint does not match the "
+                         "engine's architecture or export settings: rebuild the engine instead.")
+
+
+def _onnx_tensors(onnx_path: str | Path, load_values: bool):
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.load(str(onnx_path), load_external_data=load_values)
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:  # Constant nodes become engine weights named by their output
+        for attribute in node.attribute:
+            if node.op_type == "Constant" and attribute.name == "value":
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(attribute.t)
+                tensor.name = node.output[0]
+                tensors.append(tensor)
+    for tensor in tensors:
+        yield tensor, (numpy_helper.to_array(tensor) if load_values else None)
+
+
+def onnx_weight_specs(onnx_path: str | Path) -> dict[str, WeightSpec]:
+    """Name -> WeightSpec for every initializer and Constant of an ONNX (external data not read)."""
+    specs = {}
+    for tensor, _ in _onnx_tensors(onnx_path, load_values=False):
+        shape = tuple(tensor.dims)
+        specs[tensor.name] = WeightSpec(tensor.name, onnx_dtype(tensor.data_type), shape, int(np.prod(shape)))
+    return specs
+
+
+def onnx_weights(onnx_path: str | Path) -> dict[str, np.ndarray]:
+    """Name -> value for every initializer and Constant of an ONNX, external data loaded."""
+    return {tensor.name: value for tensor, value in _onnx_tensors(onnx_path, load_values=True)}
+
+
+def network_weight_specs(onnx_path: str | Path, backend: Backend | str | None = None) -> dict[str, WeightSpec]:
+    """The weights an engine built from `onnx_path` carries, by name, found without a GPU.
+
+    Parses the ONNX into a network and keeps the ONNX tensors the network holds as named
+    weights (INetworkDefinition.mark_weights_refittable succeeds only for those).
+    """
+    backend = backend if isinstance(backend, Backend) else load_backend(backend)
+    if not backend.caps.refit_individual:
+        raise RefitError(f"{backend.name} {backend.version} cannot list network weights without a GPU "
+                         "(no INetworkDefinition.mark_weights_refittable); use engine_weight_specs on a GPU")
+    trt = backend.trt
+    logger = backend.logger()
+    network = trt.Builder(logger).create_network(backend.network_flags())
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        raise parser_error(parser, Path(onnx_path), backend)
+    return {name: spec for name, spec in onnx_weight_specs(onnx_path).items()
+            if network.mark_weights_refittable(name)}
+
+
+def engine_weight_specs(refitter, backend: Backend) -> dict[str, WeightSpec]:
+    """Name -> WeightSpec (dtype and count; no shape) of a deserialized engine's refittable weights."""
+    specs = {}
+    for name in refitter.get_all_weights():
+        prototype = refitter.get_weights_prototype(name)
+        specs[name] = WeightSpec(name, trt_dtype(prototype.dtype), None, int(prototype.size))
+    return specs
+
+
+def plan_refit(engine_specs: dict[str, WeightSpec], new_onnx: str | Path | dict[str, np.ndarray]) -> RefitPlan:
+    """Pair every engine weight with its value in the new ONNX (a path, or name -> array).
+
+    Returns a RefitPlan; call `.check()` to raise on missing or mismatched weights.
+    """
+    values = onnx_weights(new_onnx) if isinstance(new_onnx, (str, Path)) else new_onnx
+    plan = RefitPlan(unused=sorted(set(values) - set(engine_specs)))
+    for name, spec in sorted(engine_specs.items()):
+        if name not in values:
+            plan.missing.append(name)
+            continue
+        value = values[name]
+        shape_ok = tuple(value.shape) == spec.shape if spec.shape is not None else value.size == spec.count
+        if str(value.dtype) != spec.dtype or not shape_ok:
+            wanted = list(spec.shape) if spec.shape is not None else f"{spec.count} values"
+            plan.mismatched.append(f"{name}: engine {spec.dtype} {wanted} vs onnx {value.dtype} {list(value.shape)}")
+            continue
+        plan.weights[name] = np.ascontiguousarray(value)
+    return plan
+
+
+@dataclass(frozen=True)
+class RefitResult:
+    """What a refit changed: weights set, the new plan's size/sha256, seconds taken."""
+
+    weights_set: int
+    plan_bytes: int
+    plan_sha256: str
+    seconds: float
+
+
+def refit_engine(plan_path: str | Path, new_onnx: str | Path, backend: Backend | str | None = None,
+                 *, out_path: str | Path | None = None) -> RefitResult:
+    """Refit a refittable plan with the weights of `new_onnx` and write it (GPU required).
+
+    plan_path: a plan built with refittable=True (or strip_plan=True, refilled from its ONNX).
+    out_path: where to write the refitted plan (default: over plan_path).
+    Raises RefitError without a GPU, for a non-refittable plan, or when weights do not match.
+    """
+    backend = backend if isinstance(backend, Backend) else load_backend(backend)
+    trt = backend.trt
+    if detect_gpu() is None:
+        raise RefitError("refitting needs an NVIDIA GPU: engines are deserialized on the device. "
+                         "Without one, check the weight map with "
+                         "plan_refit(network_weight_specs(old_onnx), new_onnx).check().")
+    start = time.perf_counter()
+    logger = backend.logger()
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+    if engine is None:
+        raise RefitError(f"{plan_path} could not be loaded: {' '.join(logger.errors[-3:])}")
+    if not engine.refittable:
+        raise RefitError(f"{plan_path} was built without refittable=True; rebuild it refittable")
+    refitter = trt.Refitter(engine, logger)
+    plan = plan_refit(engine_weight_specs(refitter, backend), new_onnx).check(str(new_onnx))
+    for name, value in plan.weights.items():
+        if not refitter.set_named_weights(name, trt.Weights(value)):
+            raise RefitError(f"the refitter rejected weight '{name}': {' '.join(logger.errors[-2:])}")
+    missing = list(refitter.get_missing_weights())
+    if missing:
+        raise RefitError(f"the refitter still needs {missing[:SHOW]}; rebuild the engine")
+    if not refitter.refit_cuda_engine():
+        raise RefitError(f"refit failed: {' '.join(logger.errors[-3:])}")
+    serialized = engine.serialize()
+    atomic_write(Path(out_path or plan_path), memoryview(serialized))
+    return RefitResult(len(plan.weights), serialized.nbytes, hashlib.sha256(memoryview(serialized)).hexdigest(),
+                       round(time.perf_counter() - start, 3))
