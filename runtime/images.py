@@ -1,0 +1,166 @@
+"""Loading user photos safely and the InstantID input resize.
+
+`load_image` turns a path, bytes, a PIL image or an array into one contract: an (H, W, 3)
+uint8 RGB array, EXIF orientation applied. Everything that can go wrong with a user's file
+raises `ImageError` (a ValueError) whose message says what to do about it.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+MAX_PIXELS = 50_000_000
+"""Default refusal limit (width × height): 50 MP, e.g. 8660 × 5773. Far above any useful
+face photo (InstantID works at ~1.3 MP) and far below what exhausts memory when decoded."""
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+
+
+class ImageError(ValueError):
+    """A photo could not be used; the message says why and what to do."""
+
+
+def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Load a photo as an RGB array.
+
+    source: a file path (str / PathLike), the encoded file bytes, a PIL image, or an
+        ndarray that is already decoded: (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA, uint8.
+    max_pixels: refuse images with more than this many pixels (width × height), checked
+        from the header before the pixels are decoded (decompression-bomb guard). PIL's own
+        hard limit (2 x PIL.Image.MAX_IMAGE_PIXELS, ~179 MP) applies on top of it.
+    Returns: (H, W, 3) uint8 RGB, C-contiguous, EXIF orientation applied.
+    Raises ImageError for a missing/empty/corrupt/truncated/non-image file, an image above
+    max_pixels, or an array of the wrong dtype or shape.
+    """
+    if isinstance(source, np.ndarray):
+        return _from_array(source, max_pixels)
+    if isinstance(source, Image.Image):
+        _check_pixels(source.width, source.height, max_pixels, "the image")
+        return _from_pil(source, "the image")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if not data:
+            raise ImageError("the image bytes are empty (0 bytes): pass the full contents of a JPEG/PNG/WebP file")
+        return _decode(io.BytesIO(data), "the image data", max_pixels)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise ImageError(f"image file not found: {path}: check the path (it is relative to {Path.cwd()})")
+        if not path.is_file():
+            raise ImageError(f"not a file: {path}: pass the path of a JPEG/PNG/WebP photo, not a folder")
+        if path.stat().st_size == 0:
+            raise ImageError(f"image file is empty (0 bytes): {path}: the upload or copy failed, use the original file")
+        with open(path, "rb") as stream:
+            return _decode(stream, str(path), max_pixels)
+    raise ImageError(
+        f"cannot load an image from {type(source).__name__}: pass a file path, the file's bytes, "
+        "a PIL.Image, or an (H, W, 3) uint8 RGB numpy array"
+    )
+
+
+def _check_pixels(width: int, height: int, max_pixels: int, what: str) -> None:
+    if width * height > max_pixels:
+        raise ImageError(
+            f"{what} is too large: {width}x{height} = {width * height:,} pixels, the limit is "
+            f"{max_pixels:,}: downscale it first (a face photo needs no more than a few megapixels) "
+            "or raise max_pixels if you trust the file"
+        )
+    if width == 0 or height == 0:
+        raise ImageError(f"{what} has no pixels ({width}x{height}): use a real photo")
+
+
+def _decode(stream: io.IOBase, what: str, max_pixels: int) -> np.ndarray:
+    """Open lazily (header only), check the size, then decode fully."""
+    with warnings.catch_warnings():
+        # PIL warns above its own limit; the explicit check below decides instead.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(stream)
+        except Image.DecompressionBombError as error:
+            # PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS), hit before the header check below.
+            raise ImageError(
+                f"{what} is too large: {error} Downscale it first (a face photo needs no more than a few megapixels)"
+            ) from None
+        except Image.UnidentifiedImageError:
+            raise ImageError(
+                f"{what} is not an image PIL can read (not JPEG/PNG/WebP/...): it may be a text, "
+                "HTML or HEIC file, or corrupt; re-export the photo as JPEG or PNG"
+            ) from None
+        except OSError as error:
+            raise ImageError(f"{what} could not be read ({error}): re-export the photo as JPEG or PNG") from None
+        _check_pixels(image.width, image.height, max_pixels, what)
+        try:
+            image.load()
+        except (OSError, SyntaxError, ValueError, EOFError) as error:
+            raise ImageError(
+                f"{what} is corrupt or truncated ({error}): the download or upload was probably cut "
+                "short; fetch the file again or re-export it as JPEG or PNG"
+            ) from None
+    return _from_pil(image, what)
+
+
+def _from_pil(image: Image.Image, what: str) -> np.ndarray:
+    try:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            raise ImageError(
+                f"{what} has {image.mode} pixels (16-bit or float): save it as an 8-bit RGB JPEG or PNG"
+            )
+        rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, ImageError):
+            raise
+        raise ImageError(f"{what} could not be decoded ({error}): re-export the photo as JPEG or PNG") from None
+    return np.ascontiguousarray(rgb)
+
+
+def _from_array(array: np.ndarray, max_pixels: int) -> np.ndarray:
+    if array.dtype != np.uint8:
+        hint = (
+            "(array * 255).round().clip(0, 255).astype(np.uint8) for values in [0, 1]"
+            if array.dtype.kind == "f"
+            else "array.clip(0, 255).astype(np.uint8) after checking its range"
+        )
+        raise ImageError(f"image array has dtype {array.dtype}, expected uint8 0-255: convert it, e.g. {hint}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    elif array.ndim == 3 and array.shape[2] == 4:
+        array = array[:, :, :3]
+    elif not (array.ndim == 3 and array.shape[2] == 3):
+        raise ImageError(
+            f"image array has shape {array.shape}, expected (H, W, 3) RGB, (H, W, 4) RGBA or (H, W) grey: "
+            "for a CHW tensor use array.transpose(1, 2, 0); for a batch pass one image"
+        )
+    _check_pixels(array.shape[1], array.shape[0], max_pixels, "the image array")
+    return np.ascontiguousarray(array)
+
+
+def resize_for_instantid(
+    rgb: np.ndarray, min_side: int = 1024, max_side: int = 1280, multiple: int = 64
+) -> np.ndarray:
+    """InstantID `infer.py` input resize (`resize_img`), reproduced exactly.
+
+    rgb: (H, W, 3) uint8. Steps, as upstream: sizes scaled so the short side is `min_side`
+    (rounded), then the long side is scaled to `max_side` (the upstream code sets it to exactly
+    `max_side`, it does not only cap it), the image is bilinearly resized (PIL) to that size, then
+    resized again to both sides floored to a multiple of `multiple`.
+    Returns: (H', W', 3) uint8, H' and W' multiples of `multiple`; this is also the kps image size.
+    """
+    height, width = rgb.shape[:2]
+    ratio = min_side / min(height, width)
+    width, height = round(ratio * width), round(ratio * height)
+    ratio = max_side / max(height, width)
+    first = (round(ratio * width), round(ratio * height))
+    final = (first[0] // multiple * multiple, first[1] // multiple * multiple)
+    if min(final) == 0:
+        raise ImageError(f"image {rgb.shape[1]}x{rgb.shape[0]} is too elongated to resize for InstantID: crop it")
+    image = Image.fromarray(rgb).resize(first, Image.BILINEAR).resize(final, Image.BILINEAR)
+    return np.asarray(image)
