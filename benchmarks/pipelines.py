@@ -61,19 +61,28 @@ class InstantIDBaseline(SDXLBase):
         return Result(self.decode(latents) if decode else [], latents)
 
     def __call__(self, image, prompt: str, negative_prompt: str | None = None, pose_image=None,
-                 face_index: int | None = None, **kwargs) -> Result:
+                 face_index: int | None = None, width: int | None = None, height: int | None = None,
+                 **kwargs) -> Result:
         """Full InstantID: identity from `image`, pose (kps) from `pose_image` or `image`.
 
-        Images are resized as InstantID's infer.py does; the output size is the pose image's.
+        Photos are resized as InstantID's infer.py does, or to exactly width x height when both are
+        given; faces are detected on the resized photos; the output size is the pose photo's.
         """
         from runtime.face import draw_kps
         from runtime.images import load_image, resize_for_instantid
 
         if self.face_analyzer is None:
             raise ValueError("this pipeline has no face analyzer: pass face_analyzer=FaceAnalyzer(...)")
-        face_rgb = resize_for_instantid(load_image(image))
+
+        def prepare(photo) -> np.ndarray:
+            rgb = load_image(photo)
+            if width and height:
+                return np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
+            return resize_for_instantid(rgb)
+
+        face_rgb = prepare(image)
         face = self.face_analyzer.analyze(face_rgb, face_index=face_index)
-        pose_rgb = face_rgb if pose_image is None else resize_for_instantid(load_image(pose_image))
+        pose_rgb = face_rgb if pose_image is None else prepare(pose_image)
         kps = face.kps if pose_image is None else self.face_analyzer.analyze(pose_rgb).kps
         kps_image = draw_kps(pose_rgb.shape[1], pose_rgb.shape[0], kps)
         return self.generate(face.embedding, kps_image, prompt, negative_prompt, **kwargs)

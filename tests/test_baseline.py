@@ -118,3 +118,25 @@ def test_instantid_decodes_images(instantid):
     result = instantid.generate(np.ones(512, np.float32), _kps_image(), "a person", steps=2, num_images=2)
     assert [image.size for image in result.images] == [(128, 128), (128, 128)]
     assert all(image.mode == "RGB" for image in result.images)
+
+
+def test_instantid_from_a_photo_with_a_real_detector(tiny_weights):
+    """Astronaut photo -> real YuNet -> kps + (stand-in) ArcFace embedding -> image; chelsea has no face."""
+    from skimage import data
+
+    from runtime.face import FaceAnalyzer, NoFaceError
+
+    analyzer = FaceAnalyzer.from_folder(tiny_weights / "antelopev2", detector="yunet")
+    pipe = InstantIDBaseline("tiny", weights_dir=tiny_weights, face_analyzer=analyzer)
+    result = pipe(data.astronaut(), "a person", steps=2, width=256, height=256, num_images=2)
+    assert [image.size for image in result.images] == [(256, 256)] * 2
+    face = analyzer.analyze(np.asarray(Image.fromarray(data.astronaut()).resize((256, 256), Image.BILINEAR)))
+    assert face.embedding.shape == (512,)
+    # the same face through generate() gives the same latents: __call__ adds only the face analysis
+    from runtime.face import draw_kps
+
+    direct = pipe.generate(face.embedding, draw_kps(256, 256, face.kps), "a person", steps=2, num_images=2,
+                           decode=False)
+    assert torch.equal(direct.latents, result.latents)
+    with pytest.raises(NoFaceError, match="no face found"):
+        pipe(data.chelsea(), "a cat", steps=1, width=128, height=128)
