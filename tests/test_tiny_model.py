@@ -75,8 +75,10 @@ def test_missing_local_weights_name_the_file_and_the_flag(tmp_path):
 
 
 def test_offline_hub_gives_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(WeightsNotFound, match="not in the hub cache.*--weights DIR"):
         resolve(Source("InstantX/InstantID", "ip-adapter.bin"))
 
