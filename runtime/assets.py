@@ -1,0 +1,106 @@
+"""A build directory's `assets/` and manifest metadata, read without torch models or diffusers.
+
+    assets = Assets.open("build/tiny")
+    assets.tokenizers()          # (ClipTokenizer, ClipTokenizer) from assets/tokenizer, tokenizer_2
+    assets.scheduler_config()    # diffusers scheduler_config.json dict
+    assets.vae_scaling_factor    # float (0.13025 for SDXL)
+    assets.constant("face_proj_negative")   # cached input-independent tensors, or None
+
+Where a value is looked for is listed in one place per value (`_CANDIDATES`), so a build made by
+an older exporter still opens; a missing file raises AssetError saying how to re-export.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from runtime.text import ClipTokenizer
+
+_CANDIDATES = {
+    "tokenizer": ("tokenizer",),
+    "tokenizer_2": ("tokenizer_2",),
+    "scheduler": ("scheduler_config.json", "scheduler/scheduler_config.json"),
+    "vae": ("vae_config.json", "vae/config.json"),
+}
+SDXL_VAE_SCALING = 0.13025
+
+
+class AssetError(FileNotFoundError):
+    """A build directory lacks an asset the runtime needs."""
+
+
+@dataclass
+class Assets:
+    """build_dir/assets plus manifest metadata (`metadata`: the exporter's dict)."""
+
+    build_dir: Path
+    metadata: dict[str, Any] = field(default_factory=dict)
+    model: str = "tiny"
+
+    @classmethod
+    def open(cls, build_dir: str | os.PathLike, manifest=None) -> "Assets":
+        """Assets of a build directory (reads manifest.json unless a Manifest is given)."""
+        from engine.manifest import load_manifest
+
+        manifest = manifest or load_manifest(build_dir)
+        return cls(Path(build_dir), dict(manifest.metadata), manifest.model)
+
+    @property
+    def folder(self) -> Path:
+        return self.build_dir / "assets"
+
+    def find(self, what: str, names: tuple[str, ...] | None = None) -> Path:
+        """The first existing assets/<candidate> for `what`; AssetError naming the re-export command."""
+        for name in names or _CANDIDATES[what]:
+            path = self.folder / name
+            if path.exists():
+                return path
+        raise AssetError(f"{self.folder} has no {what} (looked for {list(names or _CANDIDATES[what])}); re-export: "
+                         f"python -m export.build --model {self.model} --stage onnx --out {self.build_dir}")
+
+    def tokenizers(self) -> tuple[ClipTokenizer, ClipTokenizer]:
+        """The two SDXL CLIP tokenizers (77 tokens; they differ in the pad token)."""
+        return ClipTokenizer(self.find("tokenizer")), ClipTokenizer(self.find("tokenizer_2"))
+
+    def scheduler_config(self) -> dict:
+        """The diffusers scheduler_config.json dict (for runtime.schedulers.build_scheduler)."""
+        if isinstance(self.metadata.get("scheduler_config"), dict):
+            return dict(self.metadata["scheduler_config"])
+        return json.loads(self.find("scheduler").read_text())
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        """Latents are divided by this before the VAE decoder (SDXL: 0.13025)."""
+        for key in ("vae_scaling_factor", "scaling_factor"):
+            if key in self.metadata:
+                return float(self.metadata[key])
+        vae = self.metadata.get("vae")
+        if isinstance(vae, dict) and "scaling_factor" in vae:
+            return float(vae["scaling_factor"])
+        try:
+            return float(json.loads(self.find("vae").read_text())["scaling_factor"])
+        except AssetError:
+            return SDXL_VAE_SCALING
+
+    def value(self, key: str, default=None):
+        """A metadata value (e.g. 'default_resolution'), or `default`."""
+        return self.metadata.get(key, default)
+
+    def constant(self, name: str) -> torch.Tensor | None:
+        """A cached tensor assets/<name>.npy or a key of assets/constants.safetensors; None if absent."""
+        path = self.folder / f"{name}.npy"
+        if path.is_file():
+            return torch.from_numpy(np.load(path))
+        for file in sorted(self.folder.glob("*.safetensors")) if self.folder.is_dir() else ():
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as handle:
+                if name in handle.keys():
+                    return handle.get_tensor(name)
+        return None

@@ -1,0 +1,406 @@
+"""InstantID and IP-Adapter (plain / Plus) on SDXL, served from a build directory's sessions.
+
+    pipe = InstantIDPipeline.from_build("build/tiny", backend="onnxruntime")
+    images = pipe("photo.jpg", "a portrait, oil painting", steps=30, seed=0)    # list of PIL images
+
+The data flow is the baseline's (benchmarks/baseline.py, benchmarks/pipelines.py), reproduced
+step for step: same preprocessing, CFG rows [negative, positive], `negative_prompt=None` -> zero
+text negatives, negative image tokens = projector(zeros) (IP-Adapter Plus: projector(encoder(zero
+image))), face tokens as the ControlNet's context, time_ids (H, W, 0, 0, H, W), seeded CPU noise
+drawn as diffusers draws it. λ (per layer), the ControlNet scale and the guidance are runtime
+inputs: changing them needs no rebuild and no new CUDA graph.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from runtime.assets import Assets
+from runtime.clip_image import clip_pixel_values
+from runtime.images import ImageSource, load_image, resize_for_instantid
+from runtime.loop import DenoiseLoop, LoopInputs
+from runtime.schedulers import build_scheduler, draw_noise
+from runtime.sessions import DeviceMemoryPool, Session, normalize_backend, open_session
+
+PROMPT_CACHE_SIZE = 16
+PIXEL_MULTIPLE = 64
+
+
+class ResolutionError(ValueError):
+    """The requested image size cannot be served by this build."""
+
+
+class NonFiniteError(RuntimeError):
+    """The pipeline produced NaN or Inf values (raised instead of returning a black image)."""
+
+
+@dataclass
+class Generation:
+    """images: B PIL RGB images; latents: (B, 4, H/8, W/8) float32 final latents before decoding."""
+
+    images: list[Image.Image]
+    latents: torch.Tensor
+
+
+class _SDXLPipeline:
+    """Text encoders, UNet (+ ControlNet), VAE decoder sessions, the prompt cache and the loop."""
+
+    unet_component = ""
+    uses_controlnet = False
+
+    def __init__(self, build_dir: str | os.PathLike, backend: str = "onnxruntime", *, device=None,
+                 loop_mode: str = "auto", verify_sha256: bool = True, threads: int | None = None):
+        from engine.manifest import load_manifest
+
+        self.build_dir = Path(build_dir)
+        self.backend = normalize_backend(backend)
+        self.manifest = load_manifest(self.build_dir)
+        self.assets = Assets.open(self.build_dir, self.manifest)
+        trt = self.backend != "onnxruntime"
+        self.memory = DeviceMemoryPool(device or "cuda") if trt else None
+        self._open_args = dict(manifest=self.manifest, device=device, memory=self.memory,
+                               verify_sha256=verify_sha256, threads=threads)
+        self.text_encoder = self.open("text_encoder")
+        self.text_encoder_2 = self.open("text_encoder_2")
+        self.unet = self.open(self.unet_component)
+        self.controlnet = self.open("controlnet") if self.uses_controlnet else None
+        self.vae_decoder = self.open("vae_decoder")
+        self.device = self.unet.device
+        self.tokenizer, self.tokenizer_2 = self.assets.tokenizers()
+        self.scheduler_config = self.assets.scheduler_config()
+        self.vae_scaling_factor = self.assets.vae_scaling_factor
+        self.loop = DenoiseLoop(self.unet, self.controlnet, loop_mode)
+        self._prompts: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._constants: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_build(cls, build_dir: str | os.PathLike, backend: str = "onnxruntime", **kwargs):
+        """Open every session of the pipeline from `build_dir` (see DESIGN.md's build layout).
+
+        backend: 'onnxruntime' | 'tensorrt' | 'tensorrt-rtx'. kwargs: device, loop_mode ('auto' |
+        'graph' | 'step-graphs' | 'eager'), verify_sha256, threads (ONNX Runtime), and per pipeline
+        extras (InstantID: face_analyzer).
+        """
+        return cls(build_dir, backend, **kwargs)
+
+    def open(self, component: str) -> Session:
+        """The session of one component of the build, with this pipeline's backend and memory pool."""
+        return open_session(self.build_dir, component, self.backend, **self._open_args)
+
+    # -- conditioning ------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text_tokens (1, 77, C1+C2), pooled text_embeds (1, P)) for one prompt; LRU-cached."""
+        cached = self._prompts.get(prompt)
+        if cached is None:
+            ids = torch.from_numpy(self.tokenizer([prompt]))
+            ids_2 = torch.from_numpy(self.tokenizer_2([prompt]))
+            hidden = self.text_encoder.run({"input_ids": ids})["hidden_states"]
+            out_2 = self.text_encoder_2.run({"input_ids": ids_2})
+            cached = (torch.cat([hidden.to(self.device), out_2["hidden_states"].to(self.device)], dim=-1).clone(),
+                      out_2["text_embeds"].to(self.device).clone())
+            self._prompts[prompt] = cached
+            while len(self._prompts) > PROMPT_CACHE_SIZE:
+                self._prompts.popitem(last=False)
+        self._prompts.move_to_end(prompt)
+        return cached
+
+    def _prompt_rows(self, prompt, negative_prompt, num_images: int):
+        """(tokens, pooled, negative tokens, negative pooled), each num_images rows."""
+        prompts = _per_image(prompt, num_images, "prompt")
+        encoded = [self.encode_prompt(p) for p in prompts]
+        tokens, pooled = torch.cat([e[0] for e in encoded]), torch.cat([e[1] for e in encoded])
+        if negative_prompt is None:  # SDXL's force_zeros_for_empty_prompt
+            return tokens, pooled, torch.zeros_like(tokens), torch.zeros_like(pooled)
+        negatives = [self.encode_prompt(p) for p in _per_image(negative_prompt, num_images, "negative_prompt")]
+        return tokens, pooled, torch.cat([e[0] for e in negatives]), torch.cat([e[1] for e in negatives])
+
+    def cached_constant(self, name: str, compute) -> torch.Tensor:
+        """An input-independent tensor: from memory, else assets/<name>, else compute() once."""
+        value = self._constants.get(name)
+        if value is None:
+            value = self.assets.constant(name)
+            value = compute() if value is None else value
+            value = value.to(self.device)
+            self._constants[name] = value
+        return value
+
+    def ip_scale_tensor(self, ip_scale: float | Sequence[float]) -> torch.Tensor:
+        """λ as the UNet's ip_scale input (L,) float32: one value for every layer or one per layer."""
+        layers = self.unet.input("ip_scale").shape[0]
+        if isinstance(ip_scale, (int, float)):
+            return torch.full((layers,), float(ip_scale), dtype=torch.float32, device=self.device)
+        values = torch.as_tensor([float(s) for s in ip_scale], dtype=torch.float32, device=self.device)
+        if values.shape != (layers,):
+            raise ValueError(f"ip_scale has {values.numel()} values but the UNet has {layers} cross-attention "
+                             "layers: pass one float or one value per layer")
+        return values
+
+    # -- geometry ----------------------------------------------------------------------------
+    def check_size(self, height: int, width: int, rows: int) -> None:
+        """ResolutionError unless H x W (pixels) and the UNet's rows fit this build."""
+        if height <= 0 or width <= 0 or height % PIXEL_MULTIPLE or width % PIXEL_MULTIPLE:
+            raise ResolutionError(f"{width}x{height} is not a multiple of {PIXEL_MULTIPLE} px on both sides: "
+                                  f"round the size, e.g. to {_round(width)}x{_round(height)}")
+        entry = self.manifest.components[self.unet_component]
+        limits = None
+        if self.backend != "onnxruntime" and entry.engine is not None:
+            sample = next((t for t in entry.engine.inputs if t.name == "sample"), None)
+            if sample is not None and sample.min is not None and sample.max is not None:
+                limits = (sample.min, sample.max)
+        if limits is None:
+            return
+        (rows_lo, _, h_lo, w_lo), (rows_hi, _, h_hi, w_hi) = limits
+        factor = 8
+        if not (h_lo * factor <= height <= h_hi * factor and w_lo * factor <= width <= w_hi * factor):
+            raise ResolutionError(
+                f"{width}x{height} is outside the engine profile of {self.unet_component}: width "
+                f"{w_lo * factor}..{w_hi * factor}, height {h_lo * factor}..{h_hi * factor} px. Use a size "
+                f"inside it, or rebuild with a wider range: python -m export.build --model {self.manifest.model} "
+                f"--stage engines --out {self.build_dir} (see engine/profiles.py Geometry)")
+        if not rows_lo <= rows <= rows_hi:
+            raise ResolutionError(f"{rows} UNet rows (num_images x 2 for guidance) are outside the engine "
+                                  f"profile {rows_lo}..{rows_hi}: lower num_images or rebuild with a larger batch")
+
+    # -- the loop and decoding ---------------------------------------------------------------
+    def _generate(self, *, tokens, pooled, negative_tokens, negative_pooled, image_tokens, negative_image_tokens,
+                  height, width, num_images, steps, guidance, ip_scale, seed, scheduler, control_image=None,
+                  controlnet_scale=1.0, decode=True) -> Generation:
+        """Conditioning rows (1|N, ...) -> Generation; the shared body of both pipelines."""
+        cfg = guidance > 1.0
+        rows = 2 * num_images if cfg else num_images
+        self.check_size(height, width, rows)
+        batch = _repeat_to(num_images)
+        image_tokens, negative_image_tokens = batch(image_tokens), batch(negative_image_tokens)
+        text_tokens, text_embeds, ip_tokens = tokens, pooled, image_tokens
+        if cfg:
+            text_tokens = torch.cat([negative_tokens, tokens])
+            text_embeds = torch.cat([negative_pooled, pooled])
+            ip_tokens = torch.cat([negative_image_tokens, image_tokens])
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32,
+                                device=self.device).repeat(rows, 1)
+        unet_feeds = {"text_tokens": text_tokens, "ip_tokens": ip_tokens, "ip_scale": self.ip_scale_tensor(ip_scale),
+                      "text_embeds": text_embeds, "time_ids": time_ids}
+        controlnet_feeds = None
+        if self.controlnet is not None:
+            controlnet_feeds = {"face_tokens": ip_tokens, "control_image": control_image.to(self.device).repeat(
+                rows, 1, 1, 1), "text_embeds": text_embeds, "time_ids": time_ids,
+                "conditioning_scale": torch.tensor([float(controlnet_scale)], device=self.device)}
+        else:
+            unet_feeds.update(self._zero_residuals(rows, height, width))
+        plan = build_scheduler(self.scheduler_config, scheduler).plan(steps, self.device, torch.float32)
+        shape = (num_images, 4, height // 8, width // 8)
+        latents, step_noise = draw_noise(plan, shape, torch.Generator("cpu").manual_seed(seed))
+        inputs = LoopInputs(latents.to(self.device), None if step_noise is None else step_noise.to(self.device),
+                            torch.tensor(float(guidance), dtype=torch.float32, device=self.device), unet_feeds,
+                            controlnet_feeds)
+        latents = self.loop.run(plan, inputs)
+        if not bool(torch.isfinite(latents).all()):
+            raise NonFiniteError(
+                f"the denoising loop produced NaN/Inf latents ({self.unet_component}, {self.backend}): an fp16 "
+                "overflow or a broken engine. Try guidance <= 10, rebuild with --precision fp32, or run the "
+                "baseline to compare")
+        return Generation(self.decode(latents) if decode else [], latents)
+
+    def _zero_residuals(self, rows: int, height: int, width: int) -> dict[str, torch.Tensor]:
+        """Zero ControlNet residual inputs of the UNet (IP-Adapter without a ControlNet)."""
+        from engine.profiles import parse_dim
+
+        sizes = {"batch": rows // 2 if rows % 2 == 0 else rows, "height": height, "width": width}
+        feeds = {}
+        for info in self.unet.inputs:
+            if info.name.startswith(("down_residual_", "mid_residual")):
+                dims = []
+                for axis, dim in enumerate(info.shape):
+                    if axis == 0:
+                        dims.append(rows)
+                    elif isinstance(dim, int):
+                        dims.append(dim)
+                    else:
+                        expr = parse_dim(dim)
+                        dims.append(expr.value(sizes[expr.base], dim))
+                feeds[info.name] = torch.zeros(dims, dtype=torch.float32, device=self.device)
+        return feeds
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Latents (B, 4, h, w) -> B PIL RGB images, as the baseline's decode; NonFiniteError on NaN."""
+        image = self.vae_decoder.run({"latents": latents.float() / self.vae_scaling_factor})["image"].float()
+        if not bool(torch.isfinite(image).all()):
+            raise NonFiniteError("the VAE decoder produced NaN/Inf: an fp16 VAE overflows on SDXL latents; "
+                                 "export the VAE in fp32 or use the fp16-fix VAE (--vae-fp16-fix)")
+        pixels = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(p) for p in (pixels * 255).round().astype(np.uint8)]
+
+
+def _per_image(value: str | Sequence[str], num_images: int, what: str) -> list[str]:
+    values = [value] if isinstance(value, str) else list(value)
+    if len(values) not in (1, num_images):
+        raise ValueError(f"{what} has {len(values)} entries: give one, or one per image ({num_images})")
+    return values * (num_images // len(values))
+
+
+def _repeat_to(num_images: int):
+    def batch(x: torch.Tensor) -> torch.Tensor:  # (1|N, ...) -> (N, ...), as the baseline repeats rows
+        return x.repeat_interleave(num_images // x.shape[0], dim=0) if x.shape[0] != num_images else x
+    return batch
+
+
+def _round(size: int) -> int:
+    return max(PIXEL_MULTIPLE, int(round(size / PIXEL_MULTIPLE)) * PIXEL_MULTIPLE)
+
+
+def _output(generation: Generation, return_latents: bool):
+    return generation if return_latents else generation.images
+
+
+def control_tensor(kps_image: np.ndarray) -> torch.Tensor:
+    """kps image (H, W, 3) uint8 RGB -> (1, 3, H, W) float32 in [0, 1], the ControlNet's input."""
+    return torch.from_numpy(np.ascontiguousarray(kps_image)).permute(2, 0, 1)[None].float() / 255.0
+
+
+class InstantIDPipeline(_SDXLPipeline):
+    """InstantID: face photo -> identity (ArcFace -> face tokens) + pose (kps -> IdentityNet)."""
+
+    unet_component = "unet_instantid"
+    uses_controlnet = True
+
+    def __init__(self, build_dir, backend="onnxruntime", *, face_analyzer=None, **kwargs):
+        super().__init__(build_dir, backend, **kwargs)
+        self.face_proj = self.open("face_proj")
+        self._face_analyzer = face_analyzer
+
+    @property
+    def face_analyzer(self):
+        """The FaceAnalyzer: the build's onnx/face_detector.onnx + onnx/arcface.onnx unless one was given."""
+        if self._face_analyzer is None:
+            self._face_analyzer = build_face_analyzer(self.build_dir, self.manifest)
+        return self._face_analyzer
+
+    def face_tokens(self, embedding: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw ArcFace embedding (512,) or (N, 512) -> (tokens (N, 16, C), negative Resampler(0) (1, 16, C))."""
+        embedding = torch.as_tensor(np.asarray(embedding), dtype=torch.float32).reshape(-1, self._embedding_dim)
+        negative = self.cached_constant("face_proj_negative", lambda: self.face_proj.run(
+            {"face_embedding": torch.zeros(1, self._embedding_dim)})["face_tokens"])
+        return self.face_proj.run({"face_embedding": embedding})["face_tokens"].to(self.device), negative
+
+    @property
+    def _embedding_dim(self) -> int:
+        return self.face_proj.input("face_embedding").shape[1]
+
+    def generate(self, face_embedding, kps_image: np.ndarray, prompt, negative_prompt=None, steps: int = 30,
+                 guidance: float = 5.0, ip_scale=0.8, controlnet_scale: float = 0.8, seed: int = 0,
+                 num_images: int = 1, scheduler: str = "euler", decode: bool = True) -> Generation:
+        """From a face embedding (512,) and a kps image (H, W, 3) uint8; output H x W (the baseline's generate)."""
+        height, width = kps_image.shape[:2]
+        tokens, negative_tokens = self.face_tokens(face_embedding)
+        text = self._prompt_rows(prompt, negative_prompt, num_images)
+        return self._generate(tokens=text[0], pooled=text[1], negative_tokens=text[2], negative_pooled=text[3],
+                              image_tokens=tokens, negative_image_tokens=negative_tokens, height=height, width=width,
+                              num_images=num_images, steps=steps, guidance=guidance, ip_scale=ip_scale, seed=seed,
+                              scheduler=scheduler, control_image=control_tensor(kps_image),
+                              controlnet_scale=controlnet_scale, decode=decode)
+
+    def __call__(self, image: ImageSource, prompt, negative_prompt=None, steps: int = 30, guidance: float = 5.0,
+                 ip_scale=0.8, controlnet_scale: float = 0.8, seed: int = 0, width: int | None = None,
+                 height: int | None = None, pose_image: ImageSource | None = None, num_images: int = 1,
+                 scheduler: str = "euler", face_index: int | None = None, return_latents: bool = False):
+        """Identity from `image`, pose (kps) from `pose_image` or `image` -> list of PIL images.
+
+        Photos are resized as InstantID's infer.py does, or to exactly width x height when both are
+        given (bilinear); the output size is the (resized) pose photo's. Raises NoFaceError when a
+        photo has no face, ResolutionError for a size the build cannot serve, NonFiniteError on NaN.
+        With return_latents=True returns a Generation (images and final latents).
+        """
+        from runtime.face import draw_kps
+
+        face_rgb = _prepare_photo(image, width, height)
+        face = self.face_analyzer.analyze(face_rgb, face_index=face_index)
+        pose_rgb = face_rgb if pose_image is None else _prepare_photo(pose_image, width, height)
+        kps = face.kps if pose_image is None else self.face_analyzer.pose_kps(pose_rgb)
+        kps_image = draw_kps(pose_rgb.shape[1], pose_rgb.shape[0], kps)
+        generation = self.generate(face.embedding, kps_image, prompt, negative_prompt, steps=steps, guidance=guidance,
+                                   ip_scale=ip_scale, controlnet_scale=controlnet_scale, seed=seed,
+                                   num_images=num_images, scheduler=scheduler)
+        return _output(generation, return_latents)
+
+
+def _prepare_photo(photo: ImageSource, width: int | None, height: int | None) -> np.ndarray:
+    """The baseline's photo preparation: exact bilinear resize to width x height, else infer.py's resize."""
+    rgb = load_image(photo)
+    if (width is None) != (height is None):
+        raise ValueError("give both width and height (the photo is resized to exactly that), or neither "
+                         "(InstantID's own resize, short side 1024)")
+    if width and height:
+        return np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
+    return resize_for_instantid(rgb)
+
+
+def build_face_analyzer(build_dir: str | os.PathLike, manifest=None):
+    """FaceAnalyzer over the build's onnx/face_detector.onnx (YuNet or SCRFD, told apart by its outputs)
+    and onnx/arcface.onnx, on ONNX Runtime (CPU, or CUDA where onnxruntime-gpu is installed)."""
+    from engine.manifest import load_manifest
+    from runtime.face import ArcFace, FaceAnalyzer, SCRFDDetector, YuNetDetector
+
+    build_dir = Path(build_dir)
+    manifest = manifest or load_manifest(build_dir)
+    paths = {}
+    for component in ("face_detector", "arcface"):
+        entry = manifest.components.get(component)
+        if entry is None or entry.onnx is None:
+            raise FileNotFoundError(f"{build_dir} has no {component}: export it (python -m export.build --model "
+                                    f"{manifest.model} --out {build_dir}) or pass face_analyzer=FaceAnalyzer(...)")
+        paths[component] = build_dir / entry.onnx.path
+    outputs = {t.name for t in manifest.components["face_detector"].onnx.outputs}
+    detector_cls = YuNetDetector if "cls_8" in outputs else SCRFDDetector
+    return FaceAnalyzer(detector_cls(paths["face_detector"]), ArcFace(paths["arcface"]))
+
+
+class IPAdapterPipeline(_SDXLPipeline):
+    """IP-Adapter SDXL: reference image -> CLIP image encoder -> ImageProj (4 tokens) or Resampler (Plus, 16)."""
+
+    def __init__(self, build_dir, backend="onnxruntime", *, plus: bool = False, **kwargs):
+        self.plus = plus
+        self.unet_component = "unet_ip_adapter_plus" if plus else "unet_ip_adapter"
+        super().__init__(build_dir, backend, **kwargs)
+        self.image_encoder = self.open("image_encoder")
+        self.projector = self.open("image_proj_plus" if plus else "image_proj")
+
+    def _project(self, pixels: torch.Tensor) -> torch.Tensor:
+        encoded = self.image_encoder.run({"pixel_values": pixels})
+        if self.plus:
+            return self.projector.run({"hidden_states": encoded["hidden_states"]})["ip_tokens"]
+        return self.projector.run({"image_embeds": encoded["image_embeds"]})["ip_tokens"]
+
+    def image_tokens(self, image: ImageSource) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens (1, K, C), negative tokens (1, K, C)) for a reference image; the negative is cached."""
+        pixels = torch.from_numpy(clip_pixel_values(load_image(image)))
+        if self.plus:
+            negative = self.cached_constant("image_proj_plus_negative", lambda: self._project(torch.zeros_like(pixels)))
+        else:
+            width = self.projector.input("image_embeds").shape[1]
+            negative = self.cached_constant("image_proj_negative", lambda: self.projector.run(
+                {"image_embeds": torch.zeros(1, width)})["ip_tokens"])
+        return self._project(pixels).to(self.device), negative
+
+    def __call__(self, image: ImageSource, prompt, negative_prompt=None, steps: int = 30, guidance: float = 5.0,
+                 ip_scale=0.6, seed: int = 0, width: int | None = None, height: int | None = None,
+                 num_images: int = 1, scheduler: str = "euler", return_latents: bool = False, decode: bool = True):
+        """`num_images` images (width x height, default the build's resolution) prompted by `image`.
+
+        Returns a list of PIL images (a Generation with the latents when return_latents=True).
+        """
+        size = int(self.assets.value("default_resolution", 1024))
+        tokens, negative_tokens = self.image_tokens(image)
+        text = self._prompt_rows(prompt, negative_prompt, num_images)
+        generation = self._generate(tokens=text[0], pooled=text[1], negative_tokens=text[2], negative_pooled=text[3],
+                                    image_tokens=tokens, negative_image_tokens=negative_tokens,
+                                    height=height or size, width=width or size, num_images=num_images, steps=steps,
+                                    guidance=guidance, ip_scale=ip_scale, seed=seed, scheduler=scheduler,
+                                    decode=decode)
+        return _output(generation, return_latents)

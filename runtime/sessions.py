@@ -1,0 +1,351 @@
+"""Engine sessions: one small interface over ONNX Runtime, TensorRT (`tensorrt` / `tensorrt_rtx`).
+
+    session = open_session("build/tiny", "unet_instantid", "onnxruntime")
+    outputs = session.run({"sample": latents, ...})        # dict[str, torch.Tensor] both ways
+
+Every session has `inputs` / `outputs` (`TensorInfo`: name, torch dtype, dims with axis names,
+and the min/max shape range where the build recorded one), a `device` (where `run` returns its
+outputs) and `capturable` (True when `run` only enqueues work on the current CUDA stream, so a
+loop of calls can be captured in a CUDA graph).
+
+- `OrtSession`: CPU, or the CUDA execution provider where onnxruntime-gpu is installed. Tensors
+  cross the boundary as numpy arrays; inputs are cast to the graph's dtypes (fp16 graphs take
+  fp32 tensors), outputs come back in the graph's dtypes.
+- `TrtSession`: a plan from `engines/<component>.plan`, refused with `EngineCheckError` (which
+  says how to rebuild) when it does not match the manifest, the backend or the GPU. Output
+  buffers are preallocated torch tensors, one set per input-shape combination, reused by every
+  later call with those shapes: the dict `run` returns holds those buffers, valid until the
+  next call with the same shapes. All contexts share one `DeviceMemoryPool` (they run one after
+  another on one stream).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+          "int64": torch.int64, "int32": torch.int32, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
+_ORT_TYPES = {f"tensor({'float' if name == 'float32' else 'double' if name == 'float64' else name})": dtype
+              for name, dtype in DTYPES.items()}
+BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
+
+
+class SessionError(RuntimeError):
+    """A session cannot be opened or was fed the wrong tensors; the message says what to do."""
+
+
+class ShapeRangeError(SessionError, ValueError):
+    """An input shape is outside the range the engine was built for."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """An engine input/output: name, torch dtype, dims (ints, axis names, or None), shape range.
+
+    min / max: the smallest / largest shape the engine accepts (None where not recorded).
+    """
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple
+    min: tuple[int, ...] | None = None
+    max: tuple[int, ...] | None = None
+
+
+class Session:
+    """Base of every session: metadata and the feed checks; subclasses implement `run`."""
+
+    name: str = ""
+    inputs: tuple[TensorInfo, ...] = ()
+    outputs: tuple[TensorInfo, ...] = ()
+    device: torch.device = torch.device("cpu")
+    capturable: bool = False
+
+    def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """feeds: input name -> tensor (any device/dtype; cast as needed) -> output name -> tensor."""
+        raise NotImplementedError
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(info.name for info in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(info.name for info in self.outputs)
+
+    def input(self, name: str) -> TensorInfo:
+        """The TensorInfo of input `name`; SessionError listing the inputs if there is none."""
+        for info in self.inputs:
+            if info.name == name:
+                return info
+        raise SessionError(f"{self.name} has no input '{name}'; its inputs are {list(self.input_names)}")
+
+    def check_feeds(self, feeds: Mapping[str, torch.Tensor]) -> None:
+        """SessionError on missing/unknown names; ShapeRangeError on a shape outside the built range."""
+        missing = [name for name in self.input_names if name not in feeds]
+        unknown = [name for name in feeds if name not in self.input_names]
+        if missing or unknown:
+            raise SessionError(f"{self.name}: missing inputs {missing}, unknown inputs {unknown}; "
+                               f"it takes {list(self.input_names)}")
+        for info in self.inputs:
+            check_shape(self.name, info, tuple(feeds[info.name].shape))
+
+
+def check_shape(component: str, info: TensorInfo, shape: tuple[int, ...]) -> None:
+    """ShapeRangeError when `shape` does not fit info's rank, static dims or min/max range."""
+    if len(shape) != len(info.shape):
+        raise ShapeRangeError(f"{component} input '{info.name}' has shape {list(shape)}, expected rank "
+                              f"{len(info.shape)} ({list(info.shape)})")
+    for axis, (size, dim) in enumerate(zip(shape, info.shape)):
+        if isinstance(dim, int) and dim > 0 and size != dim:
+            raise ShapeRangeError(f"{component} input '{info.name}' axis {axis} is {size}, the model needs {dim}")
+    if info.min is not None and info.max is not None and not all(
+            lo <= size <= hi for size, lo, hi in zip(shape, info.min, info.max)):
+        raise ShapeRangeError(f"{component} input '{info.name}' shape {list(shape)} is outside the engine's range "
+                              f"{list(info.min)}..{list(info.max)}: use a size inside it, or rebuild the engine "
+                              "with a wider profile (python -m export.build ... --stage engines)")
+
+
+# ---- ONNX Runtime ------------------------------------------------------------------------------
+
+class OrtSession(Session):
+    """An ONNX graph in ONNX Runtime. providers: default CUDA EP when available (device 'cuda'), else CPU."""
+
+    def __init__(self, onnx_path: str | os.PathLike, name: str | None = None, providers: Sequence | None = None,
+                 device: str | torch.device | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise SessionError(f"{path} not found: export it first (python -m export.build --stage onnx --out "
+                               f"{path.parent.parent})")
+        available = ort.get_available_providers()
+        if providers is None:
+            providers = ["CPUExecutionProvider"]
+            if "CUDAExecutionProvider" in available and torch.cuda.is_available():
+                providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(str(path), options, providers=list(providers))
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise SessionError(f"ONNX Runtime cannot load {path} ({error.__class__.__name__}: {error}); "
+                               "re-export it") from None
+        self.name = name or path.stem
+        on_gpu = self._session.get_providers()[0] == "CUDAExecutionProvider"
+        self.device = torch.device(device if device is not None else ("cuda" if on_gpu else "cpu"))
+        self.inputs = tuple(_ort_info(value) for value in self._session.get_inputs())
+        self.outputs = tuple(_ort_info(value) for value in self._session.get_outputs())
+
+    def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Inputs cast to the graph's dtypes on the host; outputs (graph dtypes) moved to `device`."""
+        self.check_feeds(feeds)
+        arrays = {info.name: _to_numpy(feeds[info.name], info.dtype) for info in self.inputs}
+        results = self._session.run(list(self.output_names), arrays)
+        return {name: torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+                for name, array in zip(self.output_names, results)}
+
+
+def _ort_info(value) -> TensorInfo:
+    if value.type not in _ORT_TYPES:
+        raise SessionError(f"input/output '{value.name}' has type {value.type}, which the runtime does not feed")
+    shape = tuple(dim if isinstance(dim, int) else (dim or None) for dim in value.shape)
+    return TensorInfo(value.name, _ORT_TYPES[value.type], shape)
+
+
+def _to_numpy(tensor: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    tensor = torch.as_tensor(tensor).detach()
+    if dtype == torch.bfloat16:
+        raise SessionError("bfloat16 graph inputs cannot cross numpy; export the graph in float16 or float32")
+    return np.ascontiguousarray(tensor.to(device="cpu", dtype=dtype).numpy())
+
+
+# ---- TensorRT ----------------------------------------------------------------------------------
+
+class DeviceMemoryPool:
+    """One scratch buffer for the execution contexts of a pipeline, sized for the largest of them.
+
+    Contexts run one after another on one stream, so they can share it. Attach every context
+    before the first run: growing the buffer re-points all contexts (and would invalidate CUDA
+    graphs captured earlier; `generation` counts the reallocations).
+    """
+
+    def __init__(self, device: torch.device | str = "cuda"):
+        self.device = torch.device(device)
+        self.buffer: torch.Tensor | None = None
+        self.generation = 0
+        self._contexts: list = []
+
+    @property
+    def size(self) -> int:
+        return 0 if self.buffer is None else self.buffer.numel()
+
+    def attach(self, context, size: int) -> None:
+        """Give `context` (created with USER_MANAGED memory) this pool; grow it to `size` bytes if needed."""
+        self._contexts.append(context)
+        if size > self.size:
+            self.buffer = torch.empty(max(int(size), 1), dtype=torch.uint8, device=self.device)
+            self.generation += 1
+            for each in self._contexts:
+                _set_device_memory(each, self.buffer)
+        else:
+            _set_device_memory(context, self.buffer)
+
+
+def _set_device_memory(context, buffer: torch.Tensor) -> None:
+    if hasattr(context, "set_device_memory"):  # TensorRT >= 10.1
+        context.set_device_memory(buffer.data_ptr(), buffer.numel())
+    else:
+        context.device_memory = buffer.data_ptr()
+
+
+def _trt_dtypes(trt) -> dict:
+    table = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
+             "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8}
+    return {getattr(trt.DataType, key): value for key, value in table.items() if hasattr(trt.DataType, key)}
+
+
+class TrtSession(Session):
+    """A TensorRT plan run with torch device buffers on the current CUDA stream (capturable).
+
+    plan_path / record: the plan and its manifest EngineRecord; backend: an engine.backend.Backend.
+    memory: a DeviceMemoryPool shared with the pipeline's other sessions (None: one of its own).
+    verify_sha256: hash the whole plan against the manifest before loading (False: size only).
+    Raises EngineCheckError (engine.cache) for a plan that cannot run here, SessionError without a GPU.
+    """
+
+    capturable = True
+
+    def __init__(self, plan_path: str | os.PathLike, record, backend, *, name: str | None = None,
+                 device: str | torch.device = "cuda", memory: DeviceMemoryPool | None = None,
+                 verify_sha256: bool = True, model: str | None = None):
+        from engine.backend import detect_gpu
+        from engine.cache import EngineCheckError, check_engine, rebuild_command
+
+        plan_path = Path(plan_path)
+        self.name = name or plan_path.stem
+        check_engine(record, plan_path, backend, detect_gpu(), verify_sha256=verify_sha256, model=model)
+        self.inputs = tuple(_engine_info(t) for t in record.inputs)
+        self.outputs = tuple(_engine_info(t) for t in record.outputs)
+        if not torch.cuda.is_available():
+            raise SessionError(f"{plan_path}: TensorRT engines run only on an NVIDIA GPU and torch sees none "
+                               "(torch.cuda.is_available() is False); use backend='onnxruntime' on this machine")
+        self.device = torch.device(device)
+        trt = backend.trt
+        logger = backend.logger()
+        self._runtime = trt.Runtime(logger)
+        with torch.cuda.device(self.device):
+            self._engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
+        if self._engine is None:
+            detail = logger.errors[-1] if logger.errors else "no error logged"
+            rebuild = rebuild_command(model or plan_path.resolve().parent.parent.name, self.name, backend.name,
+                                      force=True)
+            raise EngineCheckError(f"{plan_path}: {backend.name} {backend.version} could not deserialize the plan "
+                                   f"({detail}). Rebuild it: {rebuild}")
+        self._dtypes = _trt_dtypes(trt)
+        self._check_io(trt)
+        memory = memory or DeviceMemoryPool(self.device)
+        strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
+        if strategy is not None:
+            self._context = self._engine.create_execution_context(strategy.USER_MANAGED)
+            memory.attach(self._context, self._engine.device_memory_size_v2)
+        else:
+            self._context = self._engine.create_execution_context()
+        if self._context is None:
+            raise SessionError(f"{plan_path}: could not create an execution context (out of GPU memory?)")
+        self.memory = memory
+        self._buffers: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    def _check_io(self, trt) -> None:
+        """The plan's tensors must be the manifest's (names and dtypes)."""
+        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+        inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        expected = set(self.input_names) | set(self.output_names)
+        if set(names) != expected or set(inputs) != set(self.input_names):
+            raise SessionError(f"{self.name}: the plan's tensors {sorted(names)} are not the manifest's "
+                               f"{sorted(expected)}; rebuild the engine from the current ONNX")
+        self.inputs = tuple(TensorInfo(i.name, self._dtypes[self._engine.get_tensor_dtype(i.name)], i.shape, i.min,
+                                       i.max) for i in self.inputs)
+        self.outputs = tuple(TensorInfo(o.name, self._dtypes[self._engine.get_tensor_dtype(o.name)], o.shape)
+                             for o in self.outputs)
+
+    def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Enqueue on torch's current stream; returns this shape's output buffers (reused by later calls)."""
+        self.check_feeds(feeds)
+        context, shapes, staged = self._context, [], []
+        for info in self.inputs:
+            tensor = feeds[info.name]
+            if tensor.dtype != info.dtype or tensor.device != self.device or not tensor.is_contiguous():
+                tensor = tensor.to(self.device, info.dtype).contiguous()
+            staged.append(tensor)  # alive until enqueued; the caching allocator orders reuse on the stream
+            context.set_input_shape(info.name, tuple(tensor.shape))
+            context.set_tensor_address(info.name, tensor.data_ptr())
+            shapes.append(tuple(tensor.shape))
+        key = tuple(shapes)
+        buffers = self._buffers.get(key)
+        if buffers is None:  # first call with these shapes: allocate, never outside a warm-up run
+            buffers = {o.name: torch.empty(tuple(context.get_tensor_shape(o.name)), dtype=o.dtype, device=self.device)
+                       for o in self.outputs}
+            self._buffers[key] = buffers
+        for name, buffer in buffers.items():
+            context.set_tensor_address(name, buffer.data_ptr())
+        if not context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise SessionError(f"{self.name}: TensorRT enqueue failed for input shapes {shapes}")
+        return dict(buffers)
+
+
+def _engine_info(tensor) -> TensorInfo:
+    return TensorInfo(tensor.name, DTYPES.get(tensor.dtype, torch.float32), tuple(tensor.shape),
+                      None if tensor.min is None else tuple(tensor.min),
+                      None if tensor.max is None else tuple(tensor.max))
+
+
+# ---- opening a build directory's component ----------------------------------------------------
+
+def normalize_backend(backend: str) -> str:
+    """'onnxruntime' | 'ort' -> 'onnxruntime'; TensorRT names via engine.backend ('tensorrt', 'tensorrt-rtx')."""
+    key = backend.strip().lower()
+    if key in ("onnxruntime", "ort"):
+        return "onnxruntime"
+    from engine.backend import BackendError, normalize_name
+
+    try:
+        return normalize_name(key)
+    except BackendError:
+        raise SessionError(f"unknown backend '{backend}'; choose one of {list(BACKENDS)}") from None
+
+
+def open_session(build_dir: str | os.PathLike, component: str, backend: str = "onnxruntime", *,
+                 manifest=None, device: str | torch.device | None = None, memory: DeviceMemoryPool | None = None,
+                 verify_sha256: bool = True, threads: int | None = None) -> Session:
+    """The session of one component of a build directory.
+
+    backend: 'onnxruntime' (onnx/<component>.onnx) or 'tensorrt' / 'tensorrt-rtx' (its engine).
+    manifest: the loaded engine.manifest.Manifest (read from build_dir when None).
+    Raises SessionError / EngineCheckError / ManifestError with what to run to fix it.
+    """
+    from engine.manifest import load_manifest
+
+    build_dir = Path(build_dir)
+    manifest = manifest or load_manifest(build_dir)
+    entry = manifest.components.get(component)
+    backend = normalize_backend(backend)
+    if entry is None or entry.onnx is None:
+        raise SessionError(f"{build_dir} has no component '{component}' (it has {sorted(manifest.components)}); "
+                           f"export it: python -m export.build --model {manifest.model} --out {build_dir}")
+    if backend == "onnxruntime":
+        return OrtSession(build_dir / entry.onnx.path, name=component, device=device, threads=threads)
+    if entry.engine is None:
+        raise SessionError(f"{build_dir}: '{component}' has no engine; build it: python -m export.build --model "
+                           f"{manifest.model} --out {build_dir} --stage engines --backend {backend}")
+    from engine.backend import load_backend
+
+    return TrtSession(build_dir / entry.engine.path, entry.engine, load_backend(backend), name=component,
+                      device=device or "cuda", memory=memory, verify_sha256=verify_sha256, model=manifest.model)
