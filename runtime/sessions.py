@@ -11,6 +11,7 @@ loop of calls can be captured in a CUDA graph).
 - `OrtSession`: CPU, or the CUDA execution provider where onnxruntime-gpu is installed. Tensors
   cross the boundary as numpy arrays; inputs are cast to the graph's dtypes (fp16 graphs take
   fp32 tensors), outputs come back in the graph's dtypes.
+- `TorchSession`: a torch module with the engine's I/O (eager; capturable on CUDA).
 - `TrtSession`: a plan from `engines/<component>.plan`, refused with `EngineCheckError` (which
   says how to rebuild) when it does not match the manifest, the backend or the GPU. Output
   buffers are preallocated torch tensors, one set per input-shape combination, reused by every
@@ -305,6 +306,38 @@ def _engine_info(tensor) -> TensorInfo:
     return TensorInfo(tensor.name, DTYPES.get(tensor.dtype, torch.float32), tuple(tensor.shape),
                       None if tensor.min is None else tuple(tensor.min),
                       None if tensor.max is None else tuple(tensor.max))
+
+
+# ---- torch ---------------------------------------------------------------------------------------
+
+class TorchSession(Session):
+    """A torch module behind the Session interface: forward(*inputs in `inputs` order) -> outputs in order.
+
+    For the `export.components` wrappers (same I/O as the engines), run eagerly; on CUDA the calls
+    are capturable, so the loop can be measured with CUDA graphs on a GPU without TensorRT.
+    inputs / outputs: TensorInfo per tensor (the dtype inputs are cast to; outputs keep theirs).
+    """
+
+    def __init__(self, module, inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo], name: str = "torch",
+                 device: str | torch.device | None = None):
+        parameter = next(iter(module.parameters()), None) if hasattr(module, "parameters") else None
+        self.module, self.name = module, name
+        self.inputs, self.outputs = tuple(inputs), tuple(outputs)
+        self.device = torch.device(device) if device is not None else (
+            parameter.device if parameter is not None else torch.device("cpu"))
+        self.capturable = self.device.type == "cuda"
+
+    def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Inputs cast to their TensorInfo dtype on `device`; outputs as the module returns them."""
+        self.check_feeds(feeds)
+        args = [feeds[info.name].to(self.device, info.dtype) for info in self.inputs]
+        with torch.inference_mode():
+            result = self.module(*args)
+        result = (result,) if isinstance(result, torch.Tensor) else tuple(result)
+        if len(result) != len(self.outputs):
+            raise SessionError(f"{self.name}: the module returned {len(result)} tensors, expected "
+                               f"{list(self.output_names)}")
+        return dict(zip(self.output_names, result))
 
 
 # ---- opening a build directory's component ----------------------------------------------------
