@@ -4,7 +4,8 @@
     assets.tokenizers()          # (ClipTokenizer, ClipTokenizer) from assets/tokenizer, tokenizer_2
     assets.scheduler_config()    # diffusers scheduler_config.json dict
     assets.vae_scaling_factor    # float (0.13025 for SDXL)
-    assets.constant("face_proj_negative")   # cached input-independent tensors, or None
+    assets.constant("negative_tokens_instantid")   # cached input-independent tensors, or None
+    assets.value("default_resolution")             # model facts: assets/model.json + manifest metadata
 
 Where a value is looked for is listed in one place per value (`_CANDIDATES`), so a build made by
 an older exporter still opens; a missing file raises AssetError saying how to re-export.
@@ -49,7 +50,9 @@ class Assets:
         from engine.manifest import load_manifest
 
         manifest = manifest or load_manifest(build_dir)
-        return cls(Path(build_dir), dict(manifest.metadata), manifest.model)
+        facts_file = Path(build_dir) / "assets" / "model.json"
+        facts = json.loads(facts_file.read_text()) if facts_file.is_file() else {}
+        return cls(Path(build_dir), {**facts, **manifest.metadata}, manifest.model)
 
     @property
     def folder(self) -> Path:

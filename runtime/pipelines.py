@@ -76,6 +76,8 @@ class _SDXLPipeline:
         self.tokenizer, self.tokenizer_2 = self.assets.tokenizers()
         self.scheduler_config = self.assets.scheduler_config()
         self.vae_scaling_factor = self.assets.vae_scaling_factor
+        self.latent_factor = int(self.assets.value("vae_scale_factor", 8))
+        self.latent_channels = int(self.assets.value("latent_channels", 4))
         self.loop = DenoiseLoop(self.unet, self.controlnet, loop_mode)
         self._prompts: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._constants: dict[str, torch.Tensor] = {}
@@ -157,7 +159,7 @@ class _SDXLPipeline:
         if limits is None:
             return
         (rows_lo, _, h_lo, w_lo), (rows_hi, _, h_hi, w_hi) = limits
-        factor = 8
+        factor = self.latent_factor
         if not (h_lo * factor <= height <= h_hi * factor and w_lo * factor <= width <= w_hi * factor):
             raise ResolutionError(
                 f"{width}x{height} is outside the engine profile of {self.unet_component}: width "
@@ -195,7 +197,7 @@ class _SDXLPipeline:
         else:
             unet_feeds.update(self._zero_residuals(rows, height, width))
         plan = build_scheduler(self.scheduler_config, scheduler).plan(steps, self.device, torch.float32)
-        shape = (num_images, 4, height // 8, width // 8)
+        shape = (num_images, self.latent_channels, height // self.latent_factor, width // self.latent_factor)
         latents, step_noise = draw_noise(plan, shape, torch.Generator("cpu").manual_seed(seed))
         inputs = LoopInputs(latents.to(self.device), None if step_noise is None else step_noise.to(self.device),
                             torch.tensor(float(guidance), dtype=torch.float32, device=self.device), unet_feeds,
@@ -285,7 +287,7 @@ class InstantIDPipeline(_SDXLPipeline):
     def face_tokens(self, embedding: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw ArcFace embedding (512,) or (N, 512) -> (tokens (N, 16, C), negative Resampler(0) (1, 16, C))."""
         embedding = torch.as_tensor(np.asarray(embedding), dtype=torch.float32).reshape(-1, self._embedding_dim)
-        negative = self.cached_constant("face_proj_negative", lambda: self.face_proj.run(
+        negative = self.cached_constant("negative_tokens_instantid", lambda: self.face_proj.run(
             {"face_embedding": torch.zeros(1, self._embedding_dim)})["face_tokens"])
         return self.face_proj.run({"face_embedding": embedding})["face_tokens"].to(self.device), negative
 
@@ -381,10 +383,10 @@ class IPAdapterPipeline(_SDXLPipeline):
         """(tokens (1, K, C), negative tokens (1, K, C)) for a reference image; the negative is cached."""
         pixels = torch.from_numpy(clip_pixel_values(load_image(image)))
         if self.plus:
-            negative = self.cached_constant("image_proj_plus_negative", lambda: self._project(torch.zeros_like(pixels)))
+            negative = self.cached_constant("negative_tokens_ip_adapter_plus", lambda: self._project(torch.zeros_like(pixels)))
         else:
             width = self.projector.input("image_embeds").shape[1]
-            negative = self.cached_constant("image_proj_negative", lambda: self.projector.run(
+            negative = self.cached_constant("negative_tokens_ip_adapter", lambda: self.projector.run(
                 {"image_embeds": torch.zeros(1, width)})["ip_tokens"])
         return self._project(pixels).to(self.device), negative
 

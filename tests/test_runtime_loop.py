@@ -1,0 +1,148 @@
+"""runtime.loop: the eager loop over sessions equals the baseline's diffusers loop (toy models, CPU);
+CUDA-graph paths are refused with a clear error without a GPU (they run only on a GPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.baseline import make_scheduler
+from export.specs import SCHEDULER_CONFIG
+from runtime.loop import DenoiseLoop, LoopInputs, clone_inputs
+from runtime.schedulers import build_scheduler, draw_noise
+from runtime.sessions import TensorInfo, TorchSession
+
+ROWS_AXIS = "2B"
+
+
+class ToyControlNet(torch.nn.Module):
+    """Two 'residuals' from sample, timestep, face tokens and the conditioning scale."""
+
+    def forward(self, sample, timestep, face_tokens, control_image, text_embeds, time_ids, conditioning_scale):
+        base = sample * 0.3 + face_tokens.mean(dim=(1, 2))[:, None, None, None] + control_image.mean()
+        return base * conditioning_scale, (base.mean(dim=1, keepdim=True) + timestep / 1000) * conditioning_scale
+
+
+class ToyUNet(torch.nn.Module):
+    """noise_pred depends on every input, so a wiring mistake changes the result."""
+
+    def forward(self, sample, timestep, text_tokens, ip_tokens, ip_scale, text_embeds, time_ids, down_residual_0,
+                mid_residual):
+        context = text_tokens.mean(dim=(1, 2)) + ip_scale.mean() * ip_tokens.mean(dim=(1, 2)) + text_embeds.mean(1)
+        return (torch.tanh(sample) * 0.5 + context[:, None, None, None] * 0.1 + time_ids[:, :1, None, None] * 1e-3
+                + down_residual_0 * 0.2 + mid_residual * 0.1 + torch.cos(timestep / 300))
+
+
+def _info(name, *dims):
+    return TensorInfo(name, torch.float32, dims)
+
+
+def _sessions():
+    latent = (ROWS_AXIS, 4, "latent_height", "latent_width")
+    residuals = [_info("down_residual_0", *latent), _info("mid_residual", ROWS_AXIS, 1, "latent_height",
+                                                               "latent_width")]
+    common = [_info("text_embeds", ROWS_AXIS, 8), _info("time_ids", ROWS_AXIS, 6)]
+    controlnet = TorchSession(ToyControlNet(), [
+        _info("sample", *latent), _info("timestep", 1), _info("face_tokens", ROWS_AXIS, 3, 5),
+        _info("control_image", ROWS_AXIS, 3, "height", "width"), *common, _info("conditioning_scale", 1)],
+        residuals, name="controlnet")
+    unet = TorchSession(ToyUNet(), [
+        _info("sample", *latent), _info("timestep", 1), _info("text_tokens", ROWS_AXIS, 7, 5),
+        _info("ip_tokens", ROWS_AXIS, 3, 5), _info("ip_scale", 4), *common, *residuals],
+        [_info("noise_pred", *latent)], name="unet")
+    return unet, controlnet
+
+
+def _conditioning(batch: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    rows = 2 * batch
+    return {
+        "text_tokens": torch.randn(rows, 7, 5, generator=generator),
+        "ip_tokens": torch.randn(rows, 3, 5, generator=generator),
+        "text_embeds": torch.randn(rows, 8, generator=generator),
+        "time_ids": torch.tensor([[64.0, 64.0, 0, 0, 64.0, 64.0]]).repeat(rows, 1),
+        "control_image": torch.rand(rows, 3, 64, 64, generator=generator),
+    }
+
+
+def _reference(name, steps, batch, guidance, ip_scale, cn_scale, seed, cond):
+    """The baseline's loop (benchmarks/baseline.py SDXLBase.denoise) with diffusers' scheduler."""
+    sched = make_scheduler(SCHEDULER_CONFIG, name)
+    sched.set_timesteps(steps)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    latents = torch.randn((batch, 4, 8, 8), generator=generator, dtype=torch.float32) * sched.init_noise_sigma
+    unet, controlnet = ToyUNet(), ToyControlNet()
+    scale = torch.full((4,), ip_scale)
+    for t in sched.timesteps:
+        model_in = sched.scale_model_input(torch.cat([latents] * 2), t)
+        t1 = t.reshape(1).float()
+        down, mid = controlnet(model_in, t1, cond["ip_tokens"], cond["control_image"], cond["text_embeds"],
+                               cond["time_ids"], torch.tensor([cn_scale]))
+        noise = unet(model_in, t1, cond["text_tokens"], cond["ip_tokens"], scale, cond["text_embeds"],
+                     cond["time_ids"], down, mid)
+        uncond, positive = noise.chunk(2)
+        noise = uncond + guidance * (positive - uncond)
+        latents = sched.step(noise, t, latents, generator=generator, return_dict=False)[0]
+    return latents
+
+
+def _inputs(name, steps, batch, guidance, ip_scale, cn_scale, seed, cond):
+    plan = build_scheduler(SCHEDULER_CONFIG, name).plan(steps)
+    latents, step_noise = draw_noise(plan, (batch, 4, 8, 8), torch.Generator().manual_seed(seed))
+    unet_feeds = {k: cond[k] for k in ("text_tokens", "ip_tokens", "text_embeds", "time_ids")}
+    unet_feeds["ip_scale"] = torch.full((4,), ip_scale)
+    controlnet_feeds = {"face_tokens": cond["ip_tokens"], "control_image": cond["control_image"],
+                        "text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"],
+                        "conditioning_scale": torch.tensor([cn_scale])}
+    return plan, LoopInputs(latents, step_noise, torch.tensor(guidance), unet_feeds, controlnet_feeds)
+
+
+@pytest.mark.parametrize("name,batch", [("euler", 1), ("euler_a", 2), ("dpmpp_2m", 1), ("ddim", 2)])
+def test_eager_loop_equals_the_baseline_loop(name, batch):
+    unet, controlnet = _sessions()
+    cond = _conditioning(batch)
+    args = (name, 4, batch, 5.0, 0.7, 0.4, 3, cond)
+    plan, inputs = _inputs(*args)
+    loop = DenoiseLoop(unet, controlnet)
+    latents = loop.run(plan, inputs)
+    assert loop.last_path == "eager"
+    expected = _reference(*args)
+    torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_scales_are_runtime_inputs():
+    """λ, the ControlNet scale and guidance change the result with the same sessions and plan."""
+    unet, controlnet = _sessions()
+    cond = _conditioning(1)
+    loop = DenoiseLoop(unet, controlnet)
+    plan, base = _inputs("euler", 3, 1, 5.0, 0.7, 0.4, 0, cond)
+    first = loop.run(plan, base)
+    other = clone_inputs(base)
+    other.guidance.fill_(2.0)
+    assert not torch.allclose(loop.run(plan, other), first)
+    other = clone_inputs(base)
+    other.unet_feeds["ip_scale"].fill_(0.0)
+    assert not torch.allclose(loop.run(plan, other), first)
+    other = clone_inputs(base)
+    other.controlnet_feeds["conditioning_scale"].fill_(1.0)
+    assert not torch.allclose(loop.run(plan, other), first)
+    torch.testing.assert_close(loop.run(plan, base), first, rtol=0, atol=0)  # deterministic
+
+
+def test_loop_inputs_key_and_cfg():
+    _, inputs = _inputs("euler", 2, 2, 5.0, 0.5, 0.5, 0, _conditioning(2))
+    assert inputs.cfg
+    copy = clone_inputs(inputs)
+    assert copy.key() == inputs.key() and copy.latents is not inputs.latents
+    names = [name for name, _ in inputs.tensors()]
+    assert names[:2] == ["latents", "guidance"] and "step_noise" not in names  # Euler draws no step noise
+    assert "unet_feeds.ip_scale" in names and "controlnet_feeds.conditioning_scale" in names
+
+
+def test_graph_modes_need_cuda_sessions():
+    unet, controlnet = _sessions()
+    with pytest.raises(ValueError, match="mode must be"):
+        DenoiseLoop(unet, controlnet, mode="fast")
+    plan, inputs = _inputs("euler", 2, 1, 5.0, 0.5, 0.5, 0, _conditioning(1))
+    for mode in ("graph", "step-graphs"):
+        with pytest.raises(RuntimeError, match="CUDA graphs need TensorRT"):
+            DenoiseLoop(unet, controlnet, mode=mode).run(plan, inputs)
