@@ -43,6 +43,7 @@ class Assets:
     build_dir: Path
     metadata: dict[str, Any] = field(default_factory=dict)
     model: str = "tiny"
+    manifest: Any = None
 
     @classmethod
     def open(cls, build_dir: str | os.PathLike, manifest=None) -> "Assets":
@@ -52,7 +53,7 @@ class Assets:
         manifest = manifest or load_manifest(build_dir)
         facts_file = Path(build_dir) / "assets" / "model.json"
         facts = json.loads(facts_file.read_text()) if facts_file.is_file() else {}
-        return cls(Path(build_dir), {**facts, **manifest.metadata}, manifest.model)
+        return cls(Path(build_dir), {**facts, **manifest.metadata}, manifest.model, manifest)
 
     @property
     def folder(self) -> Path:
@@ -107,3 +108,13 @@ class Assets:
                 if name in handle.keys():
                     return handle.get_tensor(name)
         return None
+
+    def engine_range(self, component: str, input_name: str = "sample") -> tuple[tuple, tuple] | None:
+        """(min shape, max shape) of an engine input over its profiles, or None (no engine / no range)."""
+        entry = self.manifest.components.get(component) if self.manifest is not None else None
+        if entry is None or entry.engine is None:
+            return None
+        tensor = next((t for t in entry.engine.inputs if t.name == input_name), None)
+        if tensor is None or tensor.min is None or tensor.max is None:
+            return None
+        return tuple(tensor.min), tuple(tensor.max)

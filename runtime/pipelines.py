@@ -79,6 +79,8 @@ class _SDXLPipeline:
         self.latent_factor = int(self.assets.value("vae_scale_factor", 8))
         self.latent_channels = int(self.assets.value("latent_channels", 4))
         self.loop = DenoiseLoop(self.unet, self.controlnet, loop_mode)
+        # (min, max) of the UNet's `sample` (rows, 4, h, w) where an engine serves it; ONNX Runtime: any size
+        self.size_limits = self.assets.engine_range(self.unet_component) if trt else None
         self._prompts: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._constants: dict[str, torch.Tensor] = {}
 
@@ -146,28 +148,22 @@ class _SDXLPipeline:
 
     # -- geometry ----------------------------------------------------------------------------
     def check_size(self, height: int, width: int, rows: int) -> None:
-        """ResolutionError unless H x W (pixels) and the UNet's rows fit this build."""
+        """ResolutionError unless H x W (pixels) and the UNet's rows fit this build (`size_limits`)."""
         if height <= 0 or width <= 0 or height % PIXEL_MULTIPLE or width % PIXEL_MULTIPLE:
             raise ResolutionError(f"{width}x{height} is not a multiple of {PIXEL_MULTIPLE} px on both sides: "
                                   f"round the size, e.g. to {_round(width)}x{_round(height)}")
-        entry = self.manifest.components[self.unet_component]
-        limits = None
-        if self.backend != "onnxruntime" and entry.engine is not None:
-            sample = next((t for t in entry.engine.inputs if t.name == "sample"), None)
-            if sample is not None and sample.min is not None and sample.max is not None:
-                limits = (sample.min, sample.max)
-        if limits is None:
+        if self.size_limits is None:
             return
-        (rows_lo, _, h_lo, w_lo), (rows_hi, _, h_hi, w_hi) = limits
-        factor = self.latent_factor
-        if not (h_lo * factor <= height <= h_hi * factor and w_lo * factor <= width <= w_hi * factor):
+        (rows_lo, _, h_lo, w_lo), (rows_hi, _, h_hi, w_hi) = self.size_limits
+        f = self.latent_factor
+        if not (h_lo * f <= height <= h_hi * f and w_lo * f <= width <= w_hi * f):
             raise ResolutionError(
-                f"{width}x{height} is outside the engine profile of {self.unet_component}: width "
-                f"{w_lo * factor}..{w_hi * factor}, height {h_lo * factor}..{h_hi * factor} px. Use a size "
-                f"inside it, or rebuild with a wider range: python -m export.build --model {self.manifest.model} "
-                f"--stage engines --out {self.build_dir} (see engine/profiles.py Geometry)")
+                f"{width}x{height} is outside the engine profile of {self.unet_component}: width {w_lo * f}.."
+                f"{w_hi * f}, height {h_lo * f}..{h_hi * f} px. Use a size inside it, or rebuild the engines with "
+                f"a wider Geometry (engine/profiles.py): python -m export.build --model {self.manifest.model} "
+                f"--stage engines --out {self.build_dir}")
         if not rows_lo <= rows <= rows_hi:
-            raise ResolutionError(f"{rows} UNet rows (num_images x 2 for guidance) are outside the engine "
+            raise ResolutionError(f"{rows} UNet rows (num_images, x2 with guidance > 1) are outside the engine "
                                   f"profile {rows_lo}..{rows_hi}: lower num_images or rebuild with a larger batch")
 
     # -- the loop and decoding ---------------------------------------------------------------

@@ -1,0 +1,273 @@
+"""Runtime pipelines (ONNX Runtime, fp32 tiny build) against the PyTorch baseline, same weights and seed.
+
+Correctness ladder rung 3 (DESIGN.md): final latents ‖Δ‖/‖ref‖ ≤ 1e-3 and decoded images ≥ 40 dB
+PSNR, for InstantID and IP-Adapter (plain and Plus), several schedulers, batch 1 and 2, two λ and
+two ControlNet scales. The tiny build is exported once per session with the export CLI; set
+INSTANTRT_TINY_BUILD to a directory made by `python -m export.build --model tiny --stage onnx
+--precision fp32` (with its `weights/`) to reuse one.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 128          # generation size of the parity runs
+FACE_SIZE = 256     # the astronaut's face is too small for YuNet at 128 px: detect at 256, halve the kps
+LATENT_TOL = 1e-3
+PSNR_MIN = 40.0
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory) -> Path:
+    """The fp32 tiny build directory (onnx/, assets/, manifest.json, weights/)."""
+    reuse = os.environ.get("INSTANTRT_TINY_BUILD")
+    if reuse and (Path(reuse) / "manifest.json").is_file():
+        return Path(reuse)
+    out = tmp_path_factory.mktemp("runtime_build") / "tiny"
+    command = [sys.executable, "-m", "export.build", "--model", "tiny", "--stage", "onnx", "--precision", "fp32",
+               "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((value.float() - reference.float()).norm() / reference.float().norm())
+
+
+def psnr(image: Image.Image, reference: Image.Image) -> float:
+    a, b = np.asarray(image, np.float64), np.asarray(reference, np.float64)
+    mse = float(((a - b) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def assert_parity(result, expected, what: str) -> None:
+    error = relative_error(result.latents, expected.latents)
+    scores = [psnr(a, b) for a, b in zip(result.images, expected.images)]
+    print(f"{what}: latents rel {error:.2e}, PSNR {', '.join(f'{s:.1f}' for s in scores)} dB")
+    assert result.latents.shape == expected.latents.shape
+    assert error <= LATENT_TOL, f"{what}: latents differ by {error:.2e} relative"
+    assert len(scores) == len(expected.images) and min(scores) >= PSNR_MIN, f"{what}: PSNR {scores}"
+
+
+def _resize(rgb: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
+
+
+# ---- InstantID ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def instantid(tiny_build):
+    from runtime.pipelines import InstantIDPipeline
+
+    return InstantIDPipeline.from_build(tiny_build, "onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def instantid_baseline(tiny_build, instantid):
+    from benchmarks.pipelines import InstantIDBaseline
+
+    return InstantIDBaseline("tiny", weights_dir=tiny_build / "weights", face_analyzer=instantid.face_analyzer)
+
+
+@pytest.fixture(scope="module")
+def astronaut_face(instantid):
+    """(embedding (512,), kps image (128, 128, 3)) of skimage's astronaut, found by the build's real YuNet."""
+    from skimage import data
+
+    from runtime.face import draw_kps
+
+    face = instantid.face_analyzer.analyze(_resize(data.astronaut(), FACE_SIZE))
+    return face.embedding, draw_kps(SIZE, SIZE, face.kps * (SIZE / FACE_SIZE))
+
+
+@pytest.mark.parametrize("scheduler,num_images,ip_scale,controlnet_scale,negative", [
+    ("euler", 1, 0.8, 0.8, None),
+    ("dpmpp_2m", 2, 0.3, 0.4, "blurry, low quality"),
+    ("euler_a", 2, 0.8, 0.8, None),
+])
+def test_instantid_matches_baseline(instantid, instantid_baseline, astronaut_face, scheduler, num_images,
+                                    ip_scale, controlnet_scale, negative):
+    embedding, kps_image = astronaut_face
+    kwargs = dict(steps=3, guidance=5.0, ip_scale=ip_scale, controlnet_scale=controlnet_scale, seed=7,
+                  num_images=num_images, scheduler=scheduler)
+    result = instantid.generate(embedding, kps_image, "a photo of a person", negative, **kwargs)
+    expected = instantid_baseline.generate(embedding, kps_image, "a photo of a person", negative, **kwargs)
+    assert_parity(result, expected, f"instantid {scheduler} x{num_images} λ={ip_scale} cn={controlnet_scale}")
+
+
+def test_instantid_from_photos_matches_baseline(instantid, instantid_baseline):
+    """Whole request from photos (identity: astronaut; pose: the mirrored astronaut), same face analyzer."""
+    from skimage import data
+
+    photo = data.astronaut()
+    pose = np.ascontiguousarray(photo[:, ::-1])
+    kwargs = dict(steps=2, seed=3, width=FACE_SIZE, height=FACE_SIZE, pose_image=pose)
+    result = instantid(photo, "a person", return_latents=True, **kwargs)
+    expected = instantid_baseline(photo, "a person", **kwargs)
+    assert_parity(result, expected, "instantid __call__ with pose photo")
+    assert result.images[0].size == (FACE_SIZE, FACE_SIZE)
+
+
+def test_instantid_scales_change_without_rebuild(instantid, astronaut_face):
+    embedding, kps_image = astronaut_face
+    runs = [instantid.generate(embedding, kps_image, "a person", steps=2, ip_scale=ip, controlnet_scale=cn,
+                               decode=False).latents for ip, cn in ((0.8, 0.8), (0.0, 0.8), (0.8, 0.0))]
+    assert not torch.allclose(runs[0], runs[1]) and not torch.allclose(runs[0], runs[2])
+    per_layer = [0.8] * instantid.unet.input("ip_scale").shape[0]
+    same = instantid.generate(embedding, kps_image, "a person", steps=2, ip_scale=per_layer, decode=False).latents
+    torch.testing.assert_close(same, runs[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one value per layer"):
+        instantid.generate(embedding, kps_image, "a person", steps=1, ip_scale=[0.5, 0.5], decode=False)
+
+
+def test_no_face_is_a_clear_error(instantid):
+    from skimage import data
+
+    from runtime.face import NoFaceError
+
+    with pytest.raises(NoFaceError, match="no face found"):
+        instantid(data.chelsea(), "a cat", steps=1, width=SIZE, height=SIZE)
+
+
+# ---- IP-Adapter -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "plus"])
+def ip_pair(request, tiny_build):
+    from benchmarks.pipelines import IPAdapterBaseline
+    from runtime.pipelines import IPAdapterPipeline
+
+    plus = request.param
+    return (IPAdapterPipeline.from_build(tiny_build, "onnxruntime", plus=plus),
+            IPAdapterBaseline("tiny", plus=plus, weights_dir=tiny_build / "weights"))
+
+
+@pytest.mark.parametrize("scheduler,num_images,ip_scale,negative", [
+    ("euler", 1, 0.6, None),
+    ("ddim", 2, 0.9, "blurry"),
+    ("dpmpp_2m_karras", 1, 0.3, None),
+])
+def test_ip_adapter_matches_baseline(ip_pair, scheduler, num_images, ip_scale, negative):
+    from skimage import data
+
+    pipe, baseline = ip_pair
+    kwargs = dict(steps=3, guidance=5.0, ip_scale=ip_scale, seed=11, width=SIZE, height=SIZE,
+                  num_images=num_images, scheduler=scheduler)
+    result = pipe(data.coffee(), "a cup on a table", negative, return_latents=True, **kwargs)
+    expected = baseline(data.coffee(), "a cup on a table", negative, **kwargs)
+    assert_parity(result, expected, f"ip-adapter{' plus' if pipe.plus else ''} {scheduler} x{num_images} λ={ip_scale}")
+
+
+# ---- errors and caches ----------------------------------------------------------------------------
+
+def test_size_errors(ip_pair):
+    from skimage import data
+
+    from runtime.pipelines import ResolutionError
+
+    pipe = ip_pair[0]
+    with pytest.raises(ResolutionError, match="not a multiple of 64 px.*e.g. to 128x128"):
+        pipe(data.coffee(), "x", steps=1, width=100, height=128)
+    pipe.size_limits = ((2, 4, 8, 8), (8, 4, 24, 24))  # what a TensorRT profile of 64..192 px records
+    try:
+        with pytest.raises(ResolutionError, match=r"outside the engine profile.*width 64..192, height 64..192 px"):
+            pipe(data.coffee(), "x", steps=1, width=256, height=128)
+        with pytest.raises(ResolutionError, match="rows .* outside the engine profile 2..8"):
+            pipe(data.coffee(), "x", steps=1, width=SIZE, height=SIZE, num_images=5)
+    finally:
+        pipe.size_limits = None
+
+
+def test_engine_range_from_the_manifest(tiny_build):
+    import dataclasses
+
+    from engine.manifest import EngineTensor, load_manifest
+    from runtime.assets import Assets
+
+    manifest = load_manifest(tiny_build)
+    assets = Assets.open(tiny_build, manifest)
+    assert assets.engine_range("unet_instantid") is None or manifest.components["unet_instantid"].engine
+    fake = type("Record", (), {"inputs": (EngineTensor("sample", "float32", ("2B", 4, "latent_height",
+                                                                               "latent_width"), (2, 4, 8, 8),
+                                                       (2, 4, 16, 16), (8, 4, 24, 24)),)})()
+    copy = dataclasses.replace(manifest.components["unet_instantid"], engine=fake)
+    assets.manifest = dataclasses.replace(manifest, components={**manifest.components, "unet_instantid": copy})
+    assert assets.engine_range("unet_instantid") == ((2, 4, 8, 8), (8, 4, 24, 24))
+
+
+def test_tensorrt_backend_without_engines_says_how_to_build(tiny_build, tmp_path):
+    from runtime.pipelines import IPAdapterPipeline
+    from runtime.sessions import SessionError
+
+    manifest = (tiny_build / "manifest.json").read_text()
+    if '"engine": {' in manifest:
+        pytest.skip("this build has engines")
+    with pytest.raises(SessionError, match="has no engine; build it: python -m export.build .* --stage engines"):
+        IPAdapterPipeline.from_build(tiny_build, "tensorrt-rtx")
+
+
+def test_nan_output_raises(ip_pair):
+    from skimage import data
+
+    from runtime.pipelines import NonFiniteError
+
+    pipe = ip_pair[0]
+    unet = pipe.loop.unet
+
+    class NaNUNet:
+        def __getattr__(self, name):
+            return getattr(unet, name)
+
+        def run(self, feeds):
+            return {"noise_pred": torch.full_like(feeds["sample"], float("nan"))}
+
+    pipe.loop.unet = NaNUNet()
+    try:
+        with pytest.raises(NonFiniteError, match="NaN/Inf latents"):
+            pipe(data.coffee(), "x", steps=1, width=SIZE, height=SIZE)
+    finally:
+        pipe.loop.unet = unet
+    with pytest.raises(NonFiniteError, match="VAE decoder produced NaN"):
+        pipe.decode(torch.full((1, 4, 16, 16), float("nan")))
+
+
+def test_prompt_encodings_are_cached(ip_pair):
+    from runtime.pipelines import PROMPT_CACHE_SIZE
+
+    pipe = ip_pair[0]
+    first = pipe.encode_prompt("a red apple")
+    assert pipe.encode_prompt("a red apple") is first
+    assert first[0].shape[:2] == (1, 77) and first[1].ndim == 2
+    for i in range(PROMPT_CACHE_SIZE):
+        pipe.encode_prompt(f"prompt {i}")
+    assert "a red apple" not in pipe._prompts and len(pipe._prompts) == PROMPT_CACHE_SIZE
+
+
+def test_cli_generates_and_reports_errors(tiny_build, tmp_path, capsys):
+    from skimage import data
+
+    from runtime.__main__ import main
+
+    photo, cat = tmp_path / "astronaut.png", tmp_path / "cat.png"
+    Image.fromarray(data.astronaut()).save(photo)
+    Image.fromarray(data.chelsea()).save(cat)
+    out = tmp_path / "out.png"
+    common = ["--build", str(tiny_build), "--prompt", "a person", "--steps", "1", "--width", str(FACE_SIZE),
+              "--height", str(FACE_SIZE)]
+    assert main(["generate", "--face", str(photo), "--out", str(out), "--num-images", "2", *common]) == 0
+    assert [Image.open(tmp_path / f"out-{i}.png").size for i in range(2)] == [(FACE_SIZE, FACE_SIZE)] * 2
+    assert main(["generate", "--face", str(cat), "--out", str(out), *common]) == 2
+    assert "no face found" in capsys.readouterr().err
+    assert main(["generate", "--pipeline", "ip-adapter-plus", "--image", str(cat), "--out", str(out), *common]) == 0
+    assert Image.open(out).size == (FACE_SIZE, FACE_SIZE)
