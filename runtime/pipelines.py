@@ -131,7 +131,7 @@ class _SDXLPipeline:
         if value is None:
             value = self.assets.constant(name)
             value = compute() if value is None else value
-            value = value.to(self.device)
+            value = value.to(self.device).clone()  # TensorRT outputs are reused buffers
             self._constants[name] = value
         return value
 
@@ -207,24 +207,15 @@ class _SDXLPipeline:
         return Generation(self.decode(latents) if decode else [], latents)
 
     def _zero_residuals(self, rows: int, height: int, width: int) -> dict[str, torch.Tensor]:
-        """Zero ControlNet residual inputs of the UNet (IP-Adapter without a ControlNet)."""
+        """Zero ControlNet residuals (rows, C, h/2^k, w/2^k) float32 for a UNet served without a ControlNet."""
         from engine.profiles import parse_dim
 
-        sizes = {"batch": rows // 2 if rows % 2 == 0 else rows, "height": height, "width": width}
-        feeds = {}
-        for info in self.unet.inputs:
-            if info.name.startswith(("down_residual_", "mid_residual")):
-                dims = []
-                for axis, dim in enumerate(info.shape):
-                    if axis == 0:
-                        dims.append(rows)
-                    elif isinstance(dim, int):
-                        dims.append(dim)
-                    else:
-                        expr = parse_dim(dim)
-                        dims.append(expr.value(sizes[expr.base], dim))
-                feeds[info.name] = torch.zeros(dims, dtype=torch.float32, device=self.device)
-        return feeds
+        def size(dim) -> int:  # axis names per engine/profiles.py, e.g. 'latent_height/2'
+            return dim if isinstance(dim, int) else parse_dim(dim).value({"height": height, "width": width}[
+                parse_dim(dim).base], dim)
+
+        return {info.name: torch.zeros((rows, *map(size, info.shape[1:])), device=self.device)
+                for info in self.unet.inputs if info.name.startswith(("down_residual_", "mid_residual"))}
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """Latents (B, 4, h, w) -> B PIL RGB images, as the baseline's decode; NonFiniteError on NaN."""
@@ -285,7 +276,7 @@ class InstantIDPipeline(_SDXLPipeline):
         embedding = torch.as_tensor(np.asarray(embedding), dtype=torch.float32).reshape(-1, self._embedding_dim)
         negative = self.cached_constant("negative_tokens_instantid", lambda: self.face_proj.run(
             {"face_embedding": torch.zeros(1, self._embedding_dim)})["face_tokens"])
-        return self.face_proj.run({"face_embedding": embedding})["face_tokens"].to(self.device), negative
+        return self.face_proj.run({"face_embedding": embedding})["face_tokens"].to(self.device).clone(), negative
 
     @property
     def _embedding_dim(self) -> int:
@@ -384,7 +375,7 @@ class IPAdapterPipeline(_SDXLPipeline):
             width = self.projector.input("image_embeds").shape[1]
             negative = self.cached_constant("negative_tokens_ip_adapter", lambda: self.projector.run(
                 {"image_embeds": torch.zeros(1, width)})["ip_tokens"])
-        return self._project(pixels).to(self.device), negative
+        return self._project(pixels).to(self.device).clone(), negative
 
     def __call__(self, image: ImageSource, prompt, negative_prompt=None, steps: int = 30, guidance: float = 5.0,
                  ip_scale=0.6, seed: int = 0, width: int | None = None, height: int | None = None,

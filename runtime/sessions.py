@@ -179,7 +179,7 @@ class DeviceMemoryPool:
     """
 
     def __init__(self, device: torch.device | str = "cuda"):
-        self.device = torch.device(device)
+        self.device = cuda_device(device)
         self.buffer: torch.Tensor | None = None
         self.generation = 0
         self._contexts: list = []
@@ -198,6 +198,14 @@ class DeviceMemoryPool:
                 _set_device_memory(each, self.buffer)
         else:
             _set_device_memory(context, self.buffer)
+
+
+def cuda_device(device: str | torch.device = "cuda") -> torch.device:
+    """torch.device with its index ('cuda' -> 'cuda:<current>'), so device comparisons are exact."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _set_device_memory(context, buffer: torch.Tensor) -> None:
@@ -238,7 +246,7 @@ class TrtSession(Session):
         if not torch.cuda.is_available():
             raise SessionError(f"{plan_path}: TensorRT engines run only on an NVIDIA GPU and torch sees none "
                                "(torch.cuda.is_available() is False); use backend='onnxruntime' on this machine")
-        self.device = torch.device(device)
+        self.device = cuda_device(device)
         trt = backend.trt
         logger = backend.logger()
         self._runtime = trt.Runtime(logger)
@@ -278,7 +286,8 @@ class TrtSession(Session):
                              for o in self.outputs)
 
     def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Enqueue on torch's current stream; returns this shape's output buffers (reused by later calls)."""
+        """Enqueue on torch's current stream; returns this shape's output buffers, which the next call with
+        the same shapes overwrites: clone what you keep."""
         self.check_feeds(feeds)
         context, shapes, staged = self._context, [], []
         for info in self.inputs:
@@ -322,6 +331,7 @@ class TorchSession(Session):
                  device: str | torch.device | None = None):
         parameter = next(iter(module.parameters()), None) if hasattr(module, "parameters") else None
         self.module, self.name = module, name
+        device = None if device is None else cuda_device(device)
         self.inputs, self.outputs = tuple(inputs), tuple(outputs)
         self.device = torch.device(device) if device is not None else (
             parameter.device if parameter is not None else torch.device("cpu"))
