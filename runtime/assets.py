@@ -118,3 +118,19 @@ class Assets:
         if tensor is None or tensor.min is None or tensor.max is None:
             return None
         return tuple(tensor.min), tuple(tensor.max)
+
+    def face_analyzer(self):
+        """FaceAnalyzer over onnx/face_detector.onnx (YuNet or SCRFD, told apart by its outputs) and
+        onnx/arcface.onnx, on ONNX Runtime (CPU). FileNotFoundError saying how to export them."""
+        from runtime.face import ArcFace, FaceAnalyzer, SCRFDDetector, YuNetDetector
+
+        paths = {}
+        for component in ("face_detector", "arcface"):
+            entry = self.manifest.components.get(component)
+            if entry is None or entry.onnx is None:
+                raise AssetError(f"{self.build_dir} has no {component}: export it (python -m export.build --model "
+                                 f"{self.model} --pipeline instantid --out {self.build_dir}) or pass face_analyzer=")
+            paths[component] = self.build_dir / entry.onnx.path
+        outputs = {t.name for t in self.manifest.components["face_detector"].onnx.outputs}
+        detector = YuNetDetector if "cls_8" in outputs else SCRFDDetector
+        return FaceAnalyzer(detector(paths["face_detector"]), ArcFace(paths["arcface"]))

@@ -115,6 +115,7 @@ class _WholeLoopGraph:
     """The loop captured as ONE CUDA graph over static buffers; `__call__` copies inputs in and replays."""
 
     def __init__(self, unet, controlnet, plan, inputs: LoopInputs):
+        self.plan = plan  # the graph reads its coefficient tensors: keep them alive
         self.static = clone_inputs(inputs)
         self.state = new_state(plan, self.static.latents)
         side = torch.cuda.Stream(self.static.latents.device)
@@ -123,7 +124,7 @@ class _WholeLoopGraph:
             denoise_eager(unet, controlnet, plan, self.static, self.state)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.output = denoise_eager(unet, controlnet, plan, self.static, self.state)
 
     def __call__(self, inputs: LoopInputs) -> torch.Tensor:
@@ -138,6 +139,7 @@ class _StepGraphs:
     """One CUDA graph per step (fallback when the whole loop cannot be captured)."""
 
     def __init__(self, unet, controlnet, plan, inputs: LoopInputs):
+        self.plan = plan
         self.static = clone_inputs(inputs)
         self.state = new_state(plan, self.static.latents)
         self.current = self.static.latents  # step i reads `current`, writes its output buffer
@@ -150,7 +152,7 @@ class _StepGraphs:
         source = self.current
         for i in range(plan.num_steps):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = denoise_step(unet, controlnet, plan, i, source, self.static, self.state)
             self.graphs.append(graph)
             self.outputs.append(out)

@@ -83,6 +83,7 @@ class _SDXLPipeline:
         self.size_limits = self.assets.engine_range(self.unet_component) if trt else None
         self._prompts: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._constants: dict[str, torch.Tensor] = {}
+        self._plans: dict[tuple[str, int], object] = {}
 
     @classmethod
     def from_build(cls, build_dir: str | os.PathLike, backend: str = "onnxruntime", **kwargs):
@@ -146,6 +147,13 @@ class _SDXLPipeline:
                              "layers: pass one float or one value per layer")
         return values
 
+    def plan(self, scheduler: str, steps: int):
+        """The scheduler's per-step device tables for `steps` steps, cached per (scheduler, steps)."""
+        key = (scheduler, steps)
+        if key not in self._plans:
+            self._plans[key] = build_scheduler(self.scheduler_config, scheduler).plan(steps, self.device)
+        return self._plans[key]
+
     # -- geometry ----------------------------------------------------------------------------
     def check_size(self, height: int, width: int, rows: int) -> None:
         """ResolutionError unless H x W (pixels) and the UNet's rows fit this build (`size_limits`)."""
@@ -192,7 +200,7 @@ class _SDXLPipeline:
                 "conditioning_scale": torch.tensor([float(controlnet_scale)], device=self.device)}
         else:
             unet_feeds.update(self._zero_residuals(rows, height, width))
-        plan = build_scheduler(self.scheduler_config, scheduler).plan(steps, self.device, torch.float32)
+        plan = self.plan(scheduler, steps)
         shape = (num_images, self.latent_channels, height // self.latent_factor, width // self.latent_factor)
         latents, step_noise = draw_noise(plan, shape, torch.Generator("cpu").manual_seed(seed))
         inputs = LoopInputs(latents.to(self.device), None if step_noise is None else step_noise.to(self.device),
@@ -268,7 +276,7 @@ class InstantIDPipeline(_SDXLPipeline):
     def face_analyzer(self):
         """The FaceAnalyzer: the build's onnx/face_detector.onnx + onnx/arcface.onnx unless one was given."""
         if self._face_analyzer is None:
-            self._face_analyzer = build_face_analyzer(self.build_dir, self.manifest)
+            self._face_analyzer = self.assets.face_analyzer()
         return self._face_analyzer
 
     def face_tokens(self, embedding: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,26 +336,6 @@ def _prepare_photo(photo: ImageSource, width: int | None, height: int | None) ->
     if width and height:
         return np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
     return resize_for_instantid(rgb)
-
-
-def build_face_analyzer(build_dir: str | os.PathLike, manifest=None):
-    """FaceAnalyzer over the build's onnx/face_detector.onnx (YuNet or SCRFD, told apart by its outputs)
-    and onnx/arcface.onnx, on ONNX Runtime (CPU, or CUDA where onnxruntime-gpu is installed)."""
-    from engine.manifest import load_manifest
-    from runtime.face import ArcFace, FaceAnalyzer, SCRFDDetector, YuNetDetector
-
-    build_dir = Path(build_dir)
-    manifest = manifest or load_manifest(build_dir)
-    paths = {}
-    for component in ("face_detector", "arcface"):
-        entry = manifest.components.get(component)
-        if entry is None or entry.onnx is None:
-            raise FileNotFoundError(f"{build_dir} has no {component}: export it (python -m export.build --model "
-                                    f"{manifest.model} --out {build_dir}) or pass face_analyzer=FaceAnalyzer(...)")
-        paths[component] = build_dir / entry.onnx.path
-    outputs = {t.name for t in manifest.components["face_detector"].onnx.outputs}
-    detector_cls = YuNetDetector if "cls_8" in outputs else SCRFDDetector
-    return FaceAnalyzer(detector_cls(paths["face_detector"]), ArcFace(paths["arcface"]))
 
 
 class IPAdapterPipeline(_SDXLPipeline):
