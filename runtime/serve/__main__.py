@@ -1,0 +1,70 @@
+"""Serve a build directory over HTTP (uvicorn, one process, one GPU worker thread).
+
+    python -m runtime.serve --build build/tiny --port 8000
+    python -m runtime.serve --build build/sdxl --backend tensorrt --max-queue 32 --max-batch 2
+
+See docs/serving.md for the endpoints, the request fields and the error table.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The serve flags (shared with `python -m runtime serve`)."""
+    parser.add_argument("--build", type=Path, required=True, help="build directory (python -m export.build --out)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to accept remote clients)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--backend", default="onnxruntime", help="onnxruntime | tensorrt | tensorrt-rtx")
+    parser.add_argument("--pipelines", default="", help="comma-separated subset of instantid,ip-adapter,"
+                        "ip-adapter-plus (default: every pipeline the build has)")
+    parser.add_argument("--max-queue", type=int, default=16, help="waiting requests beyond this get 429")
+    parser.add_argument("--max-batch", type=int, default=4, help="compatible requests per worker turn")
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long to wait for batch partners")
+    parser.add_argument("--timeout-s", type=float, default=300.0, help="per-request limit (504 beyond)")
+    parser.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit (413 beyond)")
+    parser.add_argument("--max-image-pixels", type=int, default=25_000_000, help="input photo limit (413 beyond)")
+    parser.add_argument("--max-side", type=int, default=2048, help="largest output side served (422 beyond)")
+    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--warmup-size", type=int, default=None, help="default: the model's resolution")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--log-level", default="info")
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Build the app from parsed flags and run uvicorn until interrupted."""
+    import uvicorn
+
+    from runtime.serve.app import ServeConfig, create_app
+    from runtime.serve.inputs import Limits
+    from runtime.serve.served import load_pipelines
+
+    if not (args.build / "manifest.json").is_file():
+        print(f"error: {args.build} is not a build directory (no manifest.json): build one with "
+              f"python -m export.build --model tiny --stage onnx --out {args.build}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels,
+                    max_side=args.max_side)
+    config = ServeConfig(max_queue=args.max_queue, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                         timeout_s=args.timeout_s, limits=limits)
+    names = [n for n in args.pipelines.split(",") if n]
+    app = create_app(config, lambda: load_pipelines(args.build, args.backend, names, args.warmup_steps,
+                                                    args.warmup_size, args.threads))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10,
+                access_log=False)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m runtime.serve`."""
+    parser = argparse.ArgumentParser(prog="python -m runtime.serve", description=__doc__.split("\n")[0])
+    return serve(add_arguments(parser).parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

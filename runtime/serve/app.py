@@ -1,0 +1,290 @@
+"""The ASGI app (Starlette): generation endpoints, health, readiness, metrics, schema.
+
+    POST /v1/instantid, /v1/ip-adapter, /v1/ip-adapter-plus   generate (JSON+base64 or multipart)
+    GET  /healthz    200 while the process and its worker thread live
+    GET  /readyz     200 after warm-up, else 503 with the reason
+    GET  /metrics    Prometheus text format
+    GET  /v1/schema  the request schemas, served pipelines and limits
+
+Overload never queues without bound: a request beyond `max_queue` waiting ones is answered 429 at
+once (with Retry-After), a request before warm-up 503, a request past its deadline 504, and the
+GPU worker only ever sees requests that are decoded, validated and still wanted.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import anyio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from runtime.serve.batching import BatchQueue, DeadlineExceeded, QueueClosed, QueueFull
+from runtime.serve.inputs import Limits, parse_fields, pipeline_kwargs, validate
+from runtime.serve.metrics import CONTENT_TYPE_LATEST, Metrics
+from runtime.serve.schemas import FORMATS, REQUEST_MODELS, BadRequest, GenerateResponse, ImageOut
+from runtime.serve.served import ServedPipeline
+
+log = logging.getLogger("runtime.serve")
+
+
+@dataclass
+class ServeConfig:
+    """Server settings (the `python -m runtime.serve` flags)."""
+
+    max_queue: int = 16
+    max_batch: int = 4
+    batch_wait_ms: float = 5.0
+    timeout_s: float = 300.0
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass
+class ServerState:
+    """What the endpoints share: pipelines (once loaded), the queue, metrics, readiness."""
+
+    config: ServeConfig
+    metrics: Metrics
+    queue: BatchQueue | None = None
+    pipelines: dict[str, ServedPipeline] = field(default_factory=dict)
+    ready: bool = False
+    not_ready_reason: str = "loading the pipelines"
+    admitted: int = 0  # requests between admission and answer (event-loop thread only)
+
+
+def _error(status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"status": status, "kind": kind, "message": message}}, status, headers=headers)
+
+
+def classify(error: BaseException) -> tuple[int, str, str]:
+    """A pipeline/queue exception -> (HTTP status, error kind, message for the client)."""
+    from runtime.face import FaceIndexError, NoFaceError
+    from runtime.images import ImageError
+
+    name = type(error).__name__
+    if isinstance(error, BadRequest):
+        return error.status, error.kind, str(error)
+    if isinstance(error, NoFaceError):
+        return 422, "no_face", str(error)
+    if isinstance(error, FaceIndexError):
+        return 422, "face_index", str(error)
+    if isinstance(error, ImageError):
+        return 422, "bad_image", str(error)
+    if isinstance(error, QueueFull):
+        return 429, "queue_full", str(error)
+    if isinstance(error, QueueClosed):
+        return 503, "shutting_down", str(error)
+    if isinstance(error, (DeadlineExceeded, TimeoutError)):
+        return 504, "timeout", str(error) or "the request did not finish within its timeout: retry later"
+    if name == "ResolutionError" or (isinstance(error, ValueError) and name == "ValueError"):
+        return 422, "invalid_request", str(error)
+    if name == "NonFiniteError":
+        return 500, "non_finite", str(error)
+    return 500, "internal", f"{name}: {error} (the server log has the traceback)"
+
+
+def encode_image(image, fmt: str, quality: int) -> bytes:
+    """PIL image -> PNG / JPEG / WebP bytes."""
+    buffer = io.BytesIO()
+    if fmt == "png":
+        image.save(buffer, "PNG", compress_level=1)
+    else:
+        image.save(buffer, fmt.upper(), quality=quality)
+    return buffer.getvalue()
+
+
+def _start(state: ServerState, load: Callable[[], dict[str, ServedPipeline]]) -> None:
+    """Load and warm up the pipelines (a background thread), then start the worker: ready."""
+    try:
+        pipelines = load()
+        for name, served in pipelines.items():
+            state.not_ready_reason = f"warming up {name}"
+            start = time.perf_counter()
+            served.warmup()
+            log.info("warmed up %s in %.1f s", name, time.perf_counter() - start)
+        state.pipelines = pipelines
+        queue = BatchQueue(lambda key, payloads: pipelines[key[0]].run_batch(key, payloads),
+                           state.config.max_queue, state.config.max_batch, state.config.batch_wait_ms / 1000,
+                           state.metrics.batch_stats())
+        queue.start()
+        state.queue = queue
+        state.ready = True
+        state.metrics.ready.set(1)
+        log.info("ready: %s", ", ".join(pipelines))
+    except Exception as error:  # noqa: BLE001 - reported by /readyz and the log
+        state.not_ready_reason = f"start-up failed: {type(error).__name__}: {error}"
+        log.exception("start-up failed")
+
+
+def create_app(config: ServeConfig, load: Callable[[], dict[str, ServedPipeline]]) -> Starlette:
+    """The app; `load()` returns the pipelines (called once, in a background thread at start-up)."""
+    state = ServerState(config, Metrics())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        threading.Thread(target=_start, args=(state, load), name="serve-startup", daemon=True).start()
+        yield
+        state.ready = False
+        state.metrics.ready.set(0)
+        if state.queue is not None:
+            await anyio.to_thread.run_sync(state.queue.close)
+
+    async def healthz(request: Request) -> Response:
+        if state.queue is not None and not state.queue.alive:
+            return _error(500, "worker_dead", "the worker thread died: restart the server")
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        if not state.ready:
+            return _error(503, "not_ready", state.not_ready_reason)
+        return JSONResponse({"status": "ready", "pipelines": list(state.pipelines),
+                             "queue_depth": state.queue.depth()})
+
+    async def metrics(request: Request) -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def schema(request: Request) -> Response:
+        return JSONResponse({
+            "pipelines": {name: served.info for name, served in state.pipelines.items()},
+            "requests": {name: model.model_json_schema() for name, model in REQUEST_MODELS.items()},
+            "response": GenerateResponse.model_json_schema(),
+            "limits": {**config.limits.__dict__, "max_queue": config.max_queue, "max_batch": config.max_batch,
+                       "timeout_s": config.timeout_s}})
+
+    async def generate(request: Request) -> Response:
+        name = request.path_params["pipeline"]
+        started = time.perf_counter()
+        if not state.ready:
+            response = _error(503, "not_ready", f"not ready ({state.not_ready_reason}): retry in a few seconds",
+                              {"Retry-After": "5"})
+        elif name not in state.pipelines:
+            response = _error(404, "no_pipeline", f"this server runs {', '.join(state.pipelines)}, not {name!r}")
+        elif state.admitted >= config.max_queue + config.max_batch:
+            response = _error(429, "queue_full", f"{state.admitted} requests are in progress (the bound is "
+                              f"{config.max_queue + config.max_batch}): retry after a short pause",
+                              {"Retry-After": "1"})
+        else:
+            state.admitted += 1
+            try:
+                response = await _generate(request, name, started)
+            finally:
+                state.admitted -= 1
+        if response.status_code >= 400:
+            kind = response.headers.get("x-error-kind") or _kind_of(response)
+            state.metrics.answer(name, response.status_code, kind)
+        else:
+            state.metrics.answer(name, response.status_code)
+        return response
+
+    async def _generate(request: Request, name: str, started: float) -> Response:
+        served = state.pipelines[name]
+        timings: dict[str, float] = {}
+        try:
+            fields = await _read_fields(request, config.limits)
+            request_model, images = validate(name, fields)
+            t0 = time.perf_counter()
+            kwargs, key = await anyio.to_thread.run_sync(
+                pipeline_kwargs, name, request_model, images, config.limits, served.default_size)
+            timings["decode"] = time.perf_counter() - t0
+            timeout = min(request_model.timeout_s or config.timeout_s, config.timeout_s)
+            job = state.queue.submit(key, kwargs, timeout)
+            try:
+                images_out = await asyncio.wait_for(asyncio.wrap_future(job.future),
+                                                    timeout - (time.perf_counter() - started))
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"not finished after {timeout:.0f} s (queue depth {state.queue.depth()}): "
+                                   "retry later, lower steps/size, or raise timeout_s") from None
+            timings["queue"] = job.started - job.enqueued
+            timings["run"] = time.monotonic() - job.started
+            t0 = time.perf_counter()
+            encoded = await anyio.to_thread.run_sync(
+                lambda: [encode_image(image, request_model.format, request_model.quality) for image in images_out])
+            timings["encode"] = time.perf_counter() - t0
+        except Exception as error:  # noqa: BLE001 - every failure becomes a JSON answer
+            status, kind, message = classify(error)
+            if status >= 500:
+                log.error("%s request failed: %s", name, message, exc_info=error)
+            headers = {"x-error-kind": kind, **({"Retry-After": "1"} if status in (429, 503) else {})}
+            return _error(status, kind, message, headers)
+        timings["total"] = time.perf_counter() - started
+        for stage, seconds in timings.items():
+            state.metrics.stage.labels(name, stage).observe(seconds)
+        timing_header = ",".join(f"{stage}={seconds * 1000:.1f}" for stage, seconds in timings.items())
+        if request_model.output == "image":
+            return Response(encoded[0], media_type=FORMATS[request_model.format],
+                            headers={"x-seed": str(request_model.seed), "x-timings-ms": timing_header})
+        body = GenerateResponse(
+            pipeline=name, format=request_model.format, seed=request_model.seed,
+            images=[ImageOut(data=base64.b64encode(data).decode(), width=image.width, height=image.height)
+                    for data, image in zip(encoded, images_out)],
+            timings_ms={stage: round(seconds * 1000, 2) for stage, seconds in timings.items()})
+        return JSONResponse(body.model_dump(), headers={"x-timings-ms": timing_header})
+
+    routes = [Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics),
+              Route("/v1/schema", schema), Route("/v1/{pipeline}", generate, methods=["POST"])]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.serve = state
+    return app
+
+
+def _kind_of(response: Response) -> str:
+    return {404: "no_pipeline", 429: "queue_full", 503: "not_ready"}.get(response.status_code, "error")
+
+
+async def _read_fields(request: Request, limits: Limits) -> dict:
+    """The body, at most limits.max_body_bytes (413 beyond, checked as it streams), as a field dict."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise BadRequest(f"the body is {int(declared):,} bytes, the limit is {limits.max_body_bytes:,}: send a "
+                         "smaller (downscaled, JPEG) photo", 413, "body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limits.max_body_bytes:
+            raise BadRequest(f"the body is over the limit of {limits.max_body_bytes:,} bytes: send a smaller "
+                             "(downscaled, JPEG) photo", 413, "body_too_large")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    form = None
+    if content_type == "multipart/form-data":
+        form = await _parse_form(request, body, limits)
+    return parse_fields(content_type, body, form)
+
+
+async def _parse_form(request: Request, body: bytes, limits: Limits) -> dict:
+    """Multipart body -> {field: str | bytes (file parts)}; repeated fields are refused."""
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException
+
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=4, max_fields=64,
+                                                         max_part_size=limits.max_body_bytes)
+    except MultiPartException as error:
+        raise BadRequest(f"the multipart body could not be parsed ({error.message}): send a "
+                         "multipart/form-data body with a boundary", 400, "bad_multipart") from None
+    fields: dict = {}
+    for key, value in form.multi_items():
+        if key in fields:
+            raise BadRequest(f"field {key!r} is given twice: send each field once", 422, "invalid_request")
+        fields[key] = await value.read() if isinstance(value, UploadFile) else value
+    await form.close()
+    return fields

@@ -1,0 +1,148 @@
+"""From an HTTP body to validated pipeline kwargs: content types, size limits, image decoding.
+
+Everything here raises `BadRequest(message, status, kind)`; the app turns it into the JSON error.
+Images are decoded here (on a request thread, not the GPU worker), with the pixel count checked
+from the header before decoding (413), and corrupt or truncated files refused (422).
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pydantic import ValidationError
+
+from runtime.images import ImageError, load_image, resize_for_instantid
+from runtime.serve.schemas import (IMAGE_FIELDS, REQUEST_MODELS, BadRequest, GenerateParams, decode_base64,
+                                   format_validation_errors)
+from runtime.serve.served import DEFAULT_IP_SCALE
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits. max_side: the served size profile (both sides, pixels)."""
+
+    max_body_bytes: int = 20 * 2**20
+    max_image_pixels: int = 25_000_000
+    max_side: int = 2048
+    min_side: int = 64
+
+
+def parse_fields(content_type: str, body: bytes, form: dict[str, Any] | None) -> dict[str, Any]:
+    """JSON object (application/json) or already-parsed multipart form -> a field dict.
+
+    Multipart file parts arrive as bytes; the caller parsed the form (it needs the ASGI stream).
+    """
+    if content_type == "application/json":
+        try:
+            fields = json.loads(body, parse_constant=_reject_constant)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise BadRequest(f"the body is not valid JSON ({error}): send one JSON object", 400, "bad_json") from None
+        if not isinstance(fields, dict):
+            raise BadRequest("the JSON body must be an object of fields, e.g. {\"prompt\": ..., \"image\": ...}",
+                             400, "bad_json")
+        return fields
+    if form is not None:
+        return form
+    raise BadRequest(f"unsupported Content-Type {content_type or '(none)'!r}: send application/json (images "
+                     "base64) or multipart/form-data (images as file parts)", 415, "unsupported_media_type")
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a number: every value must be finite")
+
+
+def validate(pipeline: str, fields: dict[str, Any]) -> tuple[GenerateParams, dict[str, bytes]]:
+    """Fields -> (validated request, {image field: encoded bytes}). 422 names each bad field."""
+    model = REQUEST_MODELS[pipeline]
+    images: dict[str, bytes] = {}
+    text_fields = {}
+    for name, value in fields.items():
+        if name in IMAGE_FIELDS[pipeline] and isinstance(value, (bytes, bytearray)):
+            images[name] = bytes(value)
+        else:
+            text_fields[name] = value
+    for name, value in text_fields.items():  # multipart sends numbers as text; JSON lists stay lists
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadRequest(f"{name}: must be a finite number", 422, "invalid_request")
+    try:
+        request = model.model_validate(text_fields)
+    except ValidationError as error:
+        raise BadRequest(format_validation_errors(error.errors()), 422, "invalid_request") from None
+    request.check()
+    for name in IMAGE_FIELDS[pipeline]:
+        value = getattr(request, name)
+        if value is not None:
+            images[name] = decode_base64(value, name)
+    if "image" not in images:
+        raise BadRequest("no image: send the photo as the 'image' file part (multipart) or as base64 in "
+                         "the 'image' field (JSON)", 422, "missing_image")
+    return request, images
+
+
+def decode_image(data: bytes, field: str, limits: Limits) -> np.ndarray:
+    """Encoded bytes -> (H, W, 3) uint8 RGB. 413 above limits.max_image_pixels, 422 if unreadable."""
+    if not data:
+        raise BadRequest(f"{field} is empty (0 bytes): send the whole file", 422, "bad_image")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as header:
+                width, height = header.size
+        except Image.DecompressionBombError:
+            width = height = limits.max_image_pixels  # PIL's own limit is far above ours
+        except (OSError, ValueError):
+            width = height = 0  # load_image below says what is wrong
+    if width * height > limits.max_image_pixels:
+        raise BadRequest(f"{field} has {width}x{height} = {width * height:,} pixels, the limit is "
+                         f"{limits.max_image_pixels:,}: downscale it (a face photo needs a few megapixels at most)",
+                         413, "image_too_large")
+    try:
+        return load_image(data, max_pixels=limits.max_image_pixels)
+    except ImageError as error:
+        raise BadRequest(f"{field}: {error}", 422, "bad_image") from None
+
+
+def pipeline_kwargs(pipeline: str, request: GenerateParams, images: dict[str, bytes], limits: Limits,
+                    default_size: int | None) -> tuple[dict[str, Any], tuple]:
+    """Decode the images and fix the output size -> (kwargs for the pipeline call, batch key).
+
+    InstantID without a size gets InstantID's own resize of the photo (done here, off the worker).
+    """
+    rgb = decode_image(images["image"], "image", limits)
+    pose = decode_image(images["pose_image"], "pose_image", limits) if "pose_image" in images else None
+    width, height = request.width, request.height
+    if width is None:
+        if default_size is None:  # InstantID: the size follows the (pose) photo, as the runtime's
+            if pose is not None:
+                pose = resize_for_instantid(pose)
+                height, width = pose.shape[:2]
+            else:
+                rgb = resize_for_instantid(rgb)
+                height, width = rgb.shape[:2]
+        else:
+            width = height = default_size
+    if not (limits.min_side <= width <= limits.max_side and limits.min_side <= height <= limits.max_side):
+        raise BadRequest(f"{width}x{height} is outside the served profile ({limits.min_side}..{limits.max_side} px "
+                         "per side): ask for a size inside it" + (" (give width and height)" if
+                                                                  request.width is None else ""),
+                         422, "size_out_of_profile")
+    ip_scale = request.ip_scale if request.ip_scale is not None else DEFAULT_IP_SCALE[pipeline]
+    kwargs: dict[str, Any] = dict(image=rgb, prompt=request.prompt, negative_prompt=request.negative_prompt,
+                                  steps=request.steps, guidance=request.guidance, ip_scale=ip_scale,
+                                  seed=request.seed, width=width, height=height, num_images=request.num_images,
+                                  scheduler=request.scheduler)
+    key_scales: tuple = (tuple(ip_scale) if isinstance(ip_scale, list) else ip_scale,)
+    if pipeline == "instantid":
+        kwargs.update(controlnet_scale=request.controlnet_scale, face_index=request.face_index)
+        if pose is not None:
+            kwargs["pose_image"] = pose
+        key_scales += (request.controlnet_scale,)
+    key = (pipeline, width, height, request.steps, request.scheduler, request.guidance, request.num_images,
+           *key_scales)
+    return kwargs, key

@@ -1,0 +1,108 @@
+"""The pipelines a server runs, behind one small protocol, and how a batch of requests is run.
+
+A `ServedPipeline` wraps anything callable as the runtime pipelines are:
+`pipe(image, prompt, negative_prompt=None, steps=..., guidance=..., ip_scale=..., seed=...,
+width=..., height=..., num_images=..., scheduler=..., **extras) -> list[PIL.Image]`
+(`runtime.pipelines.InstantIDPipeline` / `IPAdapterPipeline`, or a test double), plus a warm-up.
+
+Batches: requests with one key (same pipeline, size, steps, scheduler, guidance, scales) are run
+back to back in one worker turn, each request's error kept to itself. The runtime pipelines take
+one photo per call (one seed, one control image), so rows of different requests are not stacked
+into one engine call yet; `run_batch` is the single place to do that when the runtime offers it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+BUILD_PIPELINES = {  # served name -> the build's UNet component
+    "instantid": "unet_instantid",
+    "ip-adapter": "unet_ip_adapter",
+    "ip-adapter-plus": "unet_ip_adapter_plus",
+}
+DEFAULT_IP_SCALE = {"instantid": 0.8, "ip-adapter": 0.6, "ip-adapter-plus": 0.6}
+
+
+@dataclass
+class ServedPipeline:
+    """One endpoint's pipeline.
+
+    name: 'instantid' | 'ip-adapter' | 'ip-adapter-plus'. pipe: the callable above.
+    default_size: output side when a request gives no size; None = from the photo (InstantID's resize).
+    warmup: runs one small generation (loads kernels, captures graphs); raises on a broken build.
+    """
+
+    name: str
+    pipe: Callable[..., list]
+    default_size: int | None = None
+    warmup: Callable[[], None] = lambda: None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def run_batch(self, key, payloads: Sequence[dict]) -> list:
+        """kwargs dicts of one key -> per request: list of PIL images, or the exception it raised."""
+        results: list = []
+        for kwargs in payloads:
+            try:
+                results.append(self.pipe(**kwargs))
+            except Exception as error:  # noqa: BLE001 - returned to that request only
+                results.append(error)
+        return results
+
+
+def _instantid_warmup(pipe, size: int, steps: int) -> Callable[[], None]:
+    """Generate from a zero identity and a centred kps image: no face photo needed."""
+    def warmup() -> None:
+        from runtime.face import draw_kps
+
+        dim = pipe.face_proj.input("face_embedding").shape[1]
+        kps = np.array([[0.38, 0.42], [0.62, 0.42], [0.5, 0.55], [0.41, 0.7], [0.59, 0.7]], np.float32) * size
+        pipe.generate(np.zeros(dim, np.float32), draw_kps(size, size, kps), "warm-up", steps=steps, seed=0)
+    return warmup
+
+
+def _ip_adapter_warmup(pipe, size: int, steps: int) -> Callable[[], None]:
+    def warmup() -> None:
+        pipe(np.full((size, size, 3), 127, np.uint8), "warm-up", steps=steps, width=size, height=size)
+    return warmup
+
+
+def available_pipelines(build_dir: str | os.PathLike) -> list[str]:
+    """Served names whose UNet the build's manifest.json lists."""
+    from engine.manifest import load_manifest
+
+    components = load_manifest(Path(build_dir)).components
+    return [name for name, unet in BUILD_PIPELINES.items() if unet in components]
+
+
+def load_pipelines(build_dir: str | os.PathLike, backend: str = "onnxruntime", names: Sequence[str] = (),
+                   warmup_steps: int = 2, warmup_size: int | None = None, threads: int | None = None,
+                   ) -> dict[str, ServedPipeline]:
+    """Open the runtime pipelines of a build (all it has, or `names`) as ServedPipelines.
+
+    Raises ValueError naming what the build has when a requested pipeline is missing.
+    """
+    from runtime.pipelines import InstantIDPipeline, IPAdapterPipeline
+
+    have = available_pipelines(build_dir)
+    names = list(names) or have
+    missing = [n for n in names if n not in have]
+    if missing or not names:
+        raise ValueError(f"{build_dir} has no {', '.join(missing) or 'pipeline'} (it has: {', '.join(have) or 'none'}): "
+                         "export them (python -m export.build --pipeline ...) or choose with --pipelines")
+    served = {}
+    for name in names:
+        if name == "instantid":
+            pipe = InstantIDPipeline.from_build(build_dir, backend, threads=threads)
+        else:
+            pipe = IPAdapterPipeline.from_build(build_dir, backend, plus=name.endswith("plus"), threads=threads)
+        resolution = int(pipe.assets.value("default_resolution", 1024))
+        size = warmup_size or resolution
+        warm = (_instantid_warmup if name == "instantid" else _ip_adapter_warmup)(pipe, size, warmup_steps)
+        served[name] = ServedPipeline(name, pipe, None if name == "instantid" else resolution, warm,
+                                      {"backend": pipe.backend, "model": pipe.manifest.model,
+                                       "default_resolution": resolution})
+    return served

@@ -1,0 +1,49 @@
+"""Run an ASGI app with uvicorn in a background thread on 127.0.0.1 (tests, benchmarks, notebooks).
+
+    with serve_in_thread(app) as url:           # e.g. 'http://127.0.0.1:41235'
+        httpx.get(url + "/healthz")
+"""
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+
+@contextmanager
+def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 30.0) -> Iterator[str]:
+    """Start uvicorn (port 0: a free one), yield the base URL, stop it (lifespan shutdown included)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                           lifespan="on", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"uvicorn did not start on {host}:{port} within {start_timeout_s} s")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+def wait_ready(url: str, timeout_s: float = 120.0) -> None:
+    """Poll GET /readyz until 200; RuntimeError with the server's reason on timeout."""
+    import httpx
+
+    deadline, reason = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        response = httpx.get(url + "/readyz", timeout=5)
+        if response.status_code == 200:
+            return
+        reason = response.text
+        if "start-up failed" in reason:
+            break
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} not ready: {reason}")
