@@ -264,6 +264,7 @@ async def _read_fields(request: Request, limits: Limits) -> dict:
 async def _parse_form(request: Request, body: bytes, limits: Limits) -> dict:
     """Multipart body -> {field: str | bytes (file parts)}; repeated fields are refused."""
     from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
     from starlette.formparsers import MultiPartException
 
     sent = False
@@ -278,8 +279,9 @@ async def _parse_form(request: Request, body: bytes, limits: Limits) -> dict:
     try:
         form = await Request(request.scope, replay).form(max_files=4, max_fields=64,
                                                          max_part_size=limits.max_body_bytes)
-    except MultiPartException as error:
-        raise BadRequest(f"the multipart body could not be parsed ({error.message}): send a "
+    except (MultiPartException, HTTPException) as error:
+        detail = getattr(error, "message", None) or getattr(error, "detail", error)
+        raise BadRequest(f"the multipart body could not be parsed ({detail}): send a "
                          "multipart/form-data body with a boundary", 400, "bad_multipart") from None
     fields: dict = {}
     for key, value in form.multi_items():

@@ -45,10 +45,10 @@ def decode_base64(text: str, field: str) -> bytes:
 class GenerateParams(BaseModel):
     """Generation parameters common to every pipeline (defaults are the runtime CLI's)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, str_max_length=4000)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    prompt: str = Field(min_length=1, description="text prompt")
-    negative_prompt: Optional[str] = Field(None, description="None = SDXL's zero negative embedding")
+    prompt: str = Field(min_length=1, max_length=4000, description="text prompt")
+    negative_prompt: Optional[str] = Field(None, max_length=4000, description="None = SDXL's zero negative embedding")
     steps: int = Field(30, ge=1, le=150, description="denoising steps")
     guidance: float = Field(5.0, ge=0.0, le=30.0, description="classifier-free guidance; <= 1 disables CFG")
     ip_scale: Optional[Union[float, list[float]]] = Field(
@@ -137,10 +137,14 @@ class ErrorBody(BaseModel):
 
 
 def format_validation_errors(errors: list[dict]) -> str:
-    """pydantic's error list -> one line: 'steps: Input should be >= 1; foo: unknown field'."""
-    parts = []
+    """pydantic's error list -> one line: 'steps: Input should be >= 1; foo: unknown field' (one per field)."""
+    parts, seen = [], set()
     for error in errors:
-        where = ".".join(str(p) for p in error.get("loc", ())) or "body"
+        loc = error.get("loc", ())
+        where = str(loc[0]) if loc else "body"
+        if where in seen:  # a union field reports once per member type: keep the first
+            continue
+        seen.add(where)
         if error.get("type") == "extra_forbidden":
             parts.append(f"{where}: unknown field (see GET /v1/schema for the accepted fields)")
         else:

@@ -1,0 +1,201 @@
+"""`python -m runtime.serve` as a subprocess on 127.0.0.1 over the real tiny build (ONNX Runtime):
+correct images, health/readiness, metrics, and the bad-input table of docs/serving.md — each bad
+input answered with its 4xx and the server still healthy and correct afterwards.
+
+The tiny build is exported once per session (`python -m export.build --model tiny --stage onnx`);
+set INSTANTRT_TINY_BUILD to reuse a build directory.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_BODY_MB = 1
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def serve_build(tmp_path_factory) -> Path:
+    """The tiny build directory (ONNX, fp32), exported once per session."""
+    reuse = os.environ.get("INSTANTRT_TINY_BUILD")
+    if reuse and (Path(reuse) / "manifest.json").is_file():
+        return Path(reuse)
+    out = tmp_path_factory.mktemp("serve_build") / "tiny"
+    command = [sys.executable, "-m", "export.build", "--model", "tiny", "--stage", "onnx", "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(serve_build, tmp_path_factory):
+    """`python -m runtime.serve` on a free 127.0.0.1 port; yields the base URL once /readyz is 200."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve_log") / "server.log"
+    command = [sys.executable, "-m", "runtime.serve", "--build", str(serve_build), "--port", str(port),
+               "--max-side", "512", "--max-body-mb", str(MAX_BODY_MB), "--warmup-size", "128", "--threads", "1",
+               "--pipelines", "instantid,ip-adapter"]
+    with open(log, "w") as stream:
+        process = subprocess.Popen(command, cwd=REPO, stdout=stream, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "server not ready in 180 s:\n" + log.read_text()[-3000:]
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(20)
+
+
+def encode(rgb: np.ndarray, fmt: str = "JPEG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+ASTRONAUT = encode(skimage.data.astronaut())  # one face (REFERENCE.md)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def instantid_json(**fields) -> dict:
+    return {"prompt": "a portrait, oil painting", "image": b64(ASTRONAUT), "width": 256, "height": 256,
+            "steps": 2, **fields}
+
+
+def test_instantid_png_of_the_requested_size(server):
+    response = httpx.post(server + "/v1/instantid", json=instantid_json(width=320, height=256), timeout=120)
+    assert response.status_code == 200, response.text
+    image = Image.open(io.BytesIO(response.content))
+    assert image.format == "PNG" and image.size == (320, 256) and image.mode == "RGB"
+    assert np.asarray(image).std() > 0  # not a blank image
+
+
+def test_ip_adapter_multipart_equals_the_runtime_pipeline(server, serve_build):
+    from runtime.pipelines import IPAdapterPipeline
+
+    cat = encode(skimage.data.chelsea())
+    fields = {"prompt": "a cat", "steps": "3", "seed": "5", "scheduler": "euler_a", "ip_scale": "0.7"}
+    response = httpx.post(server + "/v1/ip-adapter", files={"image": ("cat.jpg", cat, "image/jpeg")}, data=fields,
+                          timeout=120)
+    assert response.status_code == 200, response.text
+    served = np.asarray(Image.open(io.BytesIO(response.content)))
+    pipe = IPAdapterPipeline.from_build(serve_build, "onnxruntime", threads=1)
+    size = int(pipe.assets.value("default_resolution", 1024))
+    direct = pipe(cat, "a cat", steps=3, seed=5, scheduler="euler_a", ip_scale=0.7, width=size, height=size)[0]
+    assert served.shape == (size, size, 3)
+    assert np.abs(served.astype(int) - np.asarray(direct).astype(int)).max() <= 1  # PNG is lossless
+
+
+def test_health_readiness_schema_and_metrics(server):
+    assert httpx.get(server + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(server + "/readyz").json()
+    assert ready["status"] == "ready" and ready["pipelines"] == ["instantid", "ip-adapter"]
+    schema = httpx.get(server + "/v1/schema").json()
+    assert "controlnet_scale" in schema["requests"]["instantid"]["properties"]
+    assert schema["limits"]["max_side"] == 512
+    metrics = httpx.get(server + "/metrics").text
+    for name in ("serve_queue_depth", "serve_ready 1.0", "serve_stage_seconds_bucket", "serve_batch_size_bucket",
+                 "process_resident_memory_bytes"):
+        assert name in metrics
+
+
+def _two_faces() -> bytes:
+    face = skimage.data.astronaut()
+    return encode(np.concatenate([face, face[:, ::-1]], axis=1))
+
+
+def _huge_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (6000, 5000)).save(buffer, "PNG")  # 30 MP, a few kB on the wire
+    return buffer.getvalue()
+
+
+# name, request kwargs for httpx.post (path, json / files / data / content / headers), status, kind
+BAD_INPUTS = [
+    ("no face", dict(json=instantid_json(image=b64(encode(skimage.data.chelsea())))), 422, "no_face"),
+    ("several faces, face_index beyond them", dict(json=instantid_json(image=b64(_two_faces()), width=512, face_index=5)),
+     422, "face_index"),
+    ("corrupt image", dict(json=instantid_json(image=b64(os.urandom(2000)))), 422, "bad_image"),
+    ("truncated JPEG", dict(json=instantid_json(image=b64(ASTRONAUT[: len(ASTRONAUT) // 2]))), 422, "bad_image"),
+    ("empty image", dict(files={"image": ("a.jpg", b"", "image/jpeg")}, data={"prompt": "x"}), 422, "bad_image"),
+    ("huge image (30 MP)", dict(json=instantid_json(image=b64(_huge_png()))), 413, "image_too_large"),
+    ("wrong content type", dict(content=b"prompt=x", headers={"content-type": "text/plain"}), 415,
+     "unsupported_media_type"),
+    ("oversized body", dict(json=instantid_json(image=b64(os.urandom(MAX_BODY_MB * 2**20 + 1000)))), 413,
+     "body_too_large"),
+    ("size outside the served profile", dict(json=instantid_json(width=4096, height=4096)), 422,
+     "size_out_of_profile"),
+    ("size not a multiple of 64", dict(json=instantid_json(width=100)), 422, "invalid_request"),
+    ("only width", dict(json={**instantid_json(), "height": None}), 422, "invalid_request"),
+    ("unknown field", dict(json=instantid_json(strength=0.5)), 422, "invalid_request"),
+    ("negative steps", dict(json=instantid_json(steps=-3)), 422, "invalid_request"),
+    ("NaN scale (multipart)", dict(files={"image": ("a.jpg", ASTRONAUT, "image/jpeg")},
+                                   data={"prompt": "x", "ip_scale": "nan"}), 422, "invalid_request"),
+    ("Infinity scale (JSON literal)", dict(content=b'{"prompt": "x", "controlnet_scale": Infinity}',
+                                           headers={"content-type": "application/json"}), 400, "bad_json"),
+    ("NaN per-layer scales", dict(content=b'{"prompt": "x", "ip_scale": [0.5, NaN]}',
+                                  headers={"content-type": "application/json"}), 400, "bad_json"),
+    ("scale out of range", dict(json=instantid_json(controlnet_scale=-1)), 422, "invalid_request"),
+    ("missing image", dict(json={"prompt": "x"}), 422, "missing_image"),
+    ("image not base64", dict(json=instantid_json(image="not base64!")), 400, "bad_base64"),
+    ("malformed JSON", dict(content=b'{"prompt": ', headers={"content-type": "application/json"}), 400, "bad_json"),
+    ("JSON not an object", dict(json=["prompt"]), 400, "bad_json"),
+    ("unknown scheduler", dict(json=instantid_json(scheduler="plms")), 422, "invalid_request"),
+    ("several images as one body", dict(json=instantid_json(num_images=2)), 422, "invalid_request"),
+    ("multipart without boundary", dict(content=b"--x\r\n", headers={"content-type": "multipart/form-data"}),
+     400, "bad_multipart"),
+]
+
+
+def test_bad_inputs_get_clear_4xx_and_the_server_stays_healthy(server):
+    rows = []
+    for name, request, status, kind in BAD_INPUTS:
+        response = httpx.post(server + "/v1/instantid", timeout=60, **request)
+        error = response.json().get("error", {}) if response.headers["content-type"] == "application/json" else {}
+        rows.append((name, response.status_code, error.get("kind"), error.get("message", response.text[:200])))
+        assert (response.status_code, error.get("kind")) == (status, kind), rows[-1]
+        assert len(error["message"]) > 20
+    response = httpx.post(server + "/v1/not-a-pipeline", json={"prompt": "x"})
+    assert response.status_code == 404
+    print("\n".join(f"| {name} | {status} | {kind} | {message} |" for name, status, kind, message in rows))
+    assert httpx.get(server + "/healthz").status_code == 200
+    assert httpx.get(server + "/readyz").status_code == 200
+    good = httpx.post(server + "/v1/instantid", json=instantid_json(), timeout=120)
+    assert good.status_code == 200 and Image.open(io.BytesIO(good.content)).size == (256, 256)
+    several = httpx.post(server + "/v1/instantid", json=instantid_json(image=b64(_two_faces()), width=512),
+                          timeout=120)
+    assert several.status_code == 200  # without face_index: the largest face, as InstantID picks
+    metrics = httpx.get(server + "/metrics").text
+    assert 'serve_errors_total{kind="no_face"} 1.0' in metrics
+    assert 'serve_errors_total{kind="body_too_large"} 1.0' in metrics
