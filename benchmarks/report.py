@@ -1,0 +1,192 @@
+"""Tables and plots of a latency result (the dict `benchmarks.latency.run` returns / latency.json holds).
+
+    python -m benchmarks.report results/tiny/latency.json      # rewrites latency.md / .png beside it
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+# stages that add up to one request (denoise_step is inside denoise_loop; end_to_end is the sum)
+STACKED = ("face_analysis", "text_encoding", "image_tokens", "denoise_loop", "vae_decode")
+COLORS = {"face_analysis": "#8c8c8c", "text_encoding": "#4c72b0", "image_tokens": "#dd8452",
+          "denoise_loop": "#55a868", "vae_decode": "#c44e52"}
+
+
+def fmt_seconds(seconds: float | None) -> str:
+    """0.00123 -> '1.23 ms'; None -> '–'."""
+    if seconds is None:
+        return "–"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale or unit == "µs":
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds:.3g} s"
+
+
+def fmt_bytes(value: int | None) -> str:
+    """Bytes -> '1.2 GiB'."""
+    if value is None:
+        return "–"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value} B"
+
+
+def _header(result: dict) -> str:
+    config, machine = result["config"], result["machine"]
+    gpus = ", ".join(machine["gpus"]) or "no GPU"
+    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
+    return (f"{config['pipeline']} · {config['model']} · {config['resolution'][0]}x{config['resolution'][1]} px · "
+            f"batch {config['batch']} · {config['steps']} steps · {config['runs']} runs (warm-up "
+            f"{config['warmup']}) · {result['date']}\n\nMachine: {machine['cpu']} ({machine['cpu_cores']} cores), "
+            f"{gpus}; {versions}\n\nCommand: `{result['command']}`")
+
+
+def _cell(backend: dict, stage: str) -> str:
+    stats = backend["stages"].get(stage)
+    if stats:
+        return f"{fmt_seconds(stats['median'])} ({fmt_seconds(stats['p90'])})"
+    error = backend.get("stage_errors", {}).get(stage)
+    return f"error: {error}" if error else "n/a"
+
+
+def markdown(result: dict) -> str:
+    """The latency table (median (p90) per stage and backend, speedup vs the baseline), memory, cold
+    start, the floor table (FLOPs, floor seconds, measured / floor) and unavailable backends."""
+    backends = [b for b in result["backends"] if b["available"]]
+    floor = result.get("floor")
+    lines = [_header(result), ""]
+    head = ["stage"] + [f"{b['name']} median (p90)" for b in backends]
+    head += [f"{name} speedup" for name in result.get("speedups", {})]
+    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for stage in result["stages"]:
+        row = [stage] + [_cell(b, stage) for b in backends]
+        row += [f"{s[stage]:.2f}x" if stage in s else "–" for s in result.get("speedups", {}).values()]
+        lines.append("| " + " | ".join(row) + " |")
+    pad = ["–"] * len(result.get("speedups", {}))
+    lines.append("| cold start (load → first image) | " + " | ".join(
+        [fmt_seconds(b["cold_start_s"]) for b in backends] + pad) + " |")
+    lines.append("| peak memory | " + " | ".join(
+        [f"{fmt_bytes(b['memory']['peak_bytes'])} ({b['memory']['kind']})" if b.get("memory") else "–"
+         for b in backends] + pad) + " |")
+    for backend in result["backends"]:
+        if backend["available"] and backend.get("latents_rel_to_baseline") is not None:
+            lines.append(f"\n{backend['name']}: final latents ‖Δ‖/‖baseline‖ = {backend['latents_rel_to_baseline']:.2e}")
+        if backend["available"] and backend.get("notes"):
+            lines.append(f"\n{backend['name']} notes: " + "; ".join(backend["notes"]))
+    unavailable = [b for b in result["backends"] if not b["available"]]
+    for backend in unavailable:
+        lines.append(f"\n{backend['name']}: unavailable: {backend['reason']}")
+    if floor:
+        peak = floor["peak"]
+        lines += ["", f"Floor: FLOPs / matmul peak {peak['flops_per_s'] / 1e12:.3g} TFLOP/s ({peak['dtype']}, "
+                  f"{peak['n']}³ on {peak['device']}); ratio = measured median / floor.", ""]
+        head = ["stage", "GFLOP", "floor"] + [f"{name} ×floor" for name in result["ratios"]]
+        lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        for stage in result["stages"]:
+            if stage not in floor["flops"]:
+                continue
+            row = [stage, f"{floor['flops'][stage] / 1e9:.4g}", fmt_seconds(floor["floor_s"][stage])]
+            row += [f"{r[stage]:.3g}" if stage in r else "–" for r in result["ratios"].values()]
+            lines.append("| " + " | ".join(row) + " |")
+    sweep = [(b["name"], row) for b in backends for row in b.get("sweep", [])]
+    if sweep:
+        lines += ["", "Sweep (median (p90)):", "", "| backend | resolution | batch | stage | time |",
+                  "| --- | --- | --- | --- | --- |"]
+        for name, row in sweep:
+            value = f"error: {row['error']}" if "error" in row else \
+                f"{fmt_seconds(row['median'])} ({fmt_seconds(row['p90'])})"
+            lines.append(f"| {name} | {row['resolution']} | {row['batch']} | {row.get('stage', '–')} | {value} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_stages(result: dict, path: Path) -> Path:
+    """Stacked per-stage bars (median seconds) for every available backend and the floor; end-to-end
+    medians as black ticks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [(b["name"], {s: (b["stages"].get(s) or {}).get("median", 0.0) for s in STACKED},
+             (b["stages"].get("end_to_end") or {}).get("median")) for b in result["backends"] if b["available"]]
+    if result.get("floor"):
+        floor = result["floor"]["floor_s"]
+        bars.append(("floor", {s: floor.get(s, 0.0) for s in STACKED}, floor.get("end_to_end")))
+    fig, ax = plt.subplots(figsize=(1.6 * len(bars) + 3, 4.5))
+    names = [name for name, _, _ in bars]
+    bottoms = [0.0] * len(bars)
+    for stage in STACKED:
+        heights = [parts[stage] for _, parts, _ in bars]
+        ax.bar(names, heights, bottom=bottoms, color=COLORS[stage], label=stage, width=0.6)
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    for index, (_, _, total) in enumerate(bars):
+        if total:
+            ax.plot([index - 0.35, index + 0.35], [total, total], color="black", lw=1.5)
+    config = result["config"]
+    ax.set_ylabel("seconds (median)")
+    ax.set_title(f"{config['pipeline']} {config['model']} {config['resolution'][0]}² batch {config['batch']}, "
+                 f"{config['steps']} steps — black: end-to-end", fontsize=9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def sweep_plot(result: dict, path: Path) -> Path | None:
+    """End-to-end median vs resolution, one line per backend and batch; None without a sweep."""
+    rows = [(b["name"], r) for b in result["backends"] if b["available"] for r in b.get("sweep", [])
+            if r.get("stage") == "end_to_end"]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in sorted({(name, r["batch"]) for name, r in rows}):
+        points = sorted((r["resolution"], r["median"]) for name, r in rows if (name, r["batch"]) == key)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{key[0]} batch {key[1]}")
+    ax.set_xlabel("resolution (px, square)")
+    ax.set_ylabel("end-to-end seconds (median)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(result: dict, out: Path, plot: bool = True) -> dict[str, Path]:
+    """Write latency.json, latency.md and (unless plot=False) latency.png (+ sweep.png) under `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "latency.json", "markdown": out / "latency.md"}
+    paths["json"].write_text(json.dumps(result, indent=2))
+    paths["markdown"].write_text(markdown(result))
+    if plot:
+        paths["plot"] = plot_stages(result, out / "latency.png")
+        swept = sweep_plot(result, out / "sweep.png")
+        if swept:
+            paths["sweep_plot"] = swept
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-render the table and plots of a latency.json."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m benchmarks.report OUT/latency.json", file=sys.stderr)
+        return 2
+    source = Path(argv[0])
+    result = json.loads(source.read_text())
+    for path in write_outputs(result, source.parent).values():
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""The stages the harness times, for the PyTorch baseline and for the runtime, as zero-argument calls.
+
+Every runner turns a `Workload` (pipeline, H x W pixels, B images, N steps) into
+`{stage: fn}`; the same inputs go to every backend (a seeded face embedding and a kps image for
+InstantID, a reference image for IP-Adapter, one prompt with zero negatives, CFG on):
+
+  face_analysis    detector + ArcFace on a photo (ONNX Runtime; the same code and models for the
+                   baseline and the runtime: the baseline's face path is the runtime's FaceAnalyzer)
+  text_encoding    both text encoders on one prompt (a fresh prompt per call: the runtime's
+                   prompt cache never hits)
+  image_tokens     InstantID: Resampler(embedding); IP-Adapter: CLIP image encoder + projector
+  denoise_step     one ControlNet + UNet call on the 2B CFG rows (model work of one step)
+  denoise_loop     the N-step loop from ready conditioning: scheduler, noise, CFG, steps
+  vae_decode       VAE decoder + postprocessing to PIL images
+  end_to_end       conditioning + loop + decode from the embedding/kps image (or reference image)
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STAGES = ("face_analysis", "text_encoding", "image_tokens", "denoise_step", "denoise_loop", "vae_decode",
+          "end_to_end")
+# InstantID kps (5, 2) as fractions of (width, height): eyes, nose, mouth corners
+KPS_FRACTIONS = np.array([[0.36, 0.40], [0.64, 0.40], [0.50, 0.55], [0.39, 0.72], [0.61, 0.72]], np.float32)
+
+
+@dataclass
+class Workload:
+    """One request shape and its inputs (identical for every backend)."""
+
+    pipeline: str  # instantid | ip-adapter | ip-adapter-plus
+    height: int
+    width: int
+    batch: int
+    steps: int
+    guidance: float = 5.0
+    seed: int = 0
+    prompt: str = "a portrait photo of a person, studio light"
+    embedding: np.ndarray = field(default_factory=lambda: np.random.default_rng(0).standard_normal(512)
+                                  .astype(np.float32) * 20)
+    _counter: itertools.count = field(default_factory=itertools.count, repr=False)
+
+    @property
+    def ip_scale(self) -> float:
+        return 0.8 if self.pipeline == "instantid" else 0.6
+
+    def kps_image(self) -> np.ndarray:
+        """The control image (H, W, 3) uint8 for fixed keypoints."""
+        from runtime.face import draw_kps
+
+        return draw_kps(self.width, self.height, KPS_FRACTIONS * np.array([self.width, self.height], np.float32))
+
+    def fresh_prompt(self) -> str:
+        """The prompt with a new suffix (defeats prompt caches; same token count work)."""
+        return f"{self.prompt}, take {next(self._counter)}"
+
+
+def photo() -> np.ndarray | None:
+    """scikit-image's astronaut (512, 512, 3) uint8 RGB (one face), or None without scikit-image."""
+    try:
+        from skimage import data
+    except ImportError:
+        return None
+    return data.astronaut()
+
+
+def reference_image() -> np.ndarray:
+    """The IP-Adapter reference image: the astronaut, or a seeded noise image (256, 256, 3) uint8."""
+    image = photo()
+    return image if image is not None else np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+
+
+def face_analysis_fn(analyzer, image: np.ndarray | None):
+    """detect + embed on `image` (falls back to fixed kps when the detector finds no face)."""
+    if analyzer is None or image is None:
+        return None
+    bgr = np.ascontiguousarray(image[:, :, ::-1])
+    fixed = KPS_FRACTIONS * np.array([bgr.shape[1], bgr.shape[0]], np.float32)
+
+    def run():
+        faces = analyzer.detector.detect(bgr)
+        kps = max(faces, key=lambda face: face.area).kps if faces else fixed
+        return analyzer.recognizer.embed_face(bgr, kps)
+    return run
+
+
+class BaselineRunner:
+    """The PyTorch baseline (benchmarks.pipelines) behind the stage interface."""
+
+    name = "baseline"
+
+    def __init__(self, pipeline: str, model: str, weights: Path | None, device=None, dtype=None, analyzer=None):
+        from benchmarks.pipelines import InstantIDBaseline, IPAdapterBaseline
+
+        random_init = weights is None
+        if pipeline == "instantid":
+            self.pipe = InstantIDBaseline(model, weights_dir=weights, random_init=random_init, device=device,
+                                          dtype=dtype)
+        else:
+            self.pipe = IPAdapterBaseline(model, plus=pipeline.endswith("plus"), weights_dir=weights,
+                                          random_init=random_init, device=device, dtype=dtype)
+        self.device = torch.device(self.pipe.device)
+        self.analyzer = analyzer
+        self.notes = [f"diffusers modules, {self.pipe.dtype} on {self.device}, weights "
+                      f"{'random (seeded)' if random_init else weights}"]
+        self.latents: torch.Tensor | None = None
+
+    def _tokens(self, work: Workload, image):
+        return self.pipe.face_tokens(work.embedding) if work.pipeline == "instantid" else self.pipe.image_tokens(image)
+
+    def stages(self, work: Workload) -> dict:
+        """{stage: zero-argument call} for `work`."""
+        pipe, instantid = self.pipe, work.pipeline == "instantid"
+        image = None if instantid else reference_image()
+        kps_image = work.kps_image() if instantid else None
+        tokens, negative_tokens = self._tokens(work, image)
+        embeds, pooled, negative_embeds, negative_pooled = pipe.encode_prompt(work.prompt, None)
+        loop_kwargs = dict(prompt_embeds=embeds, pooled=pooled, negative_embeds=negative_embeds,
+                           negative_pooled=negative_pooled, tokens=tokens, negative_tokens=negative_tokens,
+                           height=work.height, width=work.width, num_images=work.batch, steps=work.steps,
+                           guidance=work.guidance, ip_scale=work.ip_scale, seed=work.seed)
+        if instantid:
+            from benchmarks.pipelines import control_tensor
+
+            loop_kwargs.update(controlnet=pipe.controlnet, control_image=control_tensor(kps_image),
+                               controlnet_scale=0.8)
+
+        def loop():
+            self.latents = pipe.denoise(**loop_kwargs)
+            return self.latents
+
+        loop()
+        latents = self.latents
+
+        def end_to_end():
+            if instantid:
+                return pipe.generate(work.embedding, kps_image, work.fresh_prompt(), steps=work.steps,
+                                     guidance=work.guidance, ip_scale=work.ip_scale, seed=work.seed,
+                                     num_images=work.batch).images
+            return pipe(image, work.fresh_prompt(), steps=work.steps, guidance=work.guidance, ip_scale=work.ip_scale,
+                        seed=work.seed, width=work.width, height=work.height, num_images=work.batch).images
+
+        return {"face_analysis": face_analysis_fn(self.analyzer, photo()) if instantid else None,
+                "text_encoding": lambda: pipe.encode_prompt(work.fresh_prompt(), None),
+                "image_tokens": lambda: self._tokens(work, image),
+                "denoise_step": self._step_fn(work, loop_kwargs),
+                "denoise_loop": loop,
+                "vae_decode": lambda: pipe.decode(latents),
+                "end_to_end": end_to_end}
+
+    def _step_fn(self, work: Workload, kw: dict):
+        """One ControlNet + UNet call on the 2B CFG rows, with the loop's conditioning."""
+        pipe, rows = self.pipe, 2 * work.batch
+        factor = pipe.spec.vae_scale_factor
+
+        def rep(x):
+            return x.repeat(rows // x.shape[0], *([1] * (x.ndim - 1)))
+
+        context = rep(torch.cat([kw["prompt_embeds"], kw["tokens"]], dim=1))
+        added = {"text_embeds": rep(kw["pooled"]), "time_ids": pipe.time_ids(work.height, work.width, rows)}
+        sample = torch.randn(rows, pipe.unet.config.in_channels, work.height // factor, work.width // factor,
+                             generator=torch.Generator().manual_seed(0)).to(pipe.device, pipe.dtype)
+        timestep = torch.tensor(500.0, device=pipe.device)
+        controlnet = kw.get("controlnet")
+        control = rep(kw["control_image"].to(pipe.device, pipe.dtype)) if controlnet is not None else None
+        face = rep(kw["tokens"])
+
+        @torch.no_grad()
+        def step():
+            residuals = {}
+            if controlnet is not None:
+                down, mid = controlnet(sample, timestep, encoder_hidden_states=face, controlnet_cond=control,
+                                       conditioning_scale=0.8, added_cond_kwargs=added, return_dict=False)
+                residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            return pipe.unet(sample, timestep, encoder_hidden_states=context, added_cond_kwargs=added,
+                             return_dict=False, **residuals)[0]
+        return step
+
+
+def session_feeds(session, sizes: dict[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded random inputs for every input of a runtime Session, shapes from its named axes.
+
+    sizes: {'batch': B, 'height': H, 'width': W} pixels (axis names follow engine/profiles.py).
+    Floats ~N(0, 1) (timestep 500, scales 0.8), integers zero.
+    """
+    from engine.profiles import parse_dim
+
+    generator = torch.Generator().manual_seed(seed)
+    feeds = {}
+    for info in session.inputs:
+        dims = []
+        for dim in info.shape:
+            if isinstance(dim, int) and dim > 0:
+                dims.append(dim)
+            elif isinstance(dim, str):
+                expr = parse_dim(dim)
+                dims.append(expr.value(sizes[expr.base], dim))
+            else:
+                raise ValueError(f"{session.name} input '{info.name}' has an unnamed dynamic axis {info.shape}: "
+                                 "cannot size it for the step benchmark")
+        if info.dtype.is_floating_point:
+            value = {"timestep": 500.0, "ip_scale": 0.8, "conditioning_scale": 0.8}.get(info.name)
+            tensor = (torch.full(dims, value) if value is not None else torch.randn(dims, generator=generator))
+        else:
+            tensor = torch.zeros(dims, dtype=info.dtype)
+        feeds[info.name] = tensor.to(session.device)
+    return feeds
+
+
+class RuntimeRunner:
+    """The lean runtime (runtime.pipelines) of one backend behind the stage interface.
+
+    The loop is timed through the pipelines' `_generate(decode=False)` (the body both public calls
+    share, from ready conditioning); one step through the UNet/ControlNet sessions themselves.
+    """
+
+    def __init__(self, pipeline: str, build: Path, backend: str, device=None, loop_mode: str = "auto",
+                 threads: int | None = None):
+        from runtime.pipelines import InstantIDPipeline, IPAdapterPipeline
+
+        kwargs = dict(loop_mode=loop_mode)
+        if device is not None:
+            kwargs["device"] = device
+        if threads is not None:
+            kwargs["threads"] = threads
+        if pipeline == "instantid":
+            self.pipe = InstantIDPipeline.from_build(build, backend, **kwargs)
+        else:
+            self.pipe = IPAdapterPipeline.from_build(build, backend, plus=pipeline.endswith("plus"), **kwargs)
+        self.name = backend
+        self.device = torch.device(self.pipe.device)
+        self.notes: list[str] = []
+        self.latents: torch.Tensor | None = None
+
+    @property
+    def analyzer(self):
+        """The build's FaceAnalyzer (ONNX Runtime), or None when the build has no face models."""
+        try:
+            return self.pipe.face_analyzer
+        except (AttributeError, FileNotFoundError):
+            return None
+
+    def _tokens(self, work: Workload, image):
+        return self.pipe.face_tokens(work.embedding) if work.pipeline == "instantid" else self.pipe.image_tokens(image)
+
+    def stages(self, work: Workload) -> dict:
+        """{stage: zero-argument call} for `work`."""
+        pipe, instantid = self.pipe, work.pipeline == "instantid"
+        image = None if instantid else reference_image()
+        kps_image = work.kps_image() if instantid else None
+        tokens, negative_tokens = self._tokens(work, image)
+        text = pipe._prompt_rows(work.prompt, None, work.batch)
+        loop_kwargs = dict(tokens=text[0], pooled=text[1], negative_tokens=text[2], negative_pooled=text[3],
+                           image_tokens=tokens, negative_image_tokens=negative_tokens, height=work.height,
+                           width=work.width, num_images=work.batch, steps=work.steps, guidance=work.guidance,
+                           ip_scale=work.ip_scale, seed=work.seed, scheduler="euler", decode=False)
+        if instantid:
+            from runtime.pipelines import control_tensor
+
+            loop_kwargs.update(control_image=control_tensor(kps_image), controlnet_scale=0.8)
+
+        def loop():
+            self.latents = pipe._generate(**loop_kwargs).latents
+            return self.latents
+
+        loop()
+        latents = self.latents
+        path = getattr(pipe.loop, "last_path", None)
+        if path and f"loop path: {path}" not in self.notes:
+            self.notes.append(f"loop path: {path}")
+
+        def end_to_end():
+            if instantid:
+                return pipe.generate(work.embedding, kps_image, work.fresh_prompt(), steps=work.steps,
+                                     guidance=work.guidance, ip_scale=work.ip_scale, seed=work.seed,
+                                     num_images=work.batch).images
+            return pipe(image, work.fresh_prompt(), steps=work.steps, guidance=work.guidance, ip_scale=work.ip_scale,
+                        seed=work.seed, width=work.width, height=work.height, num_images=work.batch)
+
+        return {"face_analysis": face_analysis_fn(self.analyzer, photo()) if instantid else None,
+                "text_encoding": lambda: pipe.encode_prompt(work.fresh_prompt()),
+                "image_tokens": lambda: self._tokens(work, image),
+                "denoise_step": self._step_fn(work),
+                "denoise_loop": loop,
+                "vae_decode": lambda: pipe.decode(latents),
+                "end_to_end": end_to_end}
+
+    def _step_fn(self, work: Workload):
+        """ControlNet (if any) + UNet session calls with random inputs of the step's shapes."""
+        sizes = {"batch": work.batch, "height": work.height, "width": work.width}
+        unet_feeds = session_feeds(self.pipe.unet, sizes)
+        controlnet = self.pipe.controlnet
+        control_feeds = session_feeds(controlnet, sizes) if controlnet is not None else None
+
+        def step():
+            feeds = dict(unet_feeds)
+            if controlnet is not None:
+                feeds.update(controlnet.run(control_feeds))
+            return self.pipe.unet.run(feeds)
+        return step
