@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[dev,rtx]"
+	$(PIP) install -q -e ".[dev,rtx,serve]"
 	$(PIP) install -q --no-deps "insightface==2.1" "open_clip_torch==3.3.0"
 	touch $@
 
