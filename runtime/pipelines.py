@@ -56,7 +56,8 @@ class _SDXLPipeline:
     uses_controlnet = False
 
     def __init__(self, build_dir: str | os.PathLike, backend: str = "onnxruntime", *, device=None,
-                 loop_mode: str = "auto", verify_sha256: bool = True, threads: int | None = None):
+                 loop_mode: str = "auto", verify_sha256: bool = True, threads: int | None = None,
+                 sessions: dict[str, Session] | None = None):
         from engine.manifest import load_manifest
 
         self.build_dir = Path(build_dir)
@@ -65,6 +66,7 @@ class _SDXLPipeline:
         self.assets = Assets.open(self.build_dir, self.manifest)
         trt = self.backend != "onnxruntime"
         self.memory = DeviceMemoryPool(device or "cuda") if trt else None
+        self._overrides = dict(sessions or {})
         self._open_args = dict(manifest=self.manifest, device=device, memory=self.memory,
                                verify_sha256=verify_sha256, threads=threads)
         self.text_encoder = self.open("text_encoder")
@@ -90,13 +92,16 @@ class _SDXLPipeline:
         """Open every session of the pipeline from `build_dir` (see DESIGN.md's build layout).
 
         backend: 'onnxruntime' | 'tensorrt' | 'tensorrt-rtx'. kwargs: device, loop_mode ('auto' |
-        'graph' | 'step-graphs' | 'eager'), verify_sha256, threads (ONNX Runtime), and per pipeline
-        extras (InstantID: face_analyzer).
+        'graph' | 'step-graphs' | 'eager'), verify_sha256, threads (ONNX Runtime), sessions (component ->
+        Session used instead of the backend's, e.g. a TorchSession), and per pipeline extras
+        (InstantID: face_analyzer).
         """
         return cls(build_dir, backend, **kwargs)
 
     def open(self, component: str) -> Session:
         """The session of one component of the build, with this pipeline's backend and memory pool."""
+        if component in self._overrides:
+            return self._overrides[component]
         return open_session(self.build_dir, component, self.backend, **self._open_args)
 
     # -- conditioning ------------------------------------------------------------------------

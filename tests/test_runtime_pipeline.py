@@ -132,6 +132,36 @@ def test_instantid_scales_change_without_rebuild(instantid, astronaut_face):
         instantid.generate(embedding, kps_image, "a person", steps=1, ip_scale=[0.5, 0.5], decode=False)
 
 
+def torch_session(component):
+    """A TorchSession over an export.components wrapper (the engine's I/O, run by torch)."""
+    from runtime.sessions import TensorInfo, TorchSession
+
+    def info(io):
+        return TensorInfo(io.name, io.dtype, io.dims)
+
+    return TorchSession(component.module, [info(io) for io in component.inputs],
+                        [info(io) for io in component.outputs], name=component.name)
+
+
+def test_torch_sessions_serve_the_pipeline(tiny_build, astronaut_face, instantid):
+    """UNet and ControlNet as torch modules (how the loop runs on a GPU without TensorRT) = ONNX Runtime."""
+    from export.sources import Sources
+    from export.specs import get_spec
+    from runtime.pipelines import InstantIDPipeline
+
+    sources = Sources(get_spec("tiny"), tiny_build / "weights", False, torch.float32, tiny_build / "unused_assets")
+    sessions = {name: torch_session(sources.make(name)) for name in ("unet_instantid", "controlnet")}
+    pipe = InstantIDPipeline.from_build(tiny_build, "onnxruntime", sessions=sessions,
+                                        face_analyzer=instantid.face_analyzer)
+    assert pipe.unet is sessions["unet_instantid"] and pipe.controlnet is sessions["controlnet"]
+    embedding, kps_image = astronaut_face
+    kwargs = dict(steps=2, seed=5, num_images=2, scheduler="dpmpp_2m")
+    result = pipe.generate(embedding, kps_image, "a person", **kwargs)
+    expected = instantid.generate(embedding, kps_image, "a person", **kwargs)
+    assert_parity(result, expected, "instantid torch sessions vs onnxruntime")
+    assert pipe.loop.last_path == "eager"
+
+
 def test_no_face_is_a_clear_error(instantid):
     from skimage import data
 
