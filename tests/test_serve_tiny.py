@@ -22,6 +22,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
+from runtime.serve.testing import tiny_build
+
 REPO = Path(__file__).resolve().parents[1]
 MAX_BODY_MB = 1
 
@@ -30,15 +32,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="session")
 def serve_build(tmp_path_factory) -> Path:
-    """The tiny build directory (ONNX, fp32), exported once per session."""
-    reuse = os.environ.get("INSTANTRT_TINY_BUILD")
-    if reuse and (Path(reuse) / "manifest.json").is_file():
-        return Path(reuse)
-    out = tmp_path_factory.mktemp("serve_build") / "tiny"
-    command = [sys.executable, "-m", "export.build", "--model", "tiny", "--stage", "onnx", "--out", str(out)]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out
+    """The tiny build directory (ONNX, fp32), exported once per session (shared with test_serve_ray)."""
+    return tiny_build(tmp_path_factory.getbasetemp())
 
 
 def free_port() -> int:

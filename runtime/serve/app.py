@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from runtime.serve.batching import BatchQueue, DeadlineExceeded, QueueClosed, QueueFull
-from runtime.serve.inputs import Limits, parse_fields, pipeline_kwargs, validate
+from runtime.serve.inputs import Limits, pipeline_kwargs, read_fields, validate
 from runtime.serve.metrics import CONTENT_TYPE_LATEST, Metrics
 from runtime.serve.schemas import FORMATS, REQUEST_MODELS, BadRequest, GenerateResponse, ImageOut
 from runtime.serve.served import ServedPipeline
@@ -189,7 +189,7 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, ServedPipeline]
         served = state.pipelines[name]
         timings: dict[str, float] = {}
         try:
-            fields = await _read_fields(request, config.limits)
+            fields = await read_fields(request, config.limits)
             request_model, images = validate(name, fields)
             t0 = time.perf_counter()
             kwargs, key = await anyio.to_thread.run_sync(
@@ -205,29 +205,12 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, ServedPipeline]
                                    "retry later, lower steps/size, or raise timeout_s") from None
             timings["queue"] = job.started - job.enqueued
             timings["run"] = time.monotonic() - job.started
-            t0 = time.perf_counter()
-            encoded = await anyio.to_thread.run_sync(
-                lambda: [encode_image(image, request_model.format, request_model.quality) for image in images_out])
-            timings["encode"] = time.perf_counter() - t0
+            response = await anyio.to_thread.run_sync(respond, name, request_model, images_out, timings, started)
         except Exception as error:  # noqa: BLE001 - every failure becomes a JSON answer
-            status, kind, message = classify(error)
-            if status >= 500:
-                log.error("%s request failed: %s", name, message, exc_info=error)
-            headers = {"x-error-kind": kind, **({"Retry-After": "1"} if status in (429, 503) else {})}
-            return _error(status, kind, message, headers)
-        timings["total"] = time.perf_counter() - started
+            return error_response(name, error)
         for stage, seconds in timings.items():
             state.metrics.stage.labels(name, stage).observe(seconds)
-        timing_header = ",".join(f"{stage}={seconds * 1000:.1f}" for stage, seconds in timings.items())
-        if request_model.output == "image":
-            return Response(encoded[0], media_type=FORMATS[request_model.format],
-                            headers={"x-seed": str(request_model.seed), "x-timings-ms": timing_header})
-        body = GenerateResponse(
-            pipeline=name, format=request_model.format, seed=request_model.seed,
-            images=[ImageOut(data=base64.b64encode(data).decode(), width=image.width, height=image.height)
-                    for data, image in zip(encoded, images_out)],
-            timings_ms={stage: round(seconds * 1000, 2) for stage, seconds in timings.items()})
-        return JSONResponse(body.model_dump(), headers={"x-timings-ms": timing_header})
+        return response
 
     routes = [Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics),
               Route("/v1/schema", schema), Route("/v1/{pipeline}", generate, methods=["POST"])]
@@ -236,57 +219,33 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, ServedPipeline]
     return app
 
 
+def error_response(name: str, error: BaseException) -> JSONResponse:
+    """The JSON error answer of an exception (logged with its traceback when it is a 5xx)."""
+    status, kind, message = classify(error)
+    if status >= 500:
+        log.error("%s request failed: %s", name, message, exc_info=error)
+    headers = {"x-error-kind": kind, **({"Retry-After": "1"} if status in (429, 503) else {})}
+    return _error(status, kind, message, headers)
+
+
+def respond(name: str, request, images: list, timings: dict[str, float], started: float) -> Response:
+    """Encode the generated images as the request asked (body bytes or JSON base64); adds the
+    'encode' and 'total' timings (seconds) to `timings`."""
+    t0 = time.perf_counter()
+    encoded = [encode_image(image, request.format, request.quality) for image in images]
+    timings["encode"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - started
+    header = ",".join(f"{stage}={seconds * 1000:.1f}" for stage, seconds in timings.items())
+    if request.output == "image":
+        return Response(encoded[0], media_type=FORMATS[request.format],
+                        headers={"x-seed": str(request.seed), "x-timings-ms": header})
+    body = GenerateResponse(
+        pipeline=name, format=request.format, seed=request.seed,
+        images=[ImageOut(data=base64.b64encode(data).decode(), width=image.width, height=image.height)
+                for data, image in zip(encoded, images)],
+        timings_ms={stage: round(seconds * 1000, 2) for stage, seconds in timings.items()})
+    return JSONResponse(body.model_dump(), headers={"x-timings-ms": header})
+
+
 def _kind_of(response: Response) -> str:
     return {404: "no_pipeline", 429: "queue_full", 503: "not_ready"}.get(response.status_code, "error")
-
-
-async def _read_fields(request: Request, limits: Limits) -> dict:
-    """The body, at most limits.max_body_bytes (413 beyond, checked as it streams), as a field dict."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
-        raise BadRequest(f"the body is {int(declared):,} bytes, the limit is {limits.max_body_bytes:,}: send a "
-                         "smaller (downscaled, JPEG) photo", 413, "body_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limits.max_body_bytes:
-            raise BadRequest(f"the body is over the limit of {limits.max_body_bytes:,} bytes: send a smaller "
-                             "(downscaled, JPEG) photo", 413, "body_too_large")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    form = None
-    if content_type == "multipart/form-data":
-        form = await _parse_form(request, body, limits)
-    return parse_fields(content_type, body, form)
-
-
-async def _parse_form(request: Request, body: bytes, limits: Limits) -> dict:
-    """Multipart body -> {field: str | bytes (file parts)}; repeated fields are refused."""
-    from starlette.datastructures import UploadFile
-    from starlette.exceptions import HTTPException
-    from starlette.formparsers import MultiPartException
-
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if sent:
-            return {"type": "http.request", "body": b"", "more_body": False}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        form = await Request(request.scope, replay).form(max_files=4, max_fields=64,
-                                                         max_part_size=limits.max_body_bytes)
-    except (MultiPartException, HTTPException) as error:
-        detail = getattr(error, "message", None) or getattr(error, "detail", error)
-        raise BadRequest(f"the multipart body could not be parsed ({detail}): send a "
-                         "multipart/form-data body with a boundary", 400, "bad_multipart") from None
-    fields: dict = {}
-    for key, value in form.multi_items():
-        if key in fields:
-            raise BadRequest(f"field {key!r} is given twice: send each field once", 422, "invalid_request")
-        fields[key] = await value.read() if isinstance(value, UploadFile) else value
-    await form.close()
-    return fields

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from pydantic import ValidationError
+from starlette.requests import Request
 
 from runtime.images import ImageError, load_image, resize_for_instantid
 from runtime.serve.schemas import (IMAGE_FIELDS, REQUEST_MODELS, BadRequest, GenerateParams, decode_base64,
@@ -146,3 +147,55 @@ def pipeline_kwargs(pipeline: str, request: GenerateParams, images: dict[str, by
     key = (pipeline, width, height, request.steps, request.scheduler, request.guidance, request.num_images,
            *key_scales)
     return kwargs, key
+
+
+async def read_fields(request: Request, limits: Limits) -> dict:
+    """The body, at most limits.max_body_bytes (413 beyond, checked as it streams), as a field dict."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise BadRequest(f"the body is {int(declared):,} bytes, the limit is {limits.max_body_bytes:,}: send a "
+                         "smaller (downscaled, JPEG) photo", 413, "body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limits.max_body_bytes:
+            raise BadRequest(f"the body is over the limit of {limits.max_body_bytes:,} bytes: send a smaller "
+                             "(downscaled, JPEG) photo", 413, "body_too_large")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    form = None
+    if content_type == "multipart/form-data":
+        form = await parse_form(request, body, limits)
+    return parse_fields(content_type, body, form)
+
+
+async def parse_form(request: Request, body: bytes, limits: Limits) -> dict:
+    """Multipart body -> {field: str | bytes (file parts)}; repeated fields are refused."""
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException
+
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=4, max_fields=64,
+                                                         max_part_size=limits.max_body_bytes)
+    except (MultiPartException, HTTPException) as error:
+        detail = getattr(error, "message", None) or getattr(error, "detail", error)
+        raise BadRequest(f"the multipart body could not be parsed ({detail}): send a "
+                         "multipart/form-data body with a boundary", 400, "bad_multipart") from None
+    fields: dict = {}
+    for key, value in form.multi_items():
+        if key in fields:
+            raise BadRequest(f"field {key!r} is given twice: send each field once", 422, "invalid_request")
+        fields[key] = await value.read() if isinstance(value, UploadFile) else value
+    await form.close()
+    return fields

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST, ProcessCollector
+from prometheus_client import CONTENT_TYPE_LATEST, ProcessCollector  # noqa: F401 - CONTENT_TYPE_LATEST re-exported
 
 from runtime.serve.batching import BatchStats
 

@@ -1,0 +1,69 @@
+"""Ray Serve deployment of the tiny build (CPU replica, ONNX Runtime) on 127.0.0.1: correct images,
+batched concurrent requests, the same 4xx answers as the single-machine server."""
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import socket
+
+import httpx
+import pytest
+import skimage.data
+from PIL import Image
+
+from runtime.serve.testing import tiny_build
+
+ray = pytest.importorskip("ray", reason="ray[serve] is not installed: pip install -e '.[serve]' for the Ray Serve test")
+serve = pytest.importorskip("ray.serve", reason="ray is installed without Serve: pip install 'ray[serve]'")
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_url(tmp_path_factory):
+    from runtime.serve.ray_app import build_app
+
+    build = tiny_build(tmp_path_factory.getbasetemp())
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"build": str(build), "pipelines": "ip-adapter", "threads": 1, "warmup_size": 128,
+                             "max_side": 512}), route_prefix="/", name="instantrt-test")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _png(rgb) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_ray_serve_generates_batches_and_refuses_bad_input(ray_url):
+    assert httpx.get(ray_url + "/readyz", timeout=30).status_code == 200
+    body = {"prompt": "a cat", "image": _png(skimage.data.chelsea()), "steps": 2, "width": 128, "height": 192}
+
+    def post(seed: int) -> httpx.Response:
+        return httpx.post(ray_url + "/v1/ip-adapter", json={**body, "seed": seed}, timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        responses = list(pool.map(post, range(3)))
+    for response in responses:
+        assert response.status_code == 200, response.text
+        assert Image.open(io.BytesIO(response.content)).size == (128, 192)
+    assert responses[0].content != responses[1].content  # each request kept its own seed
+    bad = httpx.post(ray_url + "/v1/ip-adapter", json={**body, "steps": -1, "extra": 1}, timeout=60)
+    assert bad.status_code == 422 and "unknown field" in bad.json()["error"]["message"]
+    missing = httpx.post(ray_url + "/v1/instantid", json=body, timeout=60)
+    assert missing.status_code == 404
+    assert post(0).status_code == 200  # still serving
