@@ -114,14 +114,14 @@ def test_pipeline_errors_are_4xx_and_counted_by_kind(server):
 
 
 def test_overload_beyond_the_queue_bound_is_refused_fast_and_the_rest_complete():
-    app, pipe = make_app(delay=0.3, max_queue=2, max_batch=1)
+    app, pipe = make_app(delay=1.0, max_queue=2, max_batch=1)  # 3 admitted requests take >= 3 s
     body = {"prompt": "x", "image": base64.b64encode(photo_bytes()).decode(), "steps": 1}
-    with serve_in_thread(app) as url:
+    with serve_in_thread(app) as url, httpx.Client(timeout=30, limits=httpx.Limits(max_connections=16)) as http:
         wait_ready(url, 10)
 
         def post(_):
             start = time.perf_counter()
-            response = httpx.post(url + "/v1/ip-adapter", json=body, timeout=30)
+            response = http.post(url + "/v1/ip-adapter", json=body)
             return response.status_code, time.perf_counter() - start
 
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
@@ -129,10 +129,10 @@ def test_overload_beyond_the_queue_bound_is_refused_fast_and_the_rest_complete()
         statuses = sorted(status for status, _ in results)
         assert statuses.count(200) >= 3 and statuses.count(429) >= 6, statuses
         assert set(statuses) <= {200, 429}
-        assert max(seconds for status, seconds in results if status == 429) < 1.0
-        assert httpx.get(url + "/healthz").status_code == 200
-        assert httpx.post(url + "/v1/ip-adapter", json=body, timeout=30).status_code == 200
-        assert 'serve_errors_total{kind="queue_full"}' in httpx.get(url + "/metrics").text
+        assert max(seconds for status, seconds in results if status == 429) < 1.5  # answered, not queued
+        assert http.get(url + "/healthz").status_code == 200
+        assert http.post(url + "/v1/ip-adapter", json=body).status_code == 200
+        assert 'serve_errors_total{kind="queue_full"}' in http.get(url + "/metrics").text
 
 
 def test_timeout_answers_504_and_skips_the_work():

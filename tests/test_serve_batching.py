@@ -80,3 +80,21 @@ def test_a_crashing_run_batch_fails_its_jobs_and_the_worker_survives():
         queue.submit("k", 1, 5).future.result(5)
     assert queue.submit("k", 2, 5).future.result(5) == 2 and queue.alive
     queue.close()
+
+
+def test_a_generator_run_batch_answers_each_request_as_soon_as_it_is_done():
+    gate = threading.Event()
+
+    def run(key, payloads):
+        for index, payload in enumerate(payloads):
+            if index == 1:
+                gate.wait(5)  # the second request is still running ...
+            yield payload
+
+    queue = BatchQueue(run, max_queue=4, max_batch=2, batch_wait_s=0.2)
+    queue.start()
+    first, second = queue.submit("k", 1, 5), queue.submit("k", 2, 5)
+    assert first.future.result(2) == 1 and not second.future.done()  # ... while the first is answered
+    gate.set()
+    assert second.future.result(5) == 2
+    queue.close()

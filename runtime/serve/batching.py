@@ -8,7 +8,8 @@
 Requests with the same `key` (pipeline, size, steps, scheduler, scales …: anything that must be
 equal to share one pipeline call) are grouped: the worker takes the oldest waiting request, waits
 up to `batch_wait_s` for more of the same key (never past `max_batch`), and hands the group to
-`run_batch(key, payloads) -> list[result | Exception]`, one entry per payload, so one bad request
+`run_batch(key, payloads) -> list[result | Exception]` (or a generator of them, in order: each
+caller is answered as soon as its own result exists), one entry per payload, so one bad request
 never fails its neighbours. Requests whose deadline passed while they waited, or whose caller gave
 up (future cancelled), are dropped before they reach the GPU.
 """
@@ -166,15 +167,21 @@ class BatchQueue:
             for job in batch:
                 job.started = start
                 self.stats.on_wait(start - job.enqueued)
-            try:
-                results = list(self.run_batch(batch[0].key, [job.payload for job in batch]))
-                if len(results) != len(batch):
-                    raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} requests")
+            settled = 0
+            try:  # results may be a list or a generator: each future is settled as soon as its result exists
+                for job, result in zip(batch, self.run_batch(batch[0].key, [job.payload for job in batch])):
+                    _settle(job, result)
+                    settled += 1
+                if settled != len(batch):
+                    raise RuntimeError(f"run_batch returned {settled} results for {len(batch)} requests")
             except BaseException as error:  # noqa: BLE001 - the worker must survive any batch
-                results = [error] * len(batch)
+                for job in batch[settled:]:
+                    _settle(job, error)
             self.stats.on_batch(len(batch), time.monotonic() - start)
-            for job, result in zip(batch, results):
-                if isinstance(result, BaseException):
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result(result)
+
+
+def _settle(job: Job, result: Any) -> None:
+    if isinstance(result, BaseException):
+        job.future.set_exception(result)
+    else:
+        job.future.set_result(result)

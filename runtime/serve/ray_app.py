@@ -54,7 +54,7 @@ class PipelineDeployment:
         results: list[Any] = [None] * len(items)
         for key, indices in groups.items():
             served = self.pipelines[items[indices[0]][0]]
-            outputs = await asyncio.to_thread(served.run_batch, key, [items[i][2] for i in indices])
+            outputs = await asyncio.to_thread(lambda: list(served.run_batch(key, [items[i][2] for i in indices])))
             for index, output in zip(indices, outputs):
                 results[index] = output
         return results

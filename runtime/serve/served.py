@@ -6,16 +6,17 @@ width=..., height=..., num_images=..., scheduler=..., **extras) -> list[PIL.Imag
 (`runtime.pipelines.InstantIDPipeline` / `IPAdapterPipeline`, or a test double), plus a warm-up.
 
 Batches: requests with one key (same pipeline, size, steps, scheduler, guidance, scales) are run
-back to back in one worker turn, each request's error kept to itself. The runtime pipelines take
-one photo per call (one seed, one control image), so rows of different requests are not stacked
-into one engine call yet; `run_batch` is the single place to do that when the runtime offers it.
+back to back in one worker turn, each answered as soon as its images exist and each error kept to
+itself. The runtime pipelines take one photo per call (one seed, one control image), so rows of
+different requests are not yet stacked into one engine call; `run_batch` is the single place to do
+that once the runtime offers a call with per-row seeds and control images.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -42,15 +43,14 @@ class ServedPipeline:
     warmup: Callable[[], None] = lambda: None
     info: dict[str, Any] = field(default_factory=dict)
 
-    def run_batch(self, key, payloads: Sequence[dict]) -> list:
-        """kwargs dicts of one key -> per request: list of PIL images, or the exception it raised."""
-        results: list = []
+    def run_batch(self, key, payloads: Sequence[dict]) -> Iterator:
+        """kwargs dicts of one key -> per request, in order: list of PIL images, or the exception it
+        raised. A generator, so the queue answers each request as soon as its images exist."""
         for kwargs in payloads:
             try:
-                results.append(self.pipe(**kwargs))
+                yield self.pipe(**kwargs)
             except Exception as error:  # noqa: BLE001 - returned to that request only
-                results.append(error)
-        return results
+                yield error
 
 
 def _instantid_warmup(pipe, size: int, steps: int) -> Callable[[], None]:
