@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+pytest_plugins = ["fixtures_tiny"]
 
 
 def shared_models_dir() -> Path | None:

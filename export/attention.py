@@ -1,0 +1,152 @@
+"""Fused decoupled cross-attention: text and image-prompt attention as ONE attention operation.
+
+The reference (`export.adapters.DecoupledAttnProcessor`, diffusers' `IPAdapterAttnProcessor2_0`)
+computes, per cross-attention (attn2) layer and per head,
+
+    out = softmax(Q K_tᵀ · s) V_t + λ · softmax(Q K_iᵀ · s) V_i        s = d^-½
+
+with two separate SDPA calls that each read Q. The exported UNet uses one of two exact,
+branch-free rewrites (λ is a tensor, so λ = 0 is the plain UNet, no `if`):
+
+`concat` (the default, "fused"): keys and values of both token sets are concatenated,
+    S = (Q·s) [K_t; K_i]ᵀ                    (B, h, N, T+K)   one MatMul, Q read once
+    P = [softmax(S[..., :T]) | λ·softmax(S[..., T:])]          softmax per segment
+    out = P [V_t; V_i]                       (B, h, N, d)     one MatMul
+  No extra FLOPs; the two normalisations are the only difference to plain attention.
+
+`stacked`: both attentions stacked along the head axis as one standard masked MHA
+    Q2 = [Q; Q] (2h heads), K2 = [K_t; pad(K_i)], V2 = [V_t; pad(λ V_i)] padded to max(T, K)
+    keys, additive mask -inf on the padding, O = softmax((Q2·s) K2ᵀ + mask) V2,
+    out = O[:h] + O[h:]
+  The textbook MatMul -> Add(mask) -> Softmax -> MatMul pattern that TensorRT fuses into one
+  MHA kernel, at the cost of attending over the padding.
+
+Both put the scale on Q before the first MatMul. Which one is faster is for a GPU to say
+(`python -m export.build --attention fused|stacked|unfused`).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from export.adapters import DecoupledAttnProcessor, _merge_heads, _split_heads
+
+VARIANTS = ("concat", "stacked")
+
+
+class Layout(NamedTuple):
+    """Static facts of one layer, as Python numbers so they become graph constants, not shape ops."""
+
+    scale: float       # d^-½
+    heads: int
+    text_tokens: int   # T
+    ip_tokens: int     # K
+
+
+def concat_decoupled_attention(query: torch.Tensor, text_key: torch.Tensor, text_value: torch.Tensor,
+                               ip_key: torch.Tensor, ip_value: torch.Tensor, ip_scale, layout: Layout) -> torch.Tensor:
+    """Segment-softmax form. query (B, h, N, d); text_* (B, h, T, d); ip_* (B, h, K, d); ip_scale: float
+    or 0-d tensor λ. Returns (B, h, N, d) = SDPA(q, k_t, v_t) + λ·SDPA(q, k_i, v_i)."""
+    scale, text_tokens = layout.scale, layout.text_tokens
+    keys = torch.cat((text_key, ip_key), dim=2)
+    values = torch.cat((text_value, ip_value), dim=2)
+    scores = (query * scale) @ keys.transpose(-1, -2)
+    text_probs = torch.softmax(scores[..., :text_tokens], dim=-1)
+    ip_probs = torch.softmax(scores[..., text_tokens:], dim=-1) * ip_scale
+    return torch.cat((text_probs, ip_probs), dim=-1) @ values
+
+
+def _pad_tokens(x: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, h, n, d) -> (B, h, n + count, d), zero rows appended."""
+    return torch.nn.functional.pad(x, (0, 0, 0, count)) if count else x
+
+
+def stacked_decoupled_attention(query: torch.Tensor, text_key: torch.Tensor, text_value: torch.Tensor,
+                                ip_key: torch.Tensor, ip_value: torch.Tensor, ip_scale, layout: Layout) -> torch.Tensor:
+    """Head-stacked masked form; same arguments and result as `concat_decoupled_attention`."""
+    scale, heads, text_tokens, ip_tokens = layout
+    length = max(text_tokens, ip_tokens)
+    keys = torch.cat((_pad_tokens(text_key, length - text_tokens), _pad_tokens(ip_key, length - ip_tokens)), dim=1)
+    values = torch.cat((_pad_tokens(text_value, length - text_tokens),
+                        _pad_tokens(ip_value * ip_scale, length - ip_tokens)), dim=1)
+    mask = torch.zeros(1, 2 * heads, 1, length, dtype=query.dtype, device=query.device)
+    mask[:, :heads, :, text_tokens:] = float("-inf")
+    mask[:, heads:, :, ip_tokens:] = float("-inf")
+    scores = (torch.cat((query, query), dim=1) * scale) @ keys.transpose(-1, -2) + mask
+    out = torch.softmax(scores, dim=-1) @ values
+    return out[:, :heads] + out[:, heads:]
+
+
+_ATTENTION = {"concat": concat_decoupled_attention, "stacked": stacked_decoupled_attention}
+
+
+class FusedDecoupledAttnProcessor(nn.Module):
+    """Drop-in for `DecoupledAttnProcessor` (same weights `to_k_ip`/`to_v_ip`, same `scale`)
+    computing both attentions as one operation (`variant`: 'concat' or 'stacked')."""
+
+    def __init__(self, hidden_size: int, cross_attention_dim: int, num_tokens: int, scale=1.0,
+                 variant: str = "concat", text_tokens: int = 77):
+        super().__init__()
+        if variant not in _ATTENTION:
+            raise ValueError(f"unknown fused attention variant {variant!r}: choose one of {VARIANTS}")
+        self.num_tokens, self.scale, self.variant, self.text_tokens = num_tokens, scale, variant, text_tokens
+        self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
+        """hidden_states (B, N, hidden); encoder_hidden_states (B, T + num_tokens, C) -> (B, N, hidden)."""
+        if hidden_states.ndim != 3 or attention_mask is not None or attn.group_norm is not None:
+            raise NotImplementedError("fused decoupled attention supports SDXL transformer cross-attention only")
+        if encoder_hidden_states.shape[1] != self.text_tokens + self.num_tokens:
+            raise ValueError(f"context has {encoder_hidden_states.shape[1]} tokens, expected {self.text_tokens} text "
+                             f"+ {self.num_tokens} image tokens")
+        text = encoder_hidden_states[:, : self.text_tokens]
+        ip_tokens = encoder_hidden_states[:, self.text_tokens:]
+        if attn.norm_cross:
+            text = attn.norm_encoder_hidden_states(text)
+        heads = attn.heads
+        out = _ATTENTION[self.variant](
+            _split_heads(attn.to_q(hidden_states), heads),
+            _split_heads(attn.to_k(text), heads), _split_heads(attn.to_v(text), heads),
+            _split_heads(self.to_k_ip(ip_tokens), heads), _split_heads(self.to_v_ip(ip_tokens), heads),
+            self.scale, Layout(attn.scale, heads, self.text_tokens, self.num_tokens))
+        out = attn.to_out[1](attn.to_out[0](_merge_heads(out).to(hidden_states.dtype)))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def fuse_decoupled_attention(unet, variant: str = "concat", text_tokens: int = 77) -> list[FusedDecoupledAttnProcessor]:
+    """Replace every `DecoupledAttnProcessor` of `unet` by a fused one sharing its weights and scale.
+
+    Call after `attach_ip_adapter`; the context is then text_tokens text + num_tokens image tokens. Returns the fused processors in attn2 order (what the
+    `ip_scale` input indexes). Raises ValueError when the UNet has no decoupled layers.
+    """
+    processors = dict(unet.attn_processors)
+    fused = []
+    for name, proc in processors.items():
+        if isinstance(proc, DecoupledAttnProcessor):
+            new = FusedDecoupledAttnProcessor(proc.to_k_ip.out_features, proc.to_k_ip.in_features, proc.num_tokens,
+                                              proc.scale, variant, text_tokens)
+            new.to_k_ip, new.to_v_ip = proc.to_k_ip, proc.to_v_ip
+            processors[name] = new
+            fused.append(new)
+    if not fused:
+        raise ValueError("the UNet has no decoupled attention layers: call export.adapters.attach_ip_adapter first")
+    unet.set_attn_processor(processors)
+    return fused
+
+
+def set_layer_scales(layers: Sequence[nn.Module], ip_scale: torch.Tensor) -> None:
+    """Give layer i the 0-d tensor `ip_scale[i]` as λ (traced, so λ stays a graph input).
+
+    ip_scale: (num_layers,) tensor. Raises ValueError on a length mismatch.
+    """
+    if ip_scale.shape != (len(layers),):
+        raise ValueError(f"ip_scale must have shape ({len(layers)},), one value per cross-attention layer; "
+                         f"got {tuple(ip_scale.shape)}")
+    for index, layer in enumerate(layers):
+        layer.scale = ip_scale[index]

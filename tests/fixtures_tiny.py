@@ -1,0 +1,61 @@
+"""Shared session fixtures: the tiny model exported to ONNX by the real CLI, in fp32 and fp16.
+
+Loaded for every test module through `pytest_plugins` in conftest.py. Each build runs once per
+session (in-process, `python -m export.build --model tiny --stage onnx`); the fp32 build is the
+CLI's default tiny path (no --weights: it writes the tiny checkpoints to <out>/weights first),
+the fp16 build reuses those weights.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def run_export_cli(args: list[str]) -> None:
+    """`python -m export.build` in-process (tests call it; a non-zero exit fails the test)."""
+    from export.build import main
+
+    assert main(args) == 0
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_fp32(tmp_path_factory) -> Path:
+    """build dir of `--model tiny --stage onnx --precision fp32` (all pipelines) with weights/."""
+    out = tmp_path_factory.mktemp("tiny_onnx") / "fp32"
+    run_export_cli(["--model", "tiny", "--stage", "onnx", "--precision", "fp32", "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_fp16(tiny_onnx_fp32, tmp_path_factory) -> Path:
+    """build dir of the same weights exported with `--precision fp16`."""
+    out = tmp_path_factory.mktemp("tiny_onnx") / "fp16"
+    run_export_cli(["--model", "tiny", "--stage", "onnx", "--precision", "fp16", "--weights",
+                    str(tiny_onnx_fp32 / "weights"), "--out", str(out)])
+    return out
+
+
+def ort_session(path: Path):
+    """A single-threaded CPU ONNX Runtime session (quiet)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run with float feeds cast to each input's dtype (float16 graphs take float16); outputs as float32."""
+    dtypes = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int64)": np.int64}
+    cast = {i.name: np.asarray(feeds[i.name]).astype(dtypes[i.type]) for i in session.get_inputs()}
+    names = [o.name for o in session.get_outputs()]
+    return {name: value.astype(np.float32) for name, value in zip(names, session.run(names, cast))}
+
+
+def relative_error(value: np.ndarray, reference: np.ndarray) -> float:
+    """‖value − reference‖ / ‖reference‖ in float64."""
+    value, reference = np.asarray(value, np.float64), np.asarray(reference, np.float64)
+    return float(np.linalg.norm(value - reference) / np.linalg.norm(reference))
