@@ -183,20 +183,22 @@ def ip_pair(request, tiny_build):
             IPAdapterBaseline("tiny", plus=plus, weights_dir=tiny_build / "weights"))
 
 
-@pytest.mark.parametrize("scheduler,num_images,ip_scale,negative", [
-    ("euler", 1, 0.6, None),
-    ("ddim", 2, 0.9, "blurry"),
-    ("dpmpp_2m_karras", 1, 0.3, None),
+@pytest.mark.parametrize("scheduler,num_images,ip_scale,negative,guidance", [
+    ("euler", 1, 0.6, None, 5.0),
+    ("ddim", 2, 0.9, "blurry", 5.0),
+    ("dpmpp_2m_karras", 1, 0.3, None, 5.0),
+    ("euler", 2, 0.6, None, 1.0),  # guidance 1: no CFG rows
 ])
-def test_ip_adapter_matches_baseline(ip_pair, scheduler, num_images, ip_scale, negative):
+def test_ip_adapter_matches_baseline(ip_pair, scheduler, num_images, ip_scale, negative, guidance):
     from skimage import data
 
     pipe, baseline = ip_pair
-    kwargs = dict(steps=3, guidance=5.0, ip_scale=ip_scale, seed=11, width=SIZE, height=SIZE,
+    kwargs = dict(steps=3, guidance=guidance, ip_scale=ip_scale, seed=11, width=SIZE, height=SIZE,
                   num_images=num_images, scheduler=scheduler)
     result = pipe(data.coffee(), "a cup on a table", negative, return_latents=True, **kwargs)
     expected = baseline(data.coffee(), "a cup on a table", negative, **kwargs)
-    assert_parity(result, expected, f"ip-adapter{' plus' if pipe.plus else ''} {scheduler} x{num_images} λ={ip_scale}")
+    assert_parity(result, expected,
+                  f"ip-adapter{' plus' if pipe.plus else ''} {scheduler} x{num_images} λ={ip_scale} cfg={guidance}")
 
 
 # ---- errors and caches ----------------------------------------------------------------------------
