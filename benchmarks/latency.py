@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.stages import STAGES, BaselineRunner, RuntimeRunner, Workload
+from benchmarks.stages import STAGES, BaselineRunner, RuntimeRunner, Workload, build_analyzer
 from benchmarks.timing import PeakMemory, machine_info, summarize, time_runs, timed
 
 SCHEMA = "instantrt-latency/1"
@@ -142,7 +142,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="baseline device (default cuda if present)")
     parser.add_argument("--fp32", action="store_true", help="baseline in fp32 on a GPU too")
     parser.add_argument("--loop", default="auto", help="runtime loop mode: auto | graph | step-graphs | eager")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (set_num_threads) and ONNX Runtime (intra-op); default: theirs. "
+                        "On a shared CPU use 1: spinning thread pools under contention cost 10x")
     parser.add_argument("--sweep-resolution", type=_ints, default=[], help="e.g. 512,768,1024")
     parser.add_argument("--sweep-batch", type=_ints, default=[], help="e.g. 1,2,4")
     parser.add_argument("--no-floor", action="store_true", help="skip the FLOP count and matmul peak")
@@ -161,17 +163,6 @@ def _model_and_weights(args) -> tuple[str, Path | None]:
     if weights is None and args.build is not None and (args.build / "weights").is_dir():
         weights = args.build / "weights"
     return model or "tiny", weights
-
-
-def _shared_analyzer(build: Path | None):
-    if build is None:
-        return None
-    try:
-        from runtime.pipelines import build_face_analyzer
-
-        return build_face_analyzer(build)
-    except Exception:
-        return None
 
 
 def _floor(model: str, work: Workload, device) -> dict:
@@ -204,13 +195,16 @@ def run(args: argparse.Namespace) -> dict:
     model, weights = _model_and_weights(args)
     from export.specs import get_spec
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
     size = args.resolution or get_spec(model).default_resolution
     work = Workload(args.pipeline, size, size, args.batch, args.steps)
     base_device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float32 if args.fp32 or not base_device.startswith("cuda") else torch.float16
     points = [(r, b) for r in (args.sweep_resolution or [size]) for b in (args.sweep_batch or [args.batch])]
     points = points if (args.sweep_resolution or args.sweep_batch) else []
-    analyzer = _shared_analyzer(args.build)
+    analyzer = build_analyzer(args.build)
     results, latents = [], {}
     if args.baseline == "torch":
         result, latents["baseline"] = measure_backend(
@@ -224,7 +218,9 @@ def run(args: argparse.Namespace) -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         result, latents[backend] = measure_backend(
             backend, lambda: RuntimeRunner(args.pipeline, args.build, backend, loop_mode=args.loop,
-                                           threads=args.threads), work, args.runs, args.warmup, device, points)
+                                           threads=args.threads, model=model, weights=weights, dtype=dtype,
+                                           device=device if backend == "torch" else None),
+            work, args.runs, args.warmup, device, points)
         base = latents.get("baseline")
         if base is not None and latents[backend] is not None and base.shape == latents[backend].shape:
             result.latents_rel_to_baseline = float((latents[backend] - base).norm() / base.norm())
@@ -240,7 +236,7 @@ def run(args: argparse.Namespace) -> dict:
                        "steps": args.steps, "runs": args.runs, "warmup": args.warmup, "guidance": work.guidance,
                        "build": str(args.build) if args.build else None, "weights": str(weights) if weights else
                        "random", "baseline_device": base_device, "baseline_dtype": str(dtype).removeprefix("torch."),
-                       "loop": args.loop},
+                       "loop": args.loop, "threads": args.threads or torch.get_num_threads()},
             "stages": list(STAGES), "backends": backends, "floor": floor, "ratios": ratios, "speedups": speedups}
 
 

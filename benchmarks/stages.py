@@ -220,21 +220,26 @@ class RuntimeRunner:
     """
 
     def __init__(self, pipeline: str, build: Path, backend: str, device=None, loop_mode: str = "auto",
-                 threads: int | None = None):
+                 threads: int | None = None, model: str = "tiny", weights: Path | None = None, dtype=None):
         from runtime.pipelines import InstantIDPipeline, IPAdapterPipeline
 
         kwargs = dict(loop_mode=loop_mode)
-        if device is not None:
+        if device is not None and backend != "torch":
             kwargs["device"] = device
         if threads is not None:
             kwargs["threads"] = threads
+        self.name = backend
+        self.notes: list[str] = []
+        if backend == "torch":  # the runtime's loop over torch modules with the engines' I/O
+            kwargs["sessions"] = torch_sessions(pipeline, model, weights, device, dtype)
+            backend = "onnxruntime"  # only for components without a torch session (face models)
+            self.notes.append(f"TorchSessions (export.components wrappers), weights "
+                              f"{'random (seeded)' if weights is None else weights}")
         if pipeline == "instantid":
             self.pipe = InstantIDPipeline.from_build(build, backend, **kwargs)
         else:
             self.pipe = IPAdapterPipeline.from_build(build, backend, plus=pipeline.endswith("plus"), **kwargs)
-        self.name = backend
         self.device = torch.device(self.pipe.device)
-        self.notes: list[str] = []
         self.latents: torch.Tensor | None = None
 
     @property
@@ -303,3 +308,42 @@ class RuntimeRunner:
                 feeds.update(controlnet.run(control_feeds))
             return self.pipe.unet.run(feeds)
         return step
+
+
+def torch_sessions(pipeline: str, model: str, weights: Path | None, device=None, dtype=None) -> dict:
+    """{component: TorchSession} for every model component of `pipeline` (face models excluded):
+    the export.components wrappers (the engines' exact I/O) run by torch on `device` (default cuda
+    if present), `dtype` (default fp16 on cuda, fp32 on cpu; the VAE stays fp32)."""
+    import tempfile
+
+    from export.sources import PIPELINE_COMPONENTS, Sources
+    from export.specs import get_spec
+    from runtime.sessions import TensorInfo, TorchSession
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    assets = Path(tempfile.mkdtemp(prefix="bench_torch_assets_"))
+    sources = Sources(get_spec(model), weights, weights is None, dtype, assets)
+    sessions = {}
+    for name in PIPELINE_COMPONENTS[pipeline]:
+        if name in ("face_detector", "arcface"):
+            continue
+        component = sources.make(name)
+        module = component.module.to(device)
+        sessions[name] = TorchSession(module, [TensorInfo(io.name, io.dtype, io.dims) for io in component.inputs],
+                                      [TensorInfo(io.name, io.dtype, io.dims) for io in component.outputs],
+                                      name=name, device=device)
+    sources.release()
+    return sessions
+
+
+def build_analyzer(build: Path | None):
+    """The build's FaceAnalyzer (ONNX Runtime, CPU), or None when there is no build or no face models."""
+    if build is None:
+        return None
+    try:
+        from runtime.assets import Assets
+
+        return Assets.open(build).face_analyzer()
+    except Exception:
+        return None
