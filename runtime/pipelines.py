@@ -27,7 +27,7 @@ from runtime.clip_image import clip_pixel_values
 from runtime.images import ImageSource, load_image, resize_for_instantid
 from runtime.loop import DenoiseLoop, LoopInputs
 from runtime.schedulers import build_scheduler, draw_noise
-from runtime.sessions import DeviceMemoryPool, Session, normalize_backend, open_session
+from runtime.sessions import DeviceMemoryPool, NumpyView, Session, normalize_backend, open_session
 
 PROMPT_CACHE_SIZE = 16
 PIXEL_MULTIPLE = 64
@@ -279,9 +279,15 @@ class InstantIDPipeline(_SDXLPipeline):
 
     @property
     def face_analyzer(self):
-        """The FaceAnalyzer: the build's onnx/face_detector.onnx + onnx/arcface.onnx unless one was given."""
+        """The FaceAnalyzer: the build's face_detector + arcface (their engines with a TensorRT backend when
+        built, else ONNX Runtime on the CPU) unless one was given."""
         if self._face_analyzer is None:
-            self._face_analyzer = self.assets.face_analyzer()
+            analyzer = self.assets.face_analyzer()
+            if self.backend != "onnxruntime":
+                for component, model in (("face_detector", analyzer.detector), ("arcface", analyzer.recognizer)):
+                    if self.manifest.components[component].engine is not None:
+                        model.session = NumpyView(self.open(component))
+            self._face_analyzer = analyzer
         return self._face_analyzer
 
     def face_tokens(self, embedding: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,12 +12,9 @@ loop of calls can be captured in a CUDA graph).
   cross the boundary as numpy arrays; inputs are cast to the graph's dtypes (fp16 graphs take
   fp32 tensors), outputs come back in the graph's dtypes.
 - `TorchSession`: a torch module with the engine's I/O (eager; capturable on CUDA).
-- `TrtSession`: a plan from `engines/<component>.plan`, refused with `EngineCheckError` (which
-  says how to rebuild) when it does not match the manifest, the backend or the GPU. Output
-  buffers are preallocated torch tensors, one set per input-shape combination, reused by every
-  later call with those shapes: the dict `run` returns holds those buffers, valid until the
-  next call with the same shapes. All contexts share one `DeviceMemoryPool` (they run one after
-  another on one stream).
+- `TrtSession`: a checked plan (`EngineCheckError` says how to rebuild); preallocated output buffers
+  per input shapes, valid until the next call with those shapes; one shared `DeviceMemoryPool`.
+`NumpyView` gives any session ONNX Runtime's numpy `run(names, feeds)` (for the face models).
 """
 from __future__ import annotations
 
@@ -348,6 +345,19 @@ class TorchSession(Session):
             raise SessionError(f"{self.name}: the module returned {len(result)} tensors, expected "
                                f"{list(self.output_names)}")
         return dict(zip(self.output_names, result))
+
+
+class NumpyView:
+    """ONNX Runtime's `run(output_names, {name: ndarray}) -> [ndarray]` over any Session, for code written
+    against an InferenceSession (the face detectors and ArcFace take it as their `.session`)."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def run(self, output_names, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Arrays in, host arrays out (copied, so TensorRT's reused buffers are not aliased)."""
+        out = self.session.run({name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in feeds.items()})
+        return [out[name].detach().cpu().numpy().copy() for name in (output_names or self.session.output_names)]
 
 
 # ---- opening a build directory's component ----------------------------------------------------

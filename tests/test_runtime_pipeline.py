@@ -162,6 +162,22 @@ def test_torch_sessions_serve_the_pipeline(tiny_build, astronaut_face, instantid
     assert pipe.loop.last_path == "eager"
 
 
+def test_face_models_run_through_sessions(tiny_build, instantid):
+    """The face detector and ArcFace behind runtime Sessions (how TensorRT engines serve them) find the same face."""
+    from skimage import data
+
+    from runtime.sessions import NumpyView, open_session
+
+    photo = _resize(data.astronaut(), FACE_SIZE)
+    expected = instantid.face_analyzer.analyze(photo)
+    analyzer = instantid.assets.face_analyzer()
+    analyzer.detector.session = NumpyView(open_session(tiny_build, "face_detector", "onnxruntime"))
+    analyzer.recognizer.session = NumpyView(open_session(tiny_build, "arcface", "onnxruntime"))
+    face = analyzer.analyze(photo)
+    np.testing.assert_allclose(face.kps, expected.kps, atol=1e-4)
+    np.testing.assert_allclose(face.embedding, expected.embedding, rtol=1e-5, atol=1e-5)
+
+
 def test_no_face_is_a_clear_error(instantid):
     from skimage import data
 
