@@ -98,7 +98,7 @@ def test_harness_baseline_alone(tmp_path):
     """No build: the baseline runs, a requested runtime backend is reported unavailable."""
     out = tmp_path / "out"
     argv = ["--backend", "onnxruntime", "--pipeline", "instantid", "--model", "tiny", "--steps", "2",
-            "--resolution", "64", "--runs", "1", "--warmup", "0", "--out", str(out)]
+            "--resolution", "64", "--runs", "1", "--warmup", "0", "--threads", "1", "--out", str(out)]
     assert latency.main(argv) == 0
     result = json.loads((out / "latency.json").read_text())
     _check_result(result, out, ["baseline", "onnxruntime"])
@@ -133,7 +133,7 @@ def tiny_build(tmp_path_factory) -> Path:
 def test_harness_baseline_vs_onnxruntime_with_sweep(tiny_build, tmp_path):
     out = tmp_path / "out"
     argv = ["--build", str(tiny_build), "--backend", "onnxruntime,torch-nope", "--pipeline", "instantid",
-            "--steps", "2", "--resolution", "64", "--runs", "1", "--warmup", "0", "--sweep-resolution", "64,128",
+            "--steps", "2", "--resolution", "64", "--runs", "1", "--warmup", "0", "--threads", "1", "--sweep-resolution", "64,128",
             "--sweep-batch", "1", "--out", str(out)]
     assert latency.main(argv) == 0
     result = json.loads((out / "latency.json").read_text())
