@@ -181,14 +181,10 @@ class DeviceMemoryPool:
         self.generation = 0
         self._contexts: list = []
 
-    @property
-    def size(self) -> int:
-        return 0 if self.buffer is None else self.buffer.numel()
-
     def attach(self, context, size: int) -> None:
         """Give `context` (created with USER_MANAGED memory) this pool; grow it to `size` bytes if needed."""
         self._contexts.append(context)
-        if size > self.size:
+        if self.buffer is None or size > self.buffer.numel():
             self.buffer = torch.empty(max(int(size), 1), dtype=torch.uint8, device=self.device)
             self.generation += 1
             for each in self._contexts:
@@ -317,11 +313,10 @@ def _engine_info(tensor) -> TensorInfo:
 # ---- torch ---------------------------------------------------------------------------------------
 
 class TorchSession(Session):
-    """A torch module behind the Session interface: forward(*inputs in `inputs` order) -> outputs in order.
+    """A torch module as a session: forward(*inputs in `inputs` order) -> outputs in `outputs` order.
 
-    For the `export.components` wrappers (same I/O as the engines), run eagerly; on CUDA the calls
-    are capturable, so the loop can be measured with CUDA graphs on a GPU without TensorRT.
-    inputs / outputs: TensorInfo per tensor (the dtype inputs are cast to; outputs keep theirs).
+    For the `export.components` wrappers (the engines' I/O); capturable on CUDA, so the loop runs in CUDA
+    graphs on a GPU without TensorRT. Inputs are cast to their TensorInfo dtype; outputs keep theirs.
     """
 
     def __init__(self, module, inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo], name: str = "torch",
