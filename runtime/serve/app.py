@@ -203,8 +203,8 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, ServedPipeline]
             except asyncio.TimeoutError:
                 raise TimeoutError(f"not finished after {timeout:.0f} s (queue depth {state.queue.depth()}): "
                                    "retry later, lower steps/size, or raise timeout_s") from None
-            timings["queue"] = job.started - job.enqueued
-            timings["run"] = time.monotonic() - job.started
+            timings["queue"] = job.started - job.enqueued  # includes batch predecessors
+            timings["run"] = job.finished - job.started
             response = await anyio.to_thread.run_sync(respond, name, request_model, images_out, timings, started)
         except Exception as error:  # noqa: BLE001 - every failure becomes a JSON answer
             return error_response(name, error)

@@ -45,7 +45,8 @@ class Job:
     payload: Any
     deadline: float
     enqueued: float = field(default_factory=time.monotonic)
-    started: float = 0.0
+    started: float = 0.0  # when its own pipeline work began (after batch predecessors)
+    finished: float = 0.0
     future: Future = field(default_factory=Future)
 
 
@@ -80,8 +81,8 @@ class BatchQueue:
         self._thread.start()
 
     def submit(self, key: Hashable, payload: Any, timeout_s: float) -> Job:
-        """Queue one request; returns its Job (.future, .enqueued, .started). Raises QueueFull or
-        QueueClosed at once."""
+        """Queue one request; returns its Job (.future; .enqueued, .started, .finished: monotonic
+        seconds). Raises QueueFull or QueueClosed at once."""
         job = Job(key, payload, time.monotonic() + timeout_s)
         with self._cond:
             if self._closed:
@@ -164,19 +165,23 @@ class BatchQueue:
             if batch is None:
                 return
             start = time.monotonic()
-            for job in batch:
-                job.started = start
-                self.stats.on_wait(start - job.enqueued)
+            batch[0].started = start
             settled = 0
             try:  # results may be a list or a generator: each future is settled as soon as its result exists
                 for job, result in zip(batch, self.run_batch(batch[0].key, [job.payload for job in batch])):
+                    job.finished = time.monotonic()
                     _settle(job, result)
                     settled += 1
+                    if settled < len(batch):  # the next one starts now (sequential execution)
+                        batch[settled].started = job.finished
                 if settled != len(batch):
                     raise RuntimeError(f"run_batch returned {settled} results for {len(batch)} requests")
             except BaseException as error:  # noqa: BLE001 - the worker must survive any batch
                 for job in batch[settled:]:
+                    job.started, job.finished = job.started or start, time.monotonic()
                     _settle(job, error)
+            for job in batch:
+                self.stats.on_wait(job.started - job.enqueued)
             self.stats.on_batch(len(batch), time.monotonic() - start)
 
 

@@ -80,8 +80,10 @@ def available_pipelines(build_dir: str | os.PathLike) -> list[str]:
 
 def load_pipelines(build_dir: str | os.PathLike, backend: str = "onnxruntime", names: Sequence[str] = (),
                    warmup_steps: int = 2, warmup_size: int | None = None, threads: int | None = None,
-                   ) -> dict[str, ServedPipeline]:
+                   device: str | None = None) -> dict[str, ServedPipeline]:
     """Open the runtime pipelines of a build (all it has, or `names`) as ServedPipelines.
+
+    device: e.g. 'cuda:1' for TensorRT backends (default: the runtime's); threads: ONNX Runtime.
 
     Raises ValueError naming what the build has when a requested pipeline is missing.
     """
@@ -94,11 +96,12 @@ def load_pipelines(build_dir: str | os.PathLike, backend: str = "onnxruntime", n
         raise ValueError(f"{build_dir} has no {', '.join(missing) or 'pipeline'} (it has: {', '.join(have) or 'none'}): "
                          "export them (python -m export.build --pipeline ...) or choose with --pipelines")
     served = {}
+    options = {"threads": threads, **({"device": device} if device else {})}
     for name in names:
         if name == "instantid":
-            pipe = InstantIDPipeline.from_build(build_dir, backend, threads=threads)
+            pipe = InstantIDPipeline.from_build(build_dir, backend, **options)
         else:
-            pipe = IPAdapterPipeline.from_build(build_dir, backend, plus=name.endswith("plus"), threads=threads)
+            pipe = IPAdapterPipeline.from_build(build_dir, backend, plus=name.endswith("plus"), **options)
         resolution = int(pipe.assets.value("default_resolution", 1024))
         size = warmup_size or resolution
         warm = (_instantid_warmup if name == "instantid" else _ip_adapter_warmup)(pipe, size, warmup_steps)
