@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import io
+import json
 import threading
 import time
 
@@ -150,3 +151,23 @@ def test_timeout_answers_504_and_skips_the_work():
         slow.join()
         time.sleep(0.1)
         assert pipe.calls == 1  # the timed-out request never reached the pipeline
+
+
+def test_cli_refuses_a_folder_that_is_not_a_build(tmp_path, capsys):
+    from runtime.serve.__main__ import main
+
+    assert main(["--build", str(tmp_path)]) == 2
+    assert "python -m export.build" in capsys.readouterr().err
+
+
+def test_server_sent_events_queued_started_done(server):
+    body = {"prompt": "x", "image": base64.b64encode(photo_bytes()).decode(), "width": 128, "height": 64}
+    response = httpx.post(server + "/v1/instantid", json=body, headers={"accept": "text/event-stream"})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = [block.split("\n") for block in response.text.strip().split("\n\n")]
+    assert [lines[0] for lines in events] == ["event: queued", "event: started", "event: done"]
+    done = json.loads(events[-1][1].removeprefix("data: "))
+    assert Image.open(io.BytesIO(base64.b64decode(done["images"][0]["data"]))).size == (128, 64)
+    dark = {**body, "image": base64.b64encode(photo_bytes(0)).decode()}
+    failed = httpx.post(server + "/v1/instantid", json=dark, headers={"accept": "text/event-stream"})
+    assert failed.text.strip().split("\n\n")[-1].startswith("event: error\ndata: {\"status\": 422")

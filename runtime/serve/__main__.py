@@ -35,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def add_subcommand(commands) -> argparse.ArgumentParser:
+    """Register `serve` on the subparsers of `python -m runtime` (runtime/__main__.py)."""
+    return add_arguments(commands.add_parser("serve", help="HTTP service over a build (docs/serving.md)"))
+
+
 def serve(args: argparse.Namespace) -> int:
     """Build the app from parsed flags and run uvicorn until interrupted."""
     import uvicorn

@@ -6,6 +6,9 @@
     GET  /metrics    Prometheus text format
     GET  /v1/schema  the request schemas, served pipelines and limits
 
+A generation request sent with `Accept: text/event-stream` is answered with Server-Sent Events:
+`queued`, `started`, then `done` (the JSON response) or `error`.
+
 Overload never queues without bound: a request beyond `max_queue` waiting ones is answered 429 at
 once (with Retry-After), a request before warm-up 503, a request past its deadline 504, and the
 GPU worker only ever sees requests that are decoded, validated and still wanted.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import logging
 import threading
 import time
@@ -25,7 +29,7 @@ from typing import Callable
 import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from runtime.serve.batching import BatchQueue, DeadlineExceeded, QueueClosed, QueueFull
@@ -197,20 +201,46 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, ServedPipeline]
             timings["decode"] = time.perf_counter() - t0
             timeout = min(request_model.timeout_s or config.timeout_s, config.timeout_s)
             job = state.queue.submit(key, kwargs, timeout)
-            try:
-                images_out = await asyncio.wait_for(asyncio.wrap_future(job.future),
-                                                    timeout - (time.perf_counter() - started))
-            except asyncio.TimeoutError:
-                raise TimeoutError(f"not finished after {timeout:.0f} s (queue depth {state.queue.depth()}): "
-                                   "retry later, lower steps/size, or raise timeout_s") from None
-            timings["queue"] = job.started - job.enqueued  # includes batch predecessors
-            timings["run"] = job.finished - job.started
-            response = await anyio.to_thread.run_sync(respond, name, request_model, images_out, timings, started)
+            if "text/event-stream" in request.headers.get("accept", ""):
+                request_model.output = "json"
+                return StreamingResponse(_events(name, job, request_model, timings, started, timeout),
+                                         media_type="text/event-stream", headers={"cache-control": "no-cache"})
+            response = await _finish(name, job, request_model, timings, started, timeout)
         except Exception as error:  # noqa: BLE001 - every failure becomes a JSON answer
             return error_response(name, error)
+        return response
+
+    async def _finish(name, job, request_model, timings, started, timeout) -> Response:
+        """Wait for the job (at most until the deadline), then encode; records the stage timings."""
+        try:
+            images_out = await asyncio.wait_for(asyncio.wrap_future(job.future),
+                                                timeout - (time.perf_counter() - started))
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"not finished after {timeout:.0f} s (queue depth {state.queue.depth()}): "
+                               "retry later, lower steps/size, or raise timeout_s") from None
+        timings["queue"] = job.started - job.enqueued  # includes batch predecessors
+        timings["run"] = job.finished - job.started
+        response = await anyio.to_thread.run_sync(respond, name, request_model, images_out, timings, started)
         for stage, seconds in timings.items():
             state.metrics.stage.labels(name, stage).observe(seconds)
         return response
+
+    async def _events(name, job, request_model, timings, started, timeout):
+        """Server-Sent Events: `queued` (queue depth), `started`, then `done` (the JSON response) or
+        `error` (the error body). The loop runs as one CUDA graph, so there are no per-step events."""
+        yield _sse("queued", {"queue_depth": state.queue.depth()})
+        finish = asyncio.ensure_future(_finish(name, job, request_model, timings, started, timeout))
+        while not finish.done() and not job.started:
+            await asyncio.wait([finish], timeout=0.1)
+        if job.started:
+            yield _sse("started", {"waited_ms": round((job.started - job.enqueued) * 1000, 1)})
+        try:
+            response = await finish
+            yield _sse("done", json.loads(response.body))
+        except Exception as error:  # noqa: BLE001 - reported in the stream
+            status, kind, message = classify(error)
+            state.metrics.errors.labels(kind).inc()
+            yield _sse("error", {"status": status, "kind": kind, "message": message})
 
     routes = [Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics),
               Route("/v1/schema", schema), Route("/v1/{pipeline}", generate, methods=["POST"])]
@@ -245,6 +275,10 @@ def respond(name: str, request, images: list, timings: dict[str, float], started
                 for data, image in zip(encoded, images)],
         timings_ms={stage: round(seconds * 1000, 2) for stage, seconds in timings.items()})
     return JSONResponse(body.model_dump(), headers={"x-timings-ms": header})
+
+
+def _sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
 def _kind_of(response: Response) -> str:
