@@ -66,7 +66,7 @@ step cuda 30 "$PY" -c "import torch; assert torch.cuda.is_available(), 'torch se
 
 # 2. scratch build: assets + manifest -------------------------------------------------------------
 step build 150 "$PY" -m export.build --model "$MODEL" --random-init --pipeline instantid --stage onnx \
-  --components text_encoder face_proj --out "$BUILD"
+  --components text_encoder --out "$BUILD"
 step register 30 "$PY" - "$BUILD" "$MODEL" <<'EOF'
 """Register the components the torch sessions serve (no ONNX: never opened with ONNX Runtime)."""
 import sys
@@ -74,7 +74,7 @@ import sys
 from engine.manifest import Component, update_manifest
 
 def register(manifest):
-    for name in ("text_encoder_2", "controlnet", "unet_instantid", "vae_decoder"):
+    for name in ("text_encoder_2", "face_proj", "controlnet", "unet_instantid", "vae_decoder"):
         manifest.components.setdefault(name, Component())
 
 update_manifest(sys.argv[1], sys.argv[2], register)
