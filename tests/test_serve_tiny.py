@@ -8,6 +8,7 @@ set INSTANTRT_TINY_BUILD to reuse a build directory.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import io
 import os
 import socket
@@ -49,6 +50,7 @@ def server(serve_build, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve_log") / "server.log"
     command = [sys.executable, "-m", "runtime.serve", "--build", str(serve_build), "--port", str(port),
                "--max-side", "512", "--max-body-mb", str(MAX_BODY_MB), "--warmup-size", "128", "--threads", "1",
+               "--max-queue", "2", "--max-batch", "1",
                "--pipelines", "instantid,ip-adapter"]
     with open(log, "w") as stream:
         process = subprocess.Popen(command, cwd=REPO, stdout=stream, stderr=subprocess.STDOUT)
@@ -194,3 +196,22 @@ def test_bad_inputs_get_clear_4xx_and_the_server_stays_healthy(server):
     metrics = httpx.get(server + "/metrics").text
     assert 'serve_errors_total{kind="no_face"} 1.0' in metrics
     assert 'serve_errors_total{kind="body_too_large"} 1.0' in metrics
+
+
+def test_overload_beyond_the_queue_bound_gets_429_fast(server):
+    """Bound: 2 waiting + 1 running. Ten at once: the rest are refused in well under one generation."""
+    body = instantid_json(steps=8)
+    with httpx.Client(timeout=120, limits=httpx.Limits(max_connections=12)) as http:
+        def post(_):
+            start = time.perf_counter()
+            status = http.post(server + "/v1/instantid", json=body).status_code
+            return status, time.perf_counter() - start
+
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            results = list(pool.map(post, range(10)))
+        statuses = [status for status, _ in results]
+        assert set(statuses) <= {200, 429} and statuses.count(429) >= 5 and statuses.count(200) >= 2, statuses
+        slowest_refusal = max(seconds for status, seconds in results if status == 429)
+        fastest_success = min(seconds for status, seconds in results if status == 200)
+        assert slowest_refusal < min(1.0, fastest_success), (slowest_refusal, fastest_success)
+        assert http.get(server + "/readyz").status_code == 200
