@@ -171,3 +171,20 @@ def test_server_sent_events_queued_started_done(server):
     dark = {**body, "image": base64.b64encode(photo_bytes(0)).decode()}
     failed = httpx.post(server + "/v1/instantid", json=dark, headers={"accept": "text/event-stream"})
     assert failed.text.strip().split("\n\n")[-1].startswith("event: error\ndata: {\"status\": 422")
+
+
+def test_a_request_whose_client_hung_up_never_reaches_the_pipeline():
+    app, pipe = make_app(delay=2.0, max_queue=4, max_batch=1)  # the server checks for hang-ups every 0.5 s
+    body = {"prompt": "x", "image": base64.b64encode(photo_bytes()).decode(), "steps": 1}
+    with serve_in_thread(app) as url:
+        wait_ready(url, 10)
+        busy = threading.Thread(target=httpx.post, args=(url + "/v1/ip-adapter",), kwargs={"json": body})
+        busy.start()
+        time.sleep(0.1)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/ip-adapter", json=body, timeout=0.3)  # gives up while queued
+        busy.join()
+        time.sleep(0.3)
+        assert pipe.calls == 1
+        metrics = httpx.get(url + "/metrics").text
+        assert 'serve_errors_total{kind="client_closed"} 1.0' in metrics

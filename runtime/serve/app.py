@@ -69,6 +69,10 @@ def _error(status: int, kind: str, message: str, headers: dict | None = None) ->
     return JSONResponse({"error": {"status": status, "kind": kind, "message": message}}, status, headers=headers)
 
 
+class ClientGone(ConnectionError):
+    """The client disconnected while its request waited; answered 499 (nobody reads it)."""
+
+
 def classify(error: BaseException) -> tuple[int, str, str]:
     """A pipeline/queue exception -> (HTTP status, error kind, message for the client)."""
     from runtime.face import FaceIndexError, NoFaceError
@@ -83,6 +87,8 @@ def classify(error: BaseException) -> tuple[int, str, str]:
         return 422, "face_index", str(error)
     if isinstance(error, ImageError):
         return 422, "bad_image", str(error)
+    if isinstance(error, ClientGone):
+        return 499, "client_closed", str(error)
     if isinstance(error, QueueFull):
         return 429, "queue_full", str(error)
     if isinstance(error, QueueClosed):
@@ -205,19 +211,28 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, ServedPipeline]
                 request_model.output = "json"
                 return StreamingResponse(_events(name, job, request_model, timings, started, timeout),
                                          media_type="text/event-stream", headers={"cache-control": "no-cache"})
-            response = await _finish(name, job, request_model, timings, started, timeout)
+            response = await _finish(name, job, request_model, timings, started, timeout, request)
         except Exception as error:  # noqa: BLE001 - every failure becomes a JSON answer
             return error_response(name, error)
         return response
 
-    async def _finish(name, job, request_model, timings, started, timeout) -> Response:
-        """Wait for the job (at most until the deadline), then encode; records the stage timings."""
-        try:
-            images_out = await asyncio.wait_for(asyncio.wrap_future(job.future),
-                                                timeout - (time.perf_counter() - started))
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"not finished after {timeout:.0f} s (queue depth {state.queue.depth()}): "
-                               "retry later, lower steps/size, or raise timeout_s") from None
+    async def _finish(name, job, request_model, timings, started, timeout, request=None) -> Response:
+        """Wait for the job (until the deadline, or until the client of `request` hangs up: then the
+        job is cancelled and never reaches the GPU if it has not started), encode, record timings."""
+        waiter = asyncio.wrap_future(job.future)  # cancelling it cancels the job's future
+        while True:
+            left = timeout - (time.perf_counter() - started)
+            done, _ = await asyncio.wait([waiter], timeout=max(0.0, min(0.5, left)))
+            if done:
+                break
+            if left <= 0.5:
+                waiter.cancel()
+                raise TimeoutError(f"not finished after {timeout:.0f} s (queue depth {state.queue.depth()}): "
+                                   "retry later, lower steps/size, or raise timeout_s")
+            if request is not None and await request.is_disconnected():
+                waiter.cancel()
+                raise ClientGone("the client closed the connection before the answer")
+        images_out = waiter.result()
         timings["queue"] = job.started - job.enqueued  # includes batch predecessors
         timings["run"] = job.finished - job.started
         response = await anyio.to_thread.run_sync(respond, name, request_model, images_out, timings, started)
@@ -230,17 +245,21 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, ServedPipeline]
         `error` (the error body). The loop runs as one CUDA graph, so there are no per-step events."""
         yield _sse("queued", {"queue_depth": state.queue.depth()})
         finish = asyncio.ensure_future(_finish(name, job, request_model, timings, started, timeout))
-        while not finish.done() and not job.started:
-            await asyncio.wait([finish], timeout=0.1)
-        if job.started:
-            yield _sse("started", {"waited_ms": round((job.started - job.enqueued) * 1000, 1)})
         try:
+            while not finish.done() and not job.started:
+                await asyncio.wait([finish], timeout=0.1)
+            if job.started:
+                yield _sse("started", {"waited_ms": round((job.started - job.enqueued) * 1000, 1)})
             response = await finish
             yield _sse("done", json.loads(response.body))
         except Exception as error:  # noqa: BLE001 - reported in the stream
             status, kind, message = classify(error)
             state.metrics.errors.labels(kind).inc()
             yield _sse("error", {"status": status, "kind": kind, "message": message})
+        finally:  # the client hung up mid-stream: drop the job if it has not started
+            if not finish.done():
+                finish.cancel()
+                job.future.cancel()
 
     routes = [Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics),
               Route("/v1/schema", schema), Route("/v1/{pipeline}", generate, methods=["POST"])]
