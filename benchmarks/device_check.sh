@@ -89,8 +89,10 @@ step latency "$LIMIT" "$PY" -m benchmarks.latency --build "$BUILD" --model "$MOD
 # 4. TensorRT-RTX, if carried and time is left ----------------------------------------------------
 if "$PY" -c "import tensorrt_rtx" > /dev/null 2>&1 && [ "$(left)" -gt 150 ]; then
   TINY=/tmp/instantrt_device_build/tiny
+  # the face models stay on ONNX Runtime (the int8 YuNet does not parse in TensorRT-RTX)
   step rtx_build "$(( $(left) - 60 ))" "$PY" -m export.build --model tiny --pipeline instantid --stage all \
-    --backend tensorrt-rtx --out "$TINY" \
+    --backend tensorrt-rtx --components text_encoder text_encoder_2 face_proj controlnet unet_instantid \
+    vae_decoder --out "$TINY" \
     && step rtx_latency "$(( $(left) > 20 ? $(left) : 20 ))" "$PY" -m benchmarks.latency --build "$TINY" \
       --backend tensorrt-rtx,onnxruntime --pipeline instantid --steps 4 --resolution 512 --runs 3 \
       --out "$OUT/rtx"
