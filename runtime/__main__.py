@@ -68,6 +68,7 @@ def generate(args) -> list[Path]:
         pipe = IPAdapterPipeline.from_build(args.build, args.backend, plus=args.pipeline.endswith("plus"),
                                             loop_mode=args.loop)
         images = pipe(args.image, ip_scale=0.6 if args.ip_scale is None else args.ip_scale, **common)
+    pipe.save_runtime_caches()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if len(images) == 1:
         paths = [args.out]
@@ -83,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from engine.cache import EngineCheckError
     from engine.manifest import ManifestError
-    from runtime.images import ImageError
     from runtime.face import NoFaceError
+    from runtime.images import ImageError
     from runtime.pipelines import NonFiniteError, ResolutionError
     from runtime.sessions import SessionError
 

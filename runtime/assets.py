@@ -46,7 +46,7 @@ class Assets:
     manifest: Any = None
 
     @classmethod
-    def open(cls, build_dir: str | os.PathLike, manifest=None) -> "Assets":
+    def open(cls, build_dir: str | os.PathLike, manifest=None) -> Assets:
         """Assets of a build directory (reads manifest.json unless a Manifest is given)."""
         from engine.manifest import load_manifest
 

@@ -104,6 +104,11 @@ class _SDXLPipeline:
             return self._overrides[component]
         return open_session(self.build_dir, component, self.backend, **self._open_args)
 
+    def save_runtime_caches(self) -> None:
+        """TensorRT-RTX: store the kernels JIT-compiled so far beside each plan, for a faster next start."""
+        for session in list(vars(self).values()):
+            getattr(session, "save_runtime_cache", lambda: None)()
+
     # -- conditioning ------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(text_tokens (1, 77, C1+C2), pooled text_embeds (1, P)) for one prompt; LRU-cached."""

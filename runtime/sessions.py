@@ -3,10 +3,9 @@
     session = open_session("build/tiny", "unet_instantid", "onnxruntime")
     outputs = session.run({"sample": latents, ...})        # dict[str, torch.Tensor] both ways
 
-Every session has `inputs` / `outputs` (`TensorInfo`: name, torch dtype, dims with axis names,
-and the min/max shape range where the build recorded one), a `device` (where `run` returns its
-outputs) and `capturable` (True when `run` only enqueues work on the current CUDA stream, so a
-loop of calls can be captured in a CUDA graph).
+Every session has `inputs` / `outputs` (`TensorInfo`: name, torch dtype, dims, min/max shapes if
+recorded), a `device` (of its outputs) and `capturable` (`run` only enqueues on the current CUDA
+stream, so a loop of calls can be captured in a CUDA graph).
 
 - `OrtSession`: CPU, or the CUDA execution provider where onnxruntime-gpu is installed. Tensors
   cross the boundary as numpy arrays; inputs are cast to the graph's dtypes (fp16 graphs take
@@ -19,9 +18,9 @@ loop of calls can be captured in a CUDA graph).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -160,20 +159,15 @@ def _ort_info(value) -> TensorInfo:
 
 def _to_numpy(tensor: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     tensor = torch.as_tensor(tensor).detach()
-    if dtype == torch.bfloat16:
-        raise SessionError("bfloat16 graph inputs cannot cross numpy; export the graph in float16 or float32")
     return np.ascontiguousarray(tensor.to(device="cpu", dtype=dtype).numpy())
 
 
 # ---- TensorRT ----------------------------------------------------------------------------------
 
 class DeviceMemoryPool:
-    """One scratch buffer for the execution contexts of a pipeline, sized for the largest of them.
-
-    Contexts run one after another on one stream, so they can share it. Attach every context
-    before the first run: growing the buffer re-points all contexts (and would invalidate CUDA
-    graphs captured earlier; `generation` counts the reallocations).
-    """
+    """One scratch buffer for a pipeline's execution contexts (they run one after another on one stream),
+    sized for the largest. Attach all before the first run: growing re-points every context and would
+    invalidate CUDA graphs captured earlier (`generation` counts reallocations)."""
 
     def __init__(self, device: torch.device | str = "cuda"):
         self.device = cuda_device(device)
@@ -187,10 +181,8 @@ class DeviceMemoryPool:
         if self.buffer is None or size > self.buffer.numel():
             self.buffer = torch.empty(max(int(size), 1), dtype=torch.uint8, device=self.device)
             self.generation += 1
-            for each in self._contexts:
-                _set_device_memory(each, self.buffer)
-        else:
-            _set_device_memory(context, self.buffer)
+        for each in self._contexts:  # TensorRT >= 10.1 / TensorRT-RTX
+            each.set_device_memory(self.buffer.data_ptr(), self.buffer.numel())
 
 
 def cuda_device(device: str | torch.device = "cuda") -> torch.device:
@@ -199,13 +191,6 @@ def cuda_device(device: str | torch.device = "cuda") -> torch.device:
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def _set_device_memory(context, buffer: torch.Tensor) -> None:
-    if hasattr(context, "set_device_memory"):  # TensorRT >= 10.1
-        context.set_device_memory(buffer.data_ptr(), buffer.numel())
-    else:
-        context.device_memory = buffer.data_ptr()
 
 
 def _trt_dtypes(trt) -> dict:
@@ -254,16 +239,35 @@ class TrtSession(Session):
         self._dtypes = _trt_dtypes(trt)
         self._check_io(trt)
         memory = memory or DeviceMemoryPool(self.device)
-        strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
-        if strategy is not None:
-            self._context = self._engine.create_execution_context(strategy.USER_MANAGED)
+        self.cache_path, self._runtime_cache = plan_path.with_suffix(".runtime_cache"), None
+        with torch.cuda.device(self.device):
+            self._context = self._create_context(trt, backend.caps.runtime_cache)
+        if self._context is not None:
             memory.attach(self._context, self._engine.device_memory_size_v2)
-        else:
-            self._context = self._engine.create_execution_context()
         if self._context is None:
             raise SessionError(f"{plan_path}: could not create an execution context (out of GPU memory?)")
         self.memory = memory
         self._buffers: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    def _create_context(self, trt, runtime_cache: bool):
+        """A context with user-managed memory; TensorRT-RTX: with the JIT kernel cache of <plan>.runtime_cache."""
+        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        if not runtime_cache:
+            return self._engine.create_execution_context(strategy)
+        config = self._engine.create_runtime_config()
+        config.set_execution_context_allocation_strategy(strategy)
+        self._runtime_cache = config.create_runtime_cache()
+        if self.cache_path.is_file() and not self._runtime_cache.deserialize(self.cache_path.read_bytes()):
+            self._runtime_cache.reset()  # another GPU/driver/version wrote it: JIT-compile again
+        config.set_runtime_cache(self._runtime_cache)
+        return self._engine.create_execution_context(config)
+
+    def save_runtime_cache(self) -> None:
+        """TensorRT-RTX: keep the kernels JIT-compiled so far for the next start (no-op elsewhere)."""
+        if self._runtime_cache is not None:
+            from engine.manifest import atomic_write
+
+            atomic_write(self.cache_path, bytes(self._runtime_cache.serialize()))
 
     def _check_io(self, trt) -> None:
         """The plan's tensors must be the manifest's (names and dtypes)."""
@@ -273,10 +277,9 @@ class TrtSession(Session):
         if set(names) != expected or set(inputs) != set(self.input_names):
             raise SessionError(f"{self.name}: the plan's tensors {sorted(names)} are not the manifest's "
                                f"{sorted(expected)}; rebuild the engine from the current ONNX")
-        self.inputs = tuple(TensorInfo(i.name, self._dtypes[self._engine.get_tensor_dtype(i.name)], i.shape, i.min,
-                                       i.max) for i in self.inputs)
-        self.outputs = tuple(TensorInfo(o.name, self._dtypes[self._engine.get_tensor_dtype(o.name)], o.shape)
-                             for o in self.outputs)
+        def typed(info):  # the plan's dtype is the truth
+            return replace(info, dtype=self._dtypes[self._engine.get_tensor_dtype(info.name)])
+        self.inputs, self.outputs = tuple(map(typed, self.inputs)), tuple(map(typed, self.outputs))
 
     def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Enqueue on torch's current stream; returns this shape's output buffers, which the next call with
@@ -322,10 +325,8 @@ class TorchSession(Session):
     def __init__(self, module, inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo], name: str = "torch",
                  device: str | torch.device | None = None):
         parameter = next(iter(module.parameters()), None) if hasattr(module, "parameters") else None
-        self.module, self.name = module, name
-        device = None if device is None else cuda_device(device)
-        self.inputs, self.outputs = tuple(inputs), tuple(outputs)
-        self.device = torch.device(device) if device is not None else (
+        self.module, self.name, self.inputs, self.outputs = module, name, tuple(inputs), tuple(outputs)
+        self.device = cuda_device(device) if device is not None else (
             parameter.device if parameter is not None else torch.device("cpu"))
         self.capturable = self.device.type == "cuda"
 

@@ -9,14 +9,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx.helper as oh
 import pytest
 import torch
 
-from runtime.sessions import (OrtSession, SessionError, ShapeRangeError, TensorInfo, TorchSession, check_shape,
-                              normalize_backend, open_session)
+from runtime.sessions import (
+    OrtSession,
+    SessionError,
+    ShapeRangeError,
+    TensorInfo,
+    TorchSession,
+    check_shape,
+    normalize_backend,
+    open_session,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,8 +115,8 @@ def test_backend_names():
 def rtx_build(tmp_path_factory):
     """A build directory with one component ('affine') exported and built by TensorRT-RTX on the CPU."""
     pytest.importorskip("tensorrt_rtx")
-    from engine.build import build_engine
     from engine.backend import load_backend
+    from engine.build import build_engine
     from engine.manifest import record_onnx, update_manifest
     from engine.profiles import ShapeRange
 
