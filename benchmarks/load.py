@@ -29,8 +29,12 @@ RSS_PATTERN = re.compile(r"^process_resident_memory_bytes\s+(\S+)$", re.M)
 
 def default_photo(pipeline: str) -> bytes:
     """A JPEG: scikit-image's astronaut (one face; REFERENCE.md) or, for IP-Adapter, its cat."""
-    import skimage.data
     from PIL import Image
+
+    try:
+        import skimage.data
+    except ImportError:
+        raise SystemExit("no default photo: scikit-image (which ships them) is not installed; pass --image PATH") from None
 
     rgb = skimage.data.astronaut() if pipeline == "instantid" else skimage.data.chelsea()
     buffer = io.BytesIO()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -68,9 +67,6 @@ def validate(pipeline: str, fields: dict[str, Any]) -> tuple[GenerateParams, dic
             images[name] = bytes(value)
         else:
             text_fields[name] = value
-    for name, value in text_fields.items():  # multipart sends numbers as text; JSON lists stay lists
-        if isinstance(value, float) and not math.isfinite(value):
-            raise BadRequest(f"{name}: must be a finite number", 422, "invalid_request")
     try:
         request = model.model_validate(text_fields)
     except ValidationError as error:
