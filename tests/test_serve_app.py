@@ -188,3 +188,17 @@ def test_a_request_whose_client_hung_up_never_reaches_the_pipeline():
         assert pipe.calls == 1
         metrics = httpx.get(url + "/metrics").text
         assert 'serve_errors_total{kind="client_closed"} 1.0' in metrics
+
+
+def test_load_generator_report(server, tmp_path):
+    from benchmarks.load import main
+
+    image = tmp_path / "face.png"
+    image.write_bytes(photo_bytes())
+    out = tmp_path / "load.json"
+    status = main(["--url", server, "--clients", "2", "--seconds", "1", "--pipeline", "instantid", "--image",
+                   str(image), "--width", "64", "--height", "64", "--sample-s", "0.2", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert status == 0 and report["errors"] == 0 and report["ok"] == report["requests"] > 0
+    assert report["answers_by_status"] == {"200": report["ok"]} and report["latency_ms"]["p99"] > 0
+    assert report["rss_mb"]["samples"] and report["rss_mb"]["end"] > 10
