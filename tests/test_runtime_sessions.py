@@ -190,3 +190,20 @@ def test_runtime_imports_neither_diffusers_nor_transformers():
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_device_memory_pool_is_shared_and_grows():
+    """Every context gets the one buffer; a bigger context grows it and re-points the others."""
+    from runtime.sessions import DeviceMemoryPool
+
+    class Context:
+        def set_device_memory(self, address, size):
+            self.memory = (address, size)
+
+    pool = DeviceMemoryPool("cpu")  # the bookkeeping is device-independent
+    small, big, medium = Context(), Context(), Context()
+    pool.attach(small, 100)
+    pool.attach(big, 300)
+    pool.attach(medium, 200)
+    assert pool.generation == 2 and pool.buffer.numel() == 300
+    assert small.memory == big.memory == medium.memory == (pool.buffer.data_ptr(), 300)
