@@ -149,10 +149,10 @@ class _StepGraphs:
             denoise_step(unet, controlnet, plan, 0, self.current, self.static, self.state)
         torch.cuda.current_stream().wait_stream(side)
         self.graphs, self.outputs = [], []
-        source = self.current
+        source, pool = self.current, torch.cuda.graph_pool_handle()  # one pool: replayed in capture order
         for i in range(plan.num_steps):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 out = denoise_step(unet, controlnet, plan, i, source, self.static, self.state)
             self.graphs.append(graph)
             self.outputs.append(out)
