@@ -137,7 +137,7 @@ def test_overload_beyond_the_queue_bound_is_refused_fast_and_the_rest_complete()
 
 
 def test_timeout_answers_504_and_skips_the_work():
-    app, pipe = make_app(delay=0.5, max_queue=4, max_batch=1)
+    app, pipe = make_app(delay=1.0, max_queue=4, max_batch=1)
     body = {"prompt": "x", "image": base64.b64encode(photo_bytes()).decode(), "steps": 1}
     with serve_in_thread(app) as url:
         wait_ready(url, 10)
@@ -147,7 +147,7 @@ def test_timeout_answers_504_and_skips_the_work():
         start = time.perf_counter()
         response = httpx.post(url + "/v1/ip-adapter", json={**body, "timeout_s": 0.2})
         assert response.status_code == 504 and response.json()["error"]["kind"] == "timeout"
-        assert time.perf_counter() - start < 0.45
+        assert time.perf_counter() - start < 0.9  # its deadline, not after the 1 s job ahead of it
         slow.join()
         time.sleep(0.1)
         assert pipe.calls == 1  # the timed-out request never reached the pipeline

@@ -6,13 +6,14 @@ import base64
 import concurrent.futures
 import io
 import socket
+from pathlib import Path
 
 import httpx
 import pytest
 import skimage.data
 from PIL import Image
 
-from runtime.serve.testing import tiny_build
+from runtime.serve.testing import reused_build
 
 ray = pytest.importorskip("ray", reason="ray[serve] is not installed: pip install -e '.[serve]' for the Ray Serve test")
 serve = pytest.importorskip("ray.serve", reason="ray is installed without Serve: pip install 'ray[serve]'")
@@ -27,10 +28,16 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_url(tmp_path_factory):
+def serve_build(request) -> Path:
+    """The tiny ONNX build: $INSTANTRT_TINY_BUILD, else the session's shared export (fixtures_tiny.py)."""
+    return reused_build() or request.getfixturevalue("tiny_onnx_fp32")
+
+
+@pytest.fixture(scope="module")
+def ray_url(serve_build):
     from runtime.serve.ray_app import build_app
 
-    build = tiny_build(tmp_path_factory.getbasetemp())
+    build = serve_build
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:

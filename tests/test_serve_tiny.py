@@ -2,8 +2,8 @@
 correct images, health/readiness, metrics, and the bad-input table of docs/serving.md — each bad
 input answered with its 4xx and the server still healthy and correct afterwards.
 
-The tiny build is exported once per session (`python -m export.build --model tiny --stage onnx`);
-set INSTANTRT_TINY_BUILD to reuse a build directory.
+The tiny build is the session's shared export (tests/fixtures_tiny.py, `python -m export.build
+--model tiny --stage onnx --precision fp32`); set INSTANTRT_TINY_BUILD to reuse a build directory.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from runtime.serve.testing import tiny_build
+from runtime.serve.testing import reused_build
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_BODY_MB = 1
@@ -31,10 +31,10 @@ MAX_BODY_MB = 1
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def serve_build(tmp_path_factory) -> Path:
-    """The tiny build directory (ONNX, fp32), exported once per session (shared with test_serve_ray)."""
-    return tiny_build(tmp_path_factory.getbasetemp())
+@pytest.fixture(scope="module")
+def serve_build(request) -> Path:
+    """The tiny ONNX build: $INSTANTRT_TINY_BUILD, else the session's shared export (fixtures_tiny.py)."""
+    return reused_build() or request.getfixturevalue("tiny_onnx_fp32")
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from runtime.serve.testing import tiny_build
+from runtime.serve.testing import reused_build
 
 MODEL_PY = Path(__file__).resolve().parents[1] / "docs" / "triton" / "instantid" / "1" / "model.py"
 
@@ -63,8 +63,14 @@ def request(pb, photo: bytes, **values):
     return pb.InferenceRequest(tensors)
 
 
-def test_triton_model_py_generates_and_refuses_bad_requests(tmp_path_factory, monkeypatch):
-    build = tiny_build(tmp_path_factory.getbasetemp())
+@pytest.fixture(scope="module")
+def serve_build(request) -> Path:
+    """The tiny ONNX build: $INSTANTRT_TINY_BUILD, else the session's shared export (fixtures_tiny.py)."""
+    return reused_build() or request.getfixturevalue("tiny_onnx_fp32")
+
+
+def test_triton_model_py_generates_and_refuses_bad_requests(serve_build, monkeypatch):
+    build = serve_build
     pb = stub_pb_utils()
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
     spec = importlib.util.spec_from_file_location("triton_instantid_model", MODEL_PY)

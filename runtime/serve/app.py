@@ -271,7 +271,7 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, ServedPipeline]
 def error_response(name: str, error: BaseException) -> JSONResponse:
     """The JSON error answer of an exception (logged with its traceback when it is a 5xx)."""
     status, kind, message = classify(error)
-    if status >= 500:
+    if status >= 500 and status not in (503, 504):  # overload answers are not server faults
         log.error("%s request failed: %s", name, message, exc_info=error)
     headers = {"x-error-kind": kind, **({"Retry-After": "1"} if status in (429, 503) else {})}
     return _error(status, kind, message, headers)

@@ -49,23 +49,11 @@ def wait_ready(url: str, timeout_s: float = 120.0) -> None:
     raise RuntimeError(f"{url} not ready: {reason}")
 
 
-def tiny_build(base, env_var: str = "INSTANTRT_TINY_BUILD"):
-    """The tiny model's ONNX build directory: $INSTANTRT_TINY_BUILD if it holds one, else
-    base/serve_tiny (exported once with `python -m export.build --model tiny --stage onnx`, reused
-    by every caller that passes the same base, e.g. pytest's tmp_path_factory.getbasetemp())."""
+def reused_build(env_var: str = "INSTANTRT_TINY_BUILD"):
+    """The build directory named by $INSTANTRT_TINY_BUILD when it holds a manifest.json, else None
+    (tests then use the session's shared tiny export, tests/fixtures_tiny.py)."""
     import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     reuse = os.environ.get(env_var)
-    if reuse and (Path(reuse) / "manifest.json").is_file():
-        return Path(reuse)
-    out = Path(base) / "serve_tiny"
-    if not (out / "manifest.json").is_file():
-        command = [sys.executable, "-m", "export.build", "--model", "tiny", "--stage", "onnx", "--out", str(out)]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=1800,
-                                cwd=Path(__file__).resolve().parents[2])
-        if result.returncode != 0:
-            raise RuntimeError("exporting the tiny build failed:\n" + result.stdout[-3000:] + result.stderr[-3000:])
-    return out
+    return Path(reuse) if reuse and (Path(reuse) / "manifest.json").is_file() else None
