@@ -133,8 +133,8 @@ def tiny_build(tmp_path_factory) -> Path:
 def test_harness_baseline_vs_onnxruntime_with_sweep(tiny_build, tmp_path):
     out = tmp_path / "out"
     argv = ["--build", str(tiny_build), "--backend", "onnxruntime,torch-nope", "--pipeline", "instantid",
-            "--steps", "2", "--resolution", "64", "--runs", "1", "--warmup", "0", "--threads", "1", "--sweep-resolution", "64,128",
-            "--sweep-batch", "1", "--out", str(out)]
+            "--steps", "2", "--resolution", "64", "--runs", "1", "--warmup", "0", "--threads", "1",
+            "--sweep-resolution", "64,128", "--sweep-batch", "1", "--out", str(out)]
     assert latency.main(argv) == 0
     result = json.loads((out / "latency.json").read_text())
     _check_result(result, out, ["baseline", "onnxruntime", "torch-nope"])
@@ -155,7 +155,16 @@ def test_harness_baseline_vs_onnxruntime_with_sweep(tiny_build, tmp_path):
     assert (copy / "latency.md").read_text() == (out / "latency.md").read_text()
 
 
+def test_dispatcher_usage():
+    from benchmarks.__main__ import main
+
+    assert main([]) == 2 and main(["nope"]) == 2
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
 def test_device_check_script_is_valid_bash():
     script = REPO / "benchmarks" / "device_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    if shutil.which("shellcheck"):
+        done = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout
