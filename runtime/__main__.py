@@ -1,6 +1,7 @@
-"""Command line: generate images from a build directory.
+"""Command line: generate images from a build directory, or serve them over HTTP.
 
     python -m runtime generate --build build/tiny --face photo.jpg --prompt "a portrait" --out out.png
+    python -m runtime serve --build build/tiny --port 8000          # HTTP service (runtime/serve)
     python -m runtime generate --pipeline ip-adapter-plus --build build/tiny --image ref.jpg \
         --prompt "a cat" --steps 20 --num-images 2 --out cat.png      # writes cat-0.png, cat-1.png
 
@@ -50,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--scheduler", choices=SCHEDULERS, default="euler")
     gen.add_argument("--loop", choices=("auto", "graph", "step-graphs", "eager"), default="auto")
+    from runtime.serve.__main__ import add_subcommand
+
+    add_subcommand(commands)  # `serve`: HTTP service over a build (runtime/serve, docs/serving.md)
     return root
 
 
@@ -82,6 +86,10 @@ def generate(args) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for errors the user can fix)."""
     args = parser().parse_args(argv)
+    if args.command == "serve":
+        from runtime.serve.__main__ import serve
+
+        return serve(args)
     from engine.cache import EngineCheckError
     from engine.manifest import ManifestError
     from runtime.face import NoFaceError
