@@ -111,10 +111,13 @@ fi
   tail -n +2 "$SUMMARY" | while IFS=$'\t' read -r name status seconds; do
     echo "| $name | $status | $seconds |"
   done
-  for table in "$OUT/latency/latency.md" "$OUT/rtx/latency.md"; do
-    if [ -f "$table" ]; then
+  for dir in "$OUT/latency" "$OUT/rtx"; do
+    if [ -f "$dir/latency.md" ]; then
       echo
-      cat "$table"
+      cat "$dir/latency.md"
+    elif [ -f "$dir/latency.partial.json" ]; then
+      echo
+      echo "$dir: cut short; the backends measured before the limit are in $dir/latency.partial.json"
     fi
   done
 } > "$OUT/device_check.md"

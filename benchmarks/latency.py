@@ -190,6 +190,14 @@ def derived(backends: list[dict], floor: dict | None) -> tuple[dict, dict]:
     return ratios, speedups
 
 
+def _save_partial(out: Path, results: list[BackendResult]) -> None:
+    """OUT/latency.partial.json after every backend: what survives a run killed by a time limit."""
+    import json
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "latency.partial.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+
+
 def run(args: argparse.Namespace) -> dict:
     """Measure everything the arguments ask for; returns the JSON-ready result."""
     model, weights = _model_and_weights(args)
@@ -213,6 +221,7 @@ def run(args: argparse.Namespace) -> dict:
             "baseline", lambda: BaselineRunner(args.pipeline, model, weights, base_device, dtype, analyzer),
             work, args.runs, args.warmup, base_device, points)
         results.append(result)
+        _save_partial(args.out, results)
     for backend in [b.strip() for b in args.backend.split(",") if b.strip() and b.strip() != "none"]:
         if args.build is None:
             results.append(BackendResult(backend, False, reason="no --build directory given"))
@@ -227,6 +236,7 @@ def run(args: argparse.Namespace) -> dict:
         if base is not None and latents[backend] is not None and base.shape == latents[backend].shape:
             result.latents_rel_to_baseline = float((latents[backend] - base).norm() / base.norm())
         results.append(result)
+        _save_partial(args.out, results)
     backends = [asdict(r) for r in results]
     floor = None if args.no_floor else _floor(model, work, base_device)
     ratios, speedups = derived(backends, floor)
@@ -250,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     args._argv = argv
     result = run(args)
     paths = write_outputs(result, args.out, plot=not args.no_plot)
+    (args.out / "latency.partial.json").unlink(missing_ok=True)
     print(paths["markdown"].read_text())
     for path in paths.values():
         print(f"wrote {path}", file=sys.stderr)

@@ -11,7 +11,7 @@ InstantID, a reference image for IP-Adapter, one prompt with zero negatives, CFG
   image_tokens     InstantID: Resampler(embedding); IP-Adapter: CLIP image encoder + projector
   denoise_step     one ControlNet + UNet call on the 2B CFG rows (model work of one step)
   denoise_loop     the N-step loop from ready conditioning: scheduler, noise, CFG, steps
-  vae_decode       VAE decoder + postprocessing to PIL images
+  vae_decode       VAE decoder + postprocessing to PIL images (the last denoise_loop's latents)
   end_to_end       conditioning + loop + decode from the embedding/kps image (or reference image)
 """
 from __future__ import annotations
@@ -89,7 +89,22 @@ def face_analysis_fn(analyzer, image: np.ndarray | None):
     return run
 
 
-class BaselineRunner:
+class _Runner:
+    """What both runners share: `pipe` (face_tokens / image_tokens), the last loop's latents."""
+
+    pipe = None
+    latents: torch.Tensor | None = None
+
+    def _last_latents(self) -> torch.Tensor:
+        if self.latents is None:
+            raise RuntimeError("vae_decode needs the latents of a denoise_loop run, and none succeeded")
+        return self.latents
+
+    def _tokens(self, work: Workload, image):
+        return self.pipe.face_tokens(work.embedding) if work.pipeline == "instantid" else self.pipe.image_tokens(image)
+
+
+class BaselineRunner(_Runner):
     """The PyTorch baseline (benchmarks.pipelines) behind the stage interface."""
 
     name = "baseline"
@@ -109,9 +124,6 @@ class BaselineRunner:
         self.notes = [f"diffusers modules, {self.pipe.dtype} on {self.device}, weights "
                       f"{'random (seeded)' if random_init else weights}"]
         self.latents: torch.Tensor | None = None
-
-    def _tokens(self, work: Workload, image):
-        return self.pipe.face_tokens(work.embedding) if work.pipeline == "instantid" else self.pipe.image_tokens(image)
 
     def stages(self, work: Workload) -> dict:
         """{stage: zero-argument call} for `work`."""
@@ -134,9 +146,6 @@ class BaselineRunner:
             self.latents = pipe.denoise(**loop_kwargs)
             return self.latents
 
-        loop()
-        latents = self.latents
-
         def end_to_end():
             if instantid:
                 return pipe.generate(work.embedding, kps_image, work.fresh_prompt(), steps=work.steps,
@@ -150,7 +159,7 @@ class BaselineRunner:
                 "image_tokens": lambda: self._tokens(work, image),
                 "denoise_step": self._step_fn(work, loop_kwargs),
                 "denoise_loop": loop,
-                "vae_decode": lambda: pipe.decode(latents),
+                "vae_decode": lambda: pipe.decode(self._last_latents()),
                 "end_to_end": end_to_end}
 
     def _step_fn(self, work: Workload, kw: dict):
@@ -212,7 +221,7 @@ def session_feeds(session, sizes: dict[str, int], seed: int = 0) -> dict[str, to
     return feeds
 
 
-class RuntimeRunner:
+class RuntimeRunner(_Runner):
     """The lean runtime (runtime.pipelines) of one backend behind the stage interface.
 
     The loop is timed through the pipelines' `_generate(decode=False)` (the body both public calls
@@ -250,9 +259,6 @@ class RuntimeRunner:
         except (AttributeError, FileNotFoundError):
             return None
 
-    def _tokens(self, work: Workload, image):
-        return self.pipe.face_tokens(work.embedding) if work.pipeline == "instantid" else self.pipe.image_tokens(image)
-
     def stages(self, work: Workload) -> dict:
         """{stage: zero-argument call} for `work`."""
         pipe, instantid = self.pipe, work.pipeline == "instantid"
@@ -271,13 +277,10 @@ class RuntimeRunner:
 
         def loop():
             self.latents = pipe._generate(**loop_kwargs).latents
+            path = getattr(pipe.loop, "last_path", None)
+            if path and f"loop path: {path}" not in self.notes:
+                self.notes.append(f"loop path: {path}")
             return self.latents
-
-        loop()
-        latents = self.latents
-        path = getattr(pipe.loop, "last_path", None)
-        if path and f"loop path: {path}" not in self.notes:
-            self.notes.append(f"loop path: {path}")
 
         def end_to_end():
             if instantid:
@@ -292,7 +295,7 @@ class RuntimeRunner:
                 "image_tokens": lambda: self._tokens(work, image),
                 "denoise_step": self._step_fn(work),
                 "denoise_loop": loop,
-                "vae_decode": lambda: pipe.decode(latents),
+                "vae_decode": lambda: pipe.decode(self._last_latents()),
                 "end_to_end": end_to_end}
 
     def _step_fn(self, work: Workload):
