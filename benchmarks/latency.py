@@ -12,7 +12,18 @@ reported as "unavailable: <reason>", a stage that fails as "error: <reason>": ne
 run. The floor (benchmarks.flops: FLOPs / measured matmul peak) gives measured / floor per stage.
 
 Writes OUT/latency.json (every number, the machine, the command), OUT/latency.md (tables) and
-OUT/latency.png (stacked stage bars), plus OUT/sweep.png with a sweep.
+OUT/latency.png (stacked stage bars), plus OUT/sweep.png with a sweep. latency.json (seconds, bytes):
+
+    schema "instantrt-latency/1", date (UTC ISO), command, machine {cpu, cpu_cores, memory_bytes,
+    gpus, cuda, platform, python, versions {torch, onnxruntime, tensorrt*, diffusers, ...}},
+    config {pipeline, model, resolution [H, W], batch, steps, runs, warmup, guidance, build,
+    weights, baseline_device, baseline_dtype, loop, threads}, stages [names, in order],
+    backends [{name, available, reason, device, load_s, cold_start_s, memory {kind, peak_bytes,
+      start_bytes}, stages {stage: {median, p90, mean, min, max, runs [s]} | null}, stage_errors
+      {stage: message}, latents_rel_to_baseline, notes [..], sweep [{resolution, batch, stage,
+      median, p90, ...} | {resolution, batch, error}]}],
+    floor {flops {stage: FLOPs}, peak {device, dtype, n, seconds, flops_per_s}, floor_s {stage: s}}
+      | null, ratios {backend: {stage: median / floor}}, speedups {backend: {stage: baseline / it}}
 """
 from __future__ import annotations
 
