@@ -73,8 +73,10 @@ def stacked_decoupled_attention(query: torch.Tensor, text_key: torch.Tensor, tex
     values = torch.cat((_pad_tokens(text_value, length - text_tokens),
                         _pad_tokens(ip_value * ip_scale, length - ip_tokens)), dim=1)
     mask = torch.zeros(1, 2 * heads, 1, length, dtype=query.dtype, device=query.device)
-    mask[:, :heads, :, text_tokens:] = float("-inf")
-    mask[:, heads:, :, ip_tokens:] = float("-inf")
+    if text_tokens < length:  # (an empty slice assignment breaks the TorchScript exporter)
+        mask[:, :heads, :, text_tokens:] = float("-inf")
+    if ip_tokens < length:
+        mask[:, heads:, :, ip_tokens:] = float("-inf")
     scores = (torch.cat((query, query), dim=1) * scale) @ keys.transpose(-1, -2) + mask
     out = torch.softmax(scores, dim=-1) @ values
     return out[:, :heads] + out[:, heads:]

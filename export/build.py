@@ -18,6 +18,7 @@ import argparse
 import logging
 import resource
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,13 +37,14 @@ PIPELINES = tuple(PIPELINE_COMPONENTS)
 
 @dataclass
 class Row:
-    """One line of the summary table."""
+    """One line of the summary table (params: the weights in the ONNX graph)."""
 
     component: str
     params: int
     onnx_bytes: int
-    seconds: float
-    peak_rss_gb: float
+    load_seconds: float     # loading / random-initialising the PyTorch modules
+    export_seconds: float   # trace + graph cleanup + save
+    peak_rss_gb: float      # process peak so far
 
 
 @dataclass
@@ -77,14 +79,12 @@ class Options:
 def components_for(pipelines) -> list[str]:
     """Component names of the pipelines, deduplicated, in a fixed (manifest) order."""
     wanted = {name for pipeline in pipelines for name in PIPELINE_COMPONENTS[pipeline]}
-    return [name for name in comps_order() if name in wanted]
+    return [name for name in COMPONENTS if name in wanted]
 
 
-def comps_order() -> list[str]:
-    """Every component name, in build order."""
-    return ["text_encoder", "text_encoder_2", "image_encoder", "face_detector", "arcface", "face_proj",
-            "image_proj", "image_proj_plus", "controlnet", "unet_instantid", "unet_ip_adapter",
-            "unet_ip_adapter_plus", "vae_decoder"]
+COMPONENTS = ("text_encoder", "text_encoder_2", "image_encoder", "face_detector", "arcface", "face_proj",
+              "image_proj", "image_proj_plus", "controlnet", "unet_instantid", "unet_ip_adapter",
+              "unet_ip_adapter_plus", "vae_decoder")  # every component, in build (and manifest) order
 
 
 def _peak_rss_gb() -> float:
@@ -116,17 +116,17 @@ def export_onnx(options: Options) -> list[Row]:
     for name in bar:
         bar.set_postfix_str(name)
         path = out / "onnx" / f"{name}.onnx"
+        start = time.perf_counter()
         made = sources.make(name)
+        loaded = time.perf_counter() - start
         if isinstance(made, comps.Component):
             seconds = export_component(made, path, sizes)
-            params = made.params
         else:  # a face model: cleaned from its ONNX file
-            seconds, params = made(path), None
+            seconds = made(path)
         del made
         record = record_onnx(out, spec.name, name, path, export_seconds=round(seconds, 2),
                              export_flags={**flags, "precision": _precision_of(name, options)})
-        rows.append(Row(name, params if params is not None else record.params, record.size_bytes, seconds,
-                        _peak_rss_gb()))
+        rows.append(Row(name, record.params, record.size_bytes, loaded, seconds, _peak_rss_gb()))
     sources.release()
     write_scheduler_config(out / "assets", sources.scheduler_config())
     write_tokenizers(out / "assets", sources.tokenizers())
@@ -154,14 +154,15 @@ def _precision_of(name: str, options: Options) -> str:
 
 
 def summary_table(rows: list[Row]) -> str:
-    """Plain-text table: component, params, ONNX MB, seconds, peak RSS so far."""
+    """Plain-text table: component, params, ONNX MB, load s, export s, peak RSS so far."""
     from engine.build_all import format_count
 
-    header = ("component", "params", "ONNX MB", "seconds", "peak RSS GB")
-    lines = [(r.component, format_count(r.params), f"{r.onnx_bytes / 1e6:.1f}", f"{r.seconds:.1f}",
-              f"{r.peak_rss_gb:.1f}") for r in rows]
+    header = ("component", "params", "ONNX MB", "load s", "export s", "peak RSS GB")
+    lines = [(r.component, format_count(r.params), f"{r.onnx_bytes / 1e6:.1f}", f"{r.load_seconds:.1f}",
+              f"{r.export_seconds:.1f}", f"{r.peak_rss_gb:.1f}") for r in rows]
     total = ("total", format_count(sum(r.params for r in rows)), f"{sum(r.onnx_bytes for r in rows) / 1e6:.1f}",
-             f"{sum(r.seconds for r in rows):.1f}", f"{max((r.peak_rss_gb for r in rows), default=0):.1f}")
+             f"{sum(r.load_seconds for r in rows):.1f}", f"{sum(r.export_seconds for r in rows):.1f}",
+             f"{max((r.peak_rss_gb for r in rows), default=0):.1f}")
     table = [header, *lines, total]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     text = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
@@ -209,17 +210,21 @@ def parse_args(argv: list[str] | None = None) -> Options:
         parser.error(f"--weights {args.weights} is not a folder; omit it to use the hub cache")
     if args.weights is not None and args.random_init:
         parser.error("--weights and --random-init exclude each other")
-    return Options(
+    options = Options(
         model=args.model, pipelines=PIPELINES if args.pipeline == "all" else (args.pipeline,),
         out=args.out or Path("build") / args.model, weights=args.weights, random_init=args.random_init,
         face_models=args.face_models, stage=args.stage, backend=args.backend,
         precision=args.precision or ("fp16" if args.model == "sdxl" else "fp32"), attention=args.attention,
         vae_fp16_fix=args.vae_fp16_fix, components=tuple(args.components) if args.components else None)
+    options.names()  # unknown --components: fail before any work
+    return options
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for name in ("export", "engine"):  # our progress notes; the graph libraries' INFO chatter stays off
+        logging.getLogger(name).setLevel(logging.INFO)
     options = parse_args(argv)
     if options.model == "tiny":
         torch.set_num_threads(1)  # tiny graphs are overhead-bound; OpenMP spinning on a shared CPU is 50x slower

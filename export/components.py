@@ -46,7 +46,6 @@ from export.adapters import cross_attention_layers
 from export.attention import fuse_decoupled_attention, set_layer_scales
 
 TEXT_TOKENS = 77
-FP32_CONTROLS = ("timestep", "ip_scale", "conditioning_scale")
 
 
 @dataclass(frozen=True)
@@ -66,11 +65,6 @@ class Component:
     module: nn.Module
     inputs: tuple[TensorIO, ...]
     outputs: tuple[TensorIO, ...]
-
-    @property
-    def params(self) -> int:
-        """Parameter count of the wrapped module."""
-        return sum(p.numel() for p in self.module.parameters())
 
 
 def dim_value(dim: int | str, sizes: dict[str, int]) -> int:

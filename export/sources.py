@@ -11,6 +11,7 @@ import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -96,15 +97,14 @@ class Sources:
         return loaders.load_scheduler_config(self.spec, self.weights_dir, self.random_init)
 
     # -- image prompt ----------------------------------------------------------------------------
-    def _image_encoder(self, name: str, dtype: torch.dtype | None = None):
-        encoder = loaders.load_image_encoder(self.spec, **self._kw(dtype))
-        return encoder if dtype is not None else comps.image_encoder_component(encoder)
+    def _image_encoder(self, name: str) -> comps.Component:
+        return comps.image_encoder_component(loaders.load_image_encoder(self.spec, **self._kw()))
 
     def _image_proj(self, name: str) -> comps.Component:
         plus = name == "image_proj_plus"
-        projector, _ = loaders.load_ip_adapter(self.spec, _NoUNet(), plus, **self._kw(torch.float32))
+        projector, _ = loaders.load_ip_adapter(self.spec, _NoUNet(self.spec), plus, **self._kw(torch.float32))
         if plus:
-            encoder = self._image_encoder(name, torch.float32)
+            encoder = loaders.load_image_encoder(self.spec, **self._kw(torch.float32))
             size = self.spec.image_encoder["image_size"]
             with torch.no_grad():  # the baseline's negative: the encoder on zero pixel_values
                 zero = encoder(torch.zeros(1, 3, size, size), output_hidden_states=True).hidden_states[-2]
@@ -119,13 +119,13 @@ class Sources:
 
     # -- InstantID -------------------------------------------------------------------------------
     def _face_proj(self, name: str) -> comps.Component:
-        resampler, _ = loaders.load_instantid_adapter(self.spec, _NoUNet(), **self._kw(torch.float32))
+        resampler, _ = loaders.load_instantid_adapter(self.spec, _NoUNet(self.spec), **self._kw(torch.float32))
         dim = self.spec.face_embedding_dim
         save_negative_tokens(self.assets, "instantid", negative_tokens(resampler, torch.zeros(1, dim)))
         return comps.projector_component(name, resampler.to(self.dtype), "face_embedding", (dim,), "face_tokens")
 
     def _face_folder(self) -> Path:
-        if self.face_models_dir is None and (self.random_init or self.weights_dir is None):
+        if self.face_models_dir is None and self.random_init:
             from export.tiny_face import write_tiny_face_models
 
             folder = Path(tempfile.mkdtemp(prefix="face_models_"))
@@ -170,6 +170,6 @@ class _NoUNet:
     """Stands in for the UNet when only an adapter's projector is needed: it has no attention
     layers, so `random_init` makes no IP weights (the projector's seed does not depend on them)."""
 
-    @property
-    def attn_processors(self) -> dict:
-        return {}
+    def __init__(self, spec: ModelSpec):
+        self.config = SimpleNamespace(cross_attention_dim=spec.cross_attention_dim)
+        self.attn_processors: dict = {}

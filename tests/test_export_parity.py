@@ -215,6 +215,8 @@ def test_face_models_match_the_given_files(builds, weights):
     import cv2
 
     from export.face_models import packaged_yunet_bytes
+    from runtime.face.detect import ort_session as ort_session_bytes
+    from runtime.face.detect import zero_per_tensor_block_size
 
     seed = random.randrange(2**31)
     rng = np.random.default_rng(seed)
@@ -228,11 +230,13 @@ def test_face_models_match_the_given_files(builds, weights):
         image = rng.uniform(0, 255, (1, 3, 640, 640)).astype(np.float32)
         detector = ort_session(builds[build] / "onnx" / "face_detector.onnx")
         outputs = run_onnx(detector, {"image": image})
-        net = cv2.dnn.readNetFromONNX(np.frombuffer(packaged_yunet_bytes(), np.uint8))  # the unmodified file
+        # the given file, minimally edited (at the wire level, by the runtime) so ONNX Runtime takes it
+        original = ort_session_bytes(zero_per_tensor_block_size(packaged_yunet_bytes()))
+        check(build, "face_detector", outputs, dict(zip(outputs, original.run(list(outputs), {"input": image}))), seed)
+        net = cv2.dnn.readNetFromONNX(np.frombuffer(packaged_yunet_bytes(), np.uint8))  # OpenCV: the unmodified file
         net.setInput(image)
-        names = list(outputs)
-        expected = {n: v.reshape(outputs[n].shape) for n, v in zip(names, net.forward(names))}
-        check(build, "face_detector", outputs, expected, seed)
+        for name, value in zip(outputs, net.forward(list(outputs))):  # another runtime: its own conv kernels
+            assert relative_error(outputs[name], value.reshape(outputs[name].shape)) <= 3e-4, (name, seed)
 
 
 @pytest.mark.parametrize("name", TORCH_COMPONENTS)
