@@ -14,7 +14,6 @@ Steps of `export_component`:
 """
 from __future__ import annotations
 
-import logging
 import tempfile
 import time
 import warnings
@@ -27,7 +26,6 @@ from export.components import Component, example_inputs
 
 OPSET = 17
 EXTERNAL_DATA_BYTES = int(1.8 * 2**30)
-log = logging.getLogger("export")
 
 _IR_DTYPES = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16,
               torch.int64: ir.DataType.INT64, torch.int32: ir.DataType.INT32}
