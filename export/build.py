@@ -31,7 +31,6 @@ from export.onnx_export import OPSET, export_component, trace_sizes
 from export.sources import PIPELINE_COMPONENTS, Sources, count_cross_attn_layers
 from export.specs import SPECS, get_spec
 
-log = logging.getLogger("export")
 PIPELINES = tuple(PIPELINE_COMPONENTS)
 
 
