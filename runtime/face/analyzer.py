@@ -98,6 +98,30 @@ def packaged_yunet() -> bytes:
     return resource.read_bytes()
 
 
+def largest_first(faces: list[Face], what: str) -> list[Face]:
+    """Faces by box area, largest first; ties: the later detection first, as InstantID's sorted(...)[-1].
+
+    what: 'photo' / 'pose photo', for the NoFaceError raised when `faces` is empty.
+    """
+    if not faces:
+        raise NoFaceError(
+            f"no face found in the {what}: use a photo with one clearly visible face, "
+            "looking at the camera, well lit, not cut off by the frame, and at least ~60 pixels wide"
+        )
+    return sorted(faces, key=lambda face: face.area)[::-1]
+
+
+def pick_face(faces: list[Face], face_index: int | None, what: str) -> Face:
+    """faces[face_index] (largest_first order; None = 0), FaceIndexError saying how many there are."""
+    index = 0 if face_index is None else face_index
+    if not 0 <= index < len(faces):
+        raise FaceIndexError(
+            f"face_index {face_index} is out of range: {len(faces)} face(s) found in the {what} "
+            f"(indices 0..{len(faces) - 1}, largest face first)"
+        )
+    return faces[index]
+
+
 class FaceAnalyzer:
     """Detector + recogniser. Photos are RGB (anything `load_image` takes); models see BGR.
 
@@ -143,24 +167,7 @@ class FaceAnalyzer:
 
     def _faces_by_area(self, rgb: ImageSource, what: str) -> tuple[np.ndarray, list[Face]]:
         bgr = np.ascontiguousarray(load_image(rgb)[:, :, ::-1])
-        faces = self.detector.detect(bgr)
-        if not faces:
-            raise NoFaceError(
-                f"no face found in the {what}: use a photo with one clearly visible face, "
-                "looking at the camera, well lit, not cut off by the frame, and at least ~60 pixels wide"
-            )
-        # Largest box first. Ties: the later detection first, as InstantID's sorted(...)[-1].
-        return bgr, sorted(faces, key=lambda face: face.area)[::-1]
-
-    @staticmethod
-    def _pick(faces: list[Face], face_index: int | None, what: str) -> Face:
-        index = 0 if face_index is None else face_index
-        if not 0 <= index < len(faces):
-            raise FaceIndexError(
-                f"face_index {face_index} is out of range: {len(faces)} face(s) found in the {what} "
-                f"(indices 0..{len(faces) - 1}, largest face first)"
-            )
-        return faces[index]
+        return bgr, largest_first(self.detector.detect(bgr), what)
 
     def faces(self, rgb: ImageSource) -> list[Face]:
         """All faces of a photo, largest box first, each with its raw embedding (if a recogniser
@@ -180,7 +187,7 @@ class FaceAnalyzer:
         un-normalised). Raises NoFaceError, FaceIndexError (says how many faces were found).
         """
         bgr, faces = self._faces_by_area(rgb, "photo")
-        face = self._pick(faces, face_index, "photo")
+        face = pick_face(faces, face_index, "photo")
         if self.recognizer is not None:
             face.embedding = self.recognizer.embed_face(bgr, face.kps)
         return face
@@ -192,4 +199,4 @@ class FaceAnalyzer:
         at the pose photo's size. Raises NoFaceError, FaceIndexError.
         """
         _, faces = self._faces_by_area(pose_rgb, "pose photo")
-        return self._pick(faces, face_index, "pose photo").kps
+        return pick_face(faces, face_index, "pose photo").kps
