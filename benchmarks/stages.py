@@ -224,8 +224,8 @@ def session_feeds(session, sizes: dict[str, int], seed: int = 0) -> dict[str, to
 class RuntimeRunner(_Runner):
     """The lean runtime (runtime.pipelines) of one backend behind the stage interface.
 
-    The loop is timed through the pipelines' `_generate(decode=False)` (the body both public calls
-    share, from ready conditioning); one step through the UNet/ControlNet sessions themselves.
+    The loop is timed through the pipelines' `run([prepared], decode=False)` (from ready conditioning);
+    one step through the UNet/ControlNet sessions themselves.
     """
 
     def __init__(self, pipeline: str, build: Path, backend: str, device=None, loop_mode: str = "auto",
@@ -264,19 +264,15 @@ class RuntimeRunner(_Runner):
         pipe, instantid = self.pipe, work.pipeline == "instantid"
         image = None if instantid else reference_image()
         kps_image = work.kps_image() if instantid else None
-        tokens, negative_tokens = self._tokens(work, image)
-        text = pipe._prompt_rows(work.prompt, None, work.batch)
-        loop_kwargs = dict(tokens=text[0], pooled=text[1], negative_tokens=text[2], negative_pooled=text[3],
-                           image_tokens=tokens, negative_image_tokens=negative_tokens, height=work.height,
-                           width=work.width, num_images=work.batch, steps=work.steps, guidance=work.guidance,
-                           ip_scale=work.ip_scale, seed=work.seed, scheduler="euler", decode=False)
-        if instantid:
-            from runtime.pipelines import control_tensor
-
-            loop_kwargs.update(control_image=control_tensor(kps_image), controlnet_scale=0.8)
+        options = dict(steps=work.steps, guidance=work.guidance, ip_scale=work.ip_scale, seed=work.seed,
+                       num_images=work.batch, scheduler="euler")
+        if instantid:  # conditioning ready before the clock starts: the loop alone is timed
+            prepared = pipe.prepare_embedding(work.embedding, kps_image, work.prompt, controlnet_scale=0.8, **options)
+        else:
+            prepared = pipe.prepare(image, work.prompt, width=work.width, height=work.height, **options)
 
         def loop():
-            self.latents = pipe._generate(**loop_kwargs).latents
+            self.latents = pipe.run([prepared], decode=False)[0].latents
             path = getattr(pipe.loop, "last_path", None)
             if path and f"loop path: {path}" not in self.notes:
                 self.notes.append(f"loop path: {path}")

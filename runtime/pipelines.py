@@ -9,6 +9,12 @@ text negatives, negative image tokens = projector(zeros) (IP-Adapter Plus: proje
 image))), face tokens as the ControlNet's context, time_ids (H, W, 0, 0, H, W), seeded CPU noise
 drawn as diffusers draws it. λ (per layer), the ControlNet scale and the guidance are runtime
 inputs: changing them needs no rebuild and no new CUDA graph.
+
+Requests that agree on size, steps, guidance, scales and scheduler can share one loop call, their
+rows stacked (what a server's micro-batching does):
+
+    jobs = [pipe.prepare(photo, prompt, seed=s) for photo, prompt, s in requests]   # Prepared each
+    results = pipe.run(jobs)     # per request: its Generation, or its own NonFiniteError
 """
 from __future__ import annotations
 
@@ -49,6 +55,45 @@ class Generation:
     latents: torch.Tensor
 
 
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the requests sharing one denoising loop must agree on (output size in pixels, the rest as
+    the pipelines' arguments; ip_scale a float or a per-layer tuple)."""
+
+    height: int
+    width: int
+    steps: int
+    guidance: float
+    ip_scale: float | tuple[float, ...]
+    scheduler: str
+    controlnet_scale: float = 0.0
+
+    @classmethod
+    def of(cls, height, width, steps, guidance, ip_scale, scheduler, controlnet_scale=0.0) -> LoopSettings:
+        scale = float(ip_scale) if isinstance(ip_scale, (int, float)) else tuple(float(s) for s in ip_scale)
+        return cls(int(height), int(width), int(steps), float(guidance), scale, str(scheduler), float(controlnet_scale))
+
+
+@dataclass
+class Prepared:
+    """One request's conditioning, ready for the loop (the pipelines' `prepare`); N = num_images.
+
+    tokens / negative_tokens: (N, 77, C) text tokens; pooled / negative_pooled: (N, P);
+    image_tokens / negative_image_tokens: (N, K, C); control_image: (1, 3, H, W) in [0, 1] (InstantID).
+    """
+
+    settings: LoopSettings
+    seed: int
+    num_images: int
+    tokens: torch.Tensor
+    pooled: torch.Tensor
+    negative_tokens: torch.Tensor
+    negative_pooled: torch.Tensor
+    image_tokens: torch.Tensor
+    negative_image_tokens: torch.Tensor
+    control_image: torch.Tensor | None = None
+
+
 class _SDXLPipeline:
     """Text encoders, UNet (+ ControlNet), VAE decoder sessions, the prompt cache and the loop."""
 
@@ -64,7 +109,7 @@ class _SDXLPipeline:
         self.backend = normalize_backend(backend)
         self.manifest = load_manifest(self.build_dir)
         self.assets = Assets.open(self.build_dir, self.manifest)
-        trt = self.backend != "onnxruntime"
+        trt = self.backend in ("tensorrt", "tensorrt-rtx")
         self.memory = DeviceMemoryPool(device or "cuda") if trt else None
         self._overrides = dict(sessions or {})
         self._open_args = dict(manifest=self.manifest, device=device, memory=self.memory,
@@ -91,7 +136,8 @@ class _SDXLPipeline:
     def from_build(cls, build_dir: str | os.PathLike, backend: str = "onnxruntime", **kwargs):
         """Open every session of the pipeline from `build_dir` (see DESIGN.md's build layout).
 
-        backend: 'onnxruntime' | 'tensorrt' | 'tensorrt-rtx'. kwargs: device, loop_mode ('auto' |
+        backend: 'onnxruntime' | 'tensorrt' | 'tensorrt-rtx' | 'torch' (the build's torch.export programs, on
+        cuda when present; the face models stay on ONNX Runtime). kwargs: device, loop_mode ('auto' |
         'graph' | 'step-graphs' | 'eager'), verify_sha256, threads (ONNX Runtime), sessions (component ->
         Session used instead of the backend's, e.g. a TorchSession), and per pipeline extras
         (InstantID: face_analyzer).
@@ -185,44 +231,96 @@ class _SDXLPipeline:
                                   f"profile {rows_lo}..{rows_hi}: lower num_images or rebuild with a larger batch")
 
     # -- the loop and decoding ---------------------------------------------------------------
-    def _generate(self, *, tokens, pooled, negative_tokens, negative_pooled, image_tokens, negative_image_tokens,
-                  height, width, num_images, steps, guidance, ip_scale, seed, scheduler, control_image=None,
-                  controlnet_scale=1.0, decode=True) -> Generation:
-        """Conditioning rows (1|N, ...) -> Generation; the shared body of both pipelines."""
-        cfg = guidance > 1.0
+    def max_images(self, settings: LoopSettings) -> int | None:
+        """How many images one loop call can carry at these settings (the engine profile's rows, halved
+        with CFG); None when unbounded (ONNX Runtime)."""
+        if self.size_limits is None:
+            return None
+        rows_hi = self.size_limits[1][0]
+        return rows_hi // 2 if settings.guidance > 1.0 else rows_hi
+
+    def run(self, requests: Sequence[Prepared], decode: bool = True) -> list[Generation | NonFiniteError]:
+        """Several prepared requests with equal `settings` through ONE denoising loop, their rows stacked.
+
+        Each request keeps its own prompt, image tokens, control image and seed (its noise is drawn from
+        its own generator, as a lone call draws it), so its images equal those of a call of its own up to
+        floating-point summation order. Returns, per request in order, its Generation or the
+        NonFiniteError that is its own (a NaN in one request does not fail the others). Raises
+        ValueError when the settings differ, ResolutionError when the stack does not fit the engine.
+        """
+        if not requests:
+            return []
+        settings = requests[0].settings
+        if any(r.settings != settings for r in requests):
+            raise ValueError("requests in one loop call must share size, steps, guidance, scales and scheduler "
+                             f"(got {sorted({str(r.settings) for r in requests})}): run them separately")
+        num_images = sum(r.num_images for r in requests)
+        cfg = settings.guidance > 1.0
         rows = 2 * num_images if cfg else num_images
+        height, width = settings.height, settings.width
         self.check_size(height, width, rows)
-        batch = _repeat_to(num_images)
-        image_tokens, negative_image_tokens = batch(image_tokens), batch(negative_image_tokens)
-        text_tokens, text_embeds, ip_tokens = tokens, pooled, image_tokens
-        if cfg:
-            text_tokens = torch.cat([negative_tokens, tokens])
-            text_embeds = torch.cat([negative_pooled, pooled])
-            ip_tokens = torch.cat([negative_image_tokens, image_tokens])
+
+        def stack(name: str) -> torch.Tensor:
+            return torch.cat([getattr(r, name).to(self.device) for r in requests])
+
+        text_tokens, text_embeds, ip_tokens = stack("tokens"), stack("pooled"), stack("image_tokens")
+        if cfg:  # CFG rows [every negative, every positive], as the baseline's chunk(2) expects
+            text_tokens = torch.cat([stack("negative_tokens"), text_tokens])
+            text_embeds = torch.cat([stack("negative_pooled"), text_embeds])
+            ip_tokens = torch.cat([stack("negative_image_tokens"), ip_tokens])
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32,
                                 device=self.device).repeat(rows, 1)
-        unet_feeds = {"text_tokens": text_tokens, "ip_tokens": ip_tokens, "ip_scale": self.ip_scale_tensor(ip_scale),
-                      "text_embeds": text_embeds, "time_ids": time_ids}
+        unet_feeds = {"text_tokens": text_tokens, "ip_tokens": ip_tokens,
+                      "ip_scale": self.ip_scale_tensor(settings.ip_scale), "text_embeds": text_embeds,
+                      "time_ids": time_ids}
         controlnet_feeds = None
         if self.controlnet is not None:
-            controlnet_feeds = {"face_tokens": ip_tokens, "control_image": control_image.to(self.device).repeat(
-                rows, 1, 1, 1), "text_embeds": text_embeds, "time_ids": time_ids,
-                "conditioning_scale": torch.tensor([float(controlnet_scale)], device=self.device)}
+            control = torch.cat([r.control_image.to(self.device).expand(r.num_images, -1, -1, -1) for r in requests])
+            controlnet_feeds = {"face_tokens": ip_tokens, "control_image": torch.cat([control, control]) if cfg
+                                else control, "text_embeds": text_embeds, "time_ids": time_ids,
+                                "conditioning_scale": torch.tensor([float(settings.controlnet_scale)],
+                                                                   device=self.device)}
         else:
             unet_feeds.update(self._zero_residuals(rows, height, width))
-        plan = self.plan(scheduler, steps)
-        shape = (num_images, self.latent_channels, height // self.latent_factor, width // self.latent_factor)
-        latents, step_noise = draw_noise(plan, shape, torch.Generator("cpu").manual_seed(seed))
+        plan = self.plan(settings.scheduler, settings.steps)
+        latent_shape = (self.latent_channels, height // self.latent_factor, width // self.latent_factor)
+        noise = [draw_noise(plan, (r.num_images, *latent_shape), torch.Generator("cpu").manual_seed(r.seed))
+                 for r in requests]
+        latents = torch.cat([n[0] for n in noise])
+        step_noise = None if noise[0][1] is None else torch.cat([n[1] for n in noise], dim=1)
         inputs = LoopInputs(latents.to(self.device), None if step_noise is None else step_noise.to(self.device),
-                            torch.tensor(float(guidance), dtype=torch.float32, device=self.device), unet_feeds,
-                            controlnet_feeds)
+                            torch.tensor(float(settings.guidance), dtype=torch.float32, device=self.device),
+                            unet_feeds, controlnet_feeds)
         latents = self.loop.run(plan, inputs)
-        if not bool(torch.isfinite(latents).all()):
-            raise NonFiniteError(
-                f"the denoising loop produced NaN/Inf latents ({self.unet_component}, {self.backend}): an fp16 "
-                "overflow or a broken engine. Try guidance <= 10, rebuild with --precision fp32, or run the "
-                "baseline to compare")
-        return Generation(self.decode(latents) if decode else [], latents)
+        results: list[Generation | NonFiniteError] = []
+        for block in latents.split([r.num_images for r in requests]):
+            if not bool(torch.isfinite(block).all()):
+                results.append(NonFiniteError(
+                    f"the denoising loop produced NaN/Inf latents ({self.unet_component}, {self.backend}): an fp16 "
+                    "overflow or a broken engine. Try guidance <= 10, rebuild with --precision fp32, or run the "
+                    "baseline to compare"))
+                continue
+            try:
+                results.append(Generation(self.decode(block) if decode else [], block))
+            except NonFiniteError as error:
+                results.append(error)
+        return results
+
+    def _run_one(self, request: Prepared, decode: bool = True) -> Generation:
+        """One prepared request through the loop; raises its NonFiniteError."""
+        result = self.run([request], decode)[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _prepared(self, prompt, negative_prompt, tokens: torch.Tensor, negative_tokens: torch.Tensor,
+                  settings: LoopSettings, seed: int, num_images: int, control_image=None) -> Prepared:
+        """A Prepared from image tokens (1|N, K, C) and prompts (one, or one per image)."""
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        text = self._prompt_rows(prompt, negative_prompt, num_images)
+        batch = _repeat_to(num_images)
+        return Prepared(settings, int(seed), num_images, *text, batch(tokens), batch(negative_tokens), control_image)
 
     def _zero_residuals(self, rows: int, height: int, width: int) -> dict[str, torch.Tensor]:
         """Zero ControlNet residuals (rows, C, h/2^k, w/2^k) float32 for a UNet served without a ControlNet."""
@@ -288,7 +386,7 @@ class InstantIDPipeline(_SDXLPipeline):
         built, else ONNX Runtime on the CPU) unless one was given."""
         if self._face_analyzer is None:
             analyzer = self.assets.face_analyzer()
-            if self.backend != "onnxruntime":
+            if self.backend in ("tensorrt", "tensorrt-rtx"):
                 for component, model in (("face_detector", analyzer.detector), ("arcface", analyzer.recognizer)):
                     if self.manifest.components[component].engine is not None:
                         model.session = NumpyView(self.open(component))
@@ -306,18 +404,39 @@ class InstantIDPipeline(_SDXLPipeline):
     def _embedding_dim(self) -> int:
         return self.face_proj.input("face_embedding").shape[1]
 
+    def prepare_embedding(self, face_embedding, kps_image: np.ndarray, prompt, negative_prompt=None,
+                          steps: int = 30, guidance: float = 5.0, ip_scale=0.8, controlnet_scale: float = 0.8,
+                          seed: int = 0, num_images: int = 1, scheduler: str = "euler") -> Prepared:
+        """The loop's conditioning from a face embedding (512,) and a kps image (H, W, 3) uint8 (output H x W)."""
+        height, width = kps_image.shape[:2]
+        tokens, negative_tokens = self.face_tokens(face_embedding)
+        settings = LoopSettings.of(height, width, steps, guidance, ip_scale, scheduler, controlnet_scale)
+        return self._prepared(prompt, negative_prompt, tokens, negative_tokens, settings, seed, num_images,
+                              control_tensor(kps_image))
+
+    def prepare(self, image: ImageSource, prompt, negative_prompt=None, steps: int = 30, guidance: float = 5.0,
+                ip_scale=0.8, controlnet_scale: float = 0.8, seed: int = 0, width: int | None = None,
+                height: int | None = None, pose_image: ImageSource | None = None, num_images: int = 1,
+                scheduler: str = "euler", face_index: int | None = None) -> Prepared:
+        """`__call__`'s work before the loop: face analysis, face tokens, kps image, prompts (see `run`)."""
+        from runtime.face import draw_kps
+
+        face_rgb = _prepare_photo(image, width, height)
+        face = self.face_analyzer.analyze(face_rgb, face_index=face_index)
+        pose_rgb = face_rgb if pose_image is None else _prepare_photo(pose_image, width, height)
+        kps = face.kps if pose_image is None else self.face_analyzer.pose_kps(pose_rgb)
+        kps_image = draw_kps(pose_rgb.shape[1], pose_rgb.shape[0], kps)
+        return self.prepare_embedding(face.embedding, kps_image, prompt, negative_prompt, steps=steps,
+                                      guidance=guidance, ip_scale=ip_scale, controlnet_scale=controlnet_scale,
+                                      seed=seed, num_images=num_images, scheduler=scheduler)
+
     def generate(self, face_embedding, kps_image: np.ndarray, prompt, negative_prompt=None, steps: int = 30,
                  guidance: float = 5.0, ip_scale=0.8, controlnet_scale: float = 0.8, seed: int = 0,
                  num_images: int = 1, scheduler: str = "euler", decode: bool = True) -> Generation:
         """From a face embedding (512,) and a kps image (H, W, 3) uint8; output H x W (the baseline's generate)."""
-        height, width = kps_image.shape[:2]
-        tokens, negative_tokens = self.face_tokens(face_embedding)
-        text = self._prompt_rows(prompt, negative_prompt, num_images)
-        return self._generate(tokens=text[0], pooled=text[1], negative_tokens=text[2], negative_pooled=text[3],
-                              image_tokens=tokens, negative_image_tokens=negative_tokens, height=height, width=width,
-                              num_images=num_images, steps=steps, guidance=guidance, ip_scale=ip_scale, seed=seed,
-                              scheduler=scheduler, control_image=control_tensor(kps_image),
-                              controlnet_scale=controlnet_scale, decode=decode)
+        return self._run_one(self.prepare_embedding(
+            face_embedding, kps_image, prompt, negative_prompt, steps=steps, guidance=guidance, ip_scale=ip_scale,
+            controlnet_scale=controlnet_scale, seed=seed, num_images=num_images, scheduler=scheduler), decode)
 
     def __call__(self, image: ImageSource, prompt, negative_prompt=None, steps: int = 30, guidance: float = 5.0,
                  ip_scale=0.8, controlnet_scale: float = 0.8, seed: int = 0, width: int | None = None,
@@ -330,16 +449,10 @@ class InstantIDPipeline(_SDXLPipeline):
         photo has no face, ResolutionError for a size the build cannot serve, NonFiniteError on NaN.
         With return_latents=True returns a Generation (images and final latents).
         """
-        from runtime.face import draw_kps
-
-        face_rgb = _prepare_photo(image, width, height)
-        face = self.face_analyzer.analyze(face_rgb, face_index=face_index)
-        pose_rgb = face_rgb if pose_image is None else _prepare_photo(pose_image, width, height)
-        kps = face.kps if pose_image is None else self.face_analyzer.pose_kps(pose_rgb)
-        kps_image = draw_kps(pose_rgb.shape[1], pose_rgb.shape[0], kps)
-        generation = self.generate(face.embedding, kps_image, prompt, negative_prompt, steps=steps, guidance=guidance,
-                                   ip_scale=ip_scale, controlnet_scale=controlnet_scale, seed=seed,
-                                   num_images=num_images, scheduler=scheduler)
+        generation = self._run_one(self.prepare(
+            image, prompt, negative_prompt, steps=steps, guidance=guidance, ip_scale=ip_scale,
+            controlnet_scale=controlnet_scale, seed=seed, width=width, height=height, pose_image=pose_image,
+            num_images=num_images, scheduler=scheduler, face_index=face_index))
         return _output(generation, return_latents)
 
 
@@ -381,6 +494,15 @@ class IPAdapterPipeline(_SDXLPipeline):
                 {"image_embeds": torch.zeros(1, width)})["ip_tokens"])
         return self._project(pixels).to(self.device).clone(), negative
 
+    def prepare(self, image: ImageSource, prompt, negative_prompt=None, steps: int = 30, guidance: float = 5.0,
+                ip_scale=0.6, seed: int = 0, width: int | None = None, height: int | None = None,
+                num_images: int = 1, scheduler: str = "euler") -> Prepared:
+        """`__call__`'s work before the loop: image tokens and prompts (see `run`)."""
+        size = int(self.assets.value("default_resolution", 1024))
+        tokens, negative_tokens = self.image_tokens(image)
+        settings = LoopSettings.of(height or size, width or size, steps, guidance, ip_scale, scheduler)
+        return self._prepared(prompt, negative_prompt, tokens, negative_tokens, settings, seed, num_images)
+
     def __call__(self, image: ImageSource, prompt, negative_prompt=None, steps: int = 30, guidance: float = 5.0,
                  ip_scale=0.6, seed: int = 0, width: int | None = None, height: int | None = None,
                  num_images: int = 1, scheduler: str = "euler", return_latents: bool = False, decode: bool = True):
@@ -388,12 +510,7 @@ class IPAdapterPipeline(_SDXLPipeline):
 
         Returns a list of PIL images (a Generation with the latents when return_latents=True).
         """
-        size = int(self.assets.value("default_resolution", 1024))
-        tokens, negative_tokens = self.image_tokens(image)
-        text = self._prompt_rows(prompt, negative_prompt, num_images)
-        generation = self._generate(tokens=text[0], pooled=text[1], negative_tokens=text[2], negative_pooled=text[3],
-                                    image_tokens=tokens, negative_image_tokens=negative_tokens,
-                                    height=height or size, width=width or size, num_images=num_images, steps=steps,
-                                    guidance=guidance, ip_scale=ip_scale, seed=seed, scheduler=scheduler,
-                                    decode=decode)
+        generation = self._run_one(self.prepare(image, prompt, negative_prompt, steps=steps, guidance=guidance,
+                                                ip_scale=ip_scale, seed=seed, width=width, height=height,
+                                                num_images=num_images, scheduler=scheduler), decode)
         return _output(generation, return_latents)

@@ -180,6 +180,67 @@ def test_face_models_run_through_sessions(tiny_build, instantid):
     np.testing.assert_allclose(face.embedding, expected.embedding, rtol=1e-5, atol=1e-5)
 
 
+class CountingSession:
+    """A session that counts its calls (delegates everything else)."""
+
+    def __init__(self, session):
+        self.session, self.calls, self.rows = session, 0, []
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+    def run(self, feeds):
+        self.calls += 1
+        self.rows.append(feeds["sample"].shape[0])
+        self.feeds = feeds
+        return self.session.run(feeds)
+
+
+@pytest.mark.parametrize("scheduler", ["euler_a", "dpmpp_2m"])
+def test_stacked_requests_equal_their_own_calls(instantid, astronaut_face, scheduler):
+    """Three requests (own prompt, pose, identity, seed, num_images) in ONE loop = each on its own."""
+    from runtime.pipelines import control_tensor
+
+    embedding, kps_image = astronaut_face
+    mirrored = np.ascontiguousarray(kps_image[:, ::-1])
+    common = dict(steps=3, guidance=5.0, ip_scale=0.7, controlnet_scale=0.6, scheduler=scheduler)
+    requests = [instantid.prepare_embedding(embedding, kps_image, "a person", seed=1, **common),
+                instantid.prepare_embedding(embedding[::-1].copy(), mirrored, "an oil painting", "blurry", seed=7,
+                                            num_images=2, **common),
+                instantid.prepare_embedding(embedding, mirrored, "a person", seed=1, **common)]
+    alone = [instantid.run([r])[0] for r in requests]
+    loop = instantid.loop
+    sessions = loop.unet, loop.controlnet
+    loop.unet, loop.controlnet = CountingSession(loop.unet), CountingSession(loop.controlnet)
+    try:
+        stacked = instantid.run(requests)
+        counted, control = loop.unet, loop.controlnet.feeds["control_image"]
+    finally:
+        loop.unet, loop.controlnet = sessions
+    assert counted.calls == 3 and counted.rows == [2 * 4] * 3  # one loop: 3 steps over 4 images x CFG
+    poses = [control_tensor(k)[0] for k in (kps_image, mirrored, mirrored, mirrored)]
+    torch.testing.assert_close(control, torch.stack(poses * 2), rtol=0, atol=0)  # each row its own pose
+    for index, (got, expected) in enumerate(zip(stacked, alone)):
+        assert_parity(got, expected, f"stacked request {index} ({scheduler}) vs alone")
+        assert relative_error(got.latents, expected.latents) <= 1e-5
+    assert relative_error(stacked[1].latents[:1], stacked[0].latents) > 1e-2  # its own seed and prompt
+
+
+def test_stacked_run_keeps_errors_per_request(instantid, astronaut_face):
+    from runtime.pipelines import NonFiniteError
+
+    embedding, kps_image = astronaut_face
+    good = instantid.prepare_embedding(embedding, kps_image, "a person", steps=2, seed=3)
+    broken = instantid.prepare_embedding(np.full(512, np.inf, np.float32), kps_image, "a person", steps=2, seed=3)
+    results = instantid.run([broken, good])
+    assert isinstance(results[0], NonFiniteError) and "NaN/Inf latents" in str(results[0])
+    assert_parity(results[1], instantid.run([good])[0], "the finite neighbour of a NaN request")
+    other = instantid.prepare_embedding(embedding, kps_image, "a person", steps=3, seed=3)
+    with pytest.raises(ValueError, match="must share size, steps"):
+        instantid.run([good, other])
+    assert instantid.max_images(good.settings) is None  # ONNX Runtime: any number of rows
+
+
 def test_no_face_is_a_clear_error(instantid):
     from skimage import data
 
@@ -217,6 +278,20 @@ def test_ip_adapter_matches_baseline(ip_pair, scheduler, num_images, ip_scale, n
     expected = baseline(data.coffee(), "a cup on a table", negative, **kwargs)
     assert_parity(result, expected,
                   f"ip-adapter{' plus' if pipe.plus else ''} {scheduler} x{num_images} λ={ip_scale} cfg={guidance}")
+
+
+def test_ip_adapter_stacked_requests_equal_their_own_calls(ip_pair):
+    from skimage import data
+
+    pipe, _ = ip_pair
+    common = dict(steps=2, width=SIZE, height=SIZE, scheduler="euler_a")
+    requests = [pipe.prepare(data.coffee(), "a cup", seed=2, **common),
+                pipe.prepare(data.astronaut(), "a portrait", "blurry", seed=5, num_images=2, **common)]
+    stacked = pipe.run(requests)
+    for index, request in enumerate(requests):
+        expected = pipe.run([request])[0]
+        assert_parity(stacked[index], expected, f"ip-adapter{' plus' if pipe.plus else ''} stacked request {index}")
+        assert relative_error(stacked[index].latents, expected.latents) <= 1e-5
 
 
 # ---- errors and caches ----------------------------------------------------------------------------

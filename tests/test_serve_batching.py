@@ -98,3 +98,12 @@ def test_a_generator_run_batch_answers_each_request_as_soon_as_it_is_done():
     gate.set()
     assert second.future.result(5) == 2
     queue.close()
+
+
+def test_stacked_requests_are_split_to_fit_the_engine_batch():
+    from runtime.serve.served import _chunks
+
+    assert list(_chunks([0, 1, 2, 3], [1, 2, 1, 1], None)) == [[0, 1, 2, 3]]
+    assert list(_chunks([0, 1, 2, 3], [1, 2, 1, 1], 2)) == [[0], [1], [2, 3]]
+    assert list(_chunks([0, 2], [3, 1], 2)) == [[0], [2]]  # too big alone: the pipeline reports it
+    assert list(_chunks([], [], 4)) == []

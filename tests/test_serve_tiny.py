@@ -215,3 +215,46 @@ def test_overload_beyond_the_queue_bound_gets_429_fast(server):
         fastest_success = min(seconds for status, seconds in results if status == 200)
         assert slowest_refusal < min(1.0, fastest_success), (slowest_refusal, fastest_success)
         assert http.get(server + "/readyz").status_code == 200
+
+
+def test_a_batch_of_requests_shares_one_denoising_loop(serve_build):
+    """ServedPipeline.run_batch over the real InstantID pipeline: 3 requests with a face run as ONE loop
+    (UNet rows stacked) and each equals its own call; the no-face request fails alone; an engine
+    batch bound splits the stack into calls that fit it."""
+    from runtime.face import NoFaceError
+    from runtime.serve.served import load_pipelines
+
+    served = load_pipelines(serve_build, names=["instantid"], threads=1, warmup_size=128)["instantid"]
+    pipe = served.pipe
+    face, cat = skimage.data.astronaut(), skimage.data.chelsea()
+    common = dict(steps=2, guidance=5.0, ip_scale=0.8, controlnet_scale=0.8, width=256, height=256,
+                  scheduler="euler")
+    payloads = [dict(image=face, prompt="a portrait", seed=1, **common),
+                dict(image=cat, prompt="a cat", seed=2, **common),
+                dict(image=np.ascontiguousarray(face[:, ::-1]), prompt="an oil painting", seed=3, num_images=2,
+                     **common),
+                dict(image=face, prompt="a sketch", seed=4, **common)]
+    rows, run = [], pipe.loop.run
+
+    def counting_run(plan, inputs):
+        rows.append(inputs.latents.shape[0])
+        return run(plan, inputs)
+
+    pipe.loop.run = counting_run
+    try:
+        results = list(served.run_batch(None, payloads))
+        assert rows == [4]  # 1 + 2 + 1 images of the requests with a face, one loop
+        pipe.max_images = lambda settings: 2  # an engine profile of 2 images per call
+        rows.clear()
+        again = list(served.run_batch(None, payloads))
+        assert rows == [1, 2, 1]
+    finally:
+        del pipe.loop.run
+        del pipe.max_images
+    assert isinstance(results[1], NoFaceError) and isinstance(again[1], NoFaceError)
+    for index in (0, 2, 3):
+        alone = pipe(**payloads[index])
+        assert len(results[index]) == len(alone) == payloads[index].get("num_images", 1)
+        for got, chunked, expected in zip(results[index], again[index], alone):
+            assert np.abs(np.asarray(got, int) - np.asarray(expected, int)).max() <= 1
+            assert np.abs(np.asarray(chunked, int) - np.asarray(expected, int)).max() <= 1

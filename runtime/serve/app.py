@@ -233,7 +233,7 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, ServedPipeline]
                 waiter.cancel()
                 raise ClientGone("the client closed the connection before the answer")
         images_out = waiter.result()
-        timings["queue"] = job.started - job.enqueued  # includes batch predecessors
+        timings["queue"] = job.started - job.enqueued
         timings["run"] = job.finished - job.started
         response = await anyio.to_thread.run_sync(respond, name, request_model, images_out, timings, started)
         for stage, seconds in timings.items():

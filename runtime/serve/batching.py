@@ -45,7 +45,7 @@ class Job:
     payload: Any
     deadline: float
     enqueued: float = field(default_factory=time.monotonic)
-    started: float = 0.0  # when its own pipeline work began (after batch predecessors)
+    started: float = 0.0  # when its batch began running
     finished: float = 0.0
     future: Future = field(default_factory=Future)
 
@@ -165,20 +165,19 @@ class BatchQueue:
             if batch is None:
                 return
             start = time.monotonic()
-            batch[0].started = start
+            for job in batch:  # the rows of a batch run together (one stacked loop)
+                job.started = start
             settled = 0
             try:  # results may be a list or a generator: each future is settled as soon as its result exists
                 for job, result in zip(batch, self.run_batch(batch[0].key, [job.payload for job in batch])):
                     job.finished = time.monotonic()
                     _settle(job, result)
                     settled += 1
-                    if settled < len(batch):  # the next one starts now (sequential execution)
-                        batch[settled].started = job.finished
                 if settled != len(batch):
                     raise RuntimeError(f"run_batch returned {settled} results for {len(batch)} requests")
             except BaseException as error:  # noqa: BLE001 - the worker must survive any batch
                 for job in batch[settled:]:
-                    job.started, job.finished = job.started or start, time.monotonic()
+                    job.finished = time.monotonic()
                     _settle(job, error)
             for job in batch:
                 self.stats.on_wait(job.started - job.enqueued)

@@ -140,8 +140,7 @@ def pipeline_kwargs(pipeline: str, request: GenerateParams, images: dict[str, by
         if pose is not None:
             kwargs["pose_image"] = pose
         key_scales += (request.controlnet_scale,)
-    key = (pipeline, width, height, request.steps, request.scheduler, request.guidance, request.num_images,
-           *key_scales)
+    key = (pipeline, width, height, request.steps, request.scheduler, request.guidance, *key_scales)
     return kwargs, key
 
 

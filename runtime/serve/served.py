@@ -5,11 +5,12 @@ A `ServedPipeline` wraps anything callable as the runtime pipelines are:
 width=..., height=..., num_images=..., scheduler=..., **extras) -> list[PIL.Image]`
 (`runtime.pipelines.InstantIDPipeline` / `IPAdapterPipeline`, or a test double), plus a warm-up.
 
-Batches: requests with one key (same pipeline, size, steps, scheduler, guidance, scales) are run
-back to back in one worker turn, each answered as soon as its images exist and each error kept to
-itself. The runtime pipelines take one photo per call (one seed, one control image), so rows of
-different requests are not yet stacked into one engine call; `run_batch` is the single place to do
-that once the runtime offers a call with per-row seeds and control images.
+Batches: requests with one key (same pipeline, size, steps, scheduler, guidance, scales) share
+ONE denoising loop: each is prepared on its own (face analysis, prompts, image tokens: a bad photo
+fails only its request), then their rows are stacked into one engine call per step (`pipe.run`),
+in as few calls as the engine profile's batch allows, and each request gets its own images (its
+own seed, prompt and pose) or its own error. A pipeline without `prepare`/`run` (a test double) is
+called once per request.
 """
 from __future__ import annotations
 
@@ -46,11 +47,51 @@ class ServedPipeline:
     def run_batch(self, key, payloads: Sequence[dict]) -> Iterator:
         """kwargs dicts of one key -> per request, in order: list of PIL images, or the exception it
         raised. A generator, so the queue answers each request as soon as its images exist."""
-        for kwargs in payloads:
-            try:
-                yield self.pipe(**kwargs)
-            except Exception as error:  # noqa: BLE001 - returned to that request only
-                yield error
+        if not (hasattr(self.pipe, "prepare") and hasattr(self.pipe, "run")):
+            for kwargs in payloads:
+                yield _attempt(lambda: self.pipe(**kwargs))
+            return
+        prepared = [_attempt(lambda: self.pipe.prepare(**kwargs)) for kwargs in payloads]
+        ready = [i for i, p in enumerate(prepared) if not isinstance(p, BaseException)]
+        results: dict[int, Any] = {i: p for i, p in enumerate(prepared) if isinstance(p, BaseException)}
+        answered = 0
+        while answered in results:  # requests that failed to prepare are answered at once
+            yield results.pop(answered)
+            answered += 1
+        for chunk in _chunks(ready, [prepared[i].num_images for i in ready],
+                             self.pipe.max_images(prepared[ready[0]].settings) if ready else None):
+            outcome = _attempt(lambda: self.pipe.run([prepared[i] for i in chunk]))
+            for n, i in enumerate(chunk):
+                result = outcome if isinstance(outcome, BaseException) else outcome[n]
+                results[i] = result if isinstance(result, BaseException) else result.images
+            while answered in results:
+                yield results.pop(answered)
+                answered += 1
+        while answered < len(payloads):
+            yield results.pop(answered)
+            answered += 1
+
+
+def _attempt(call: Callable[[], Any]) -> Any:
+    """call()'s result, or the exception it raised (kept for that request only)."""
+    try:
+        return call()
+    except Exception as error:  # noqa: BLE001 - returned to that request only
+        return error
+
+
+def _chunks(indices: list[int], sizes: list[int], limit: int | None) -> Iterator[list[int]]:
+    """Consecutive groups of `indices` whose sizes sum to at most `limit` (a request larger than the
+    limit goes alone, and the pipeline reports its size error)."""
+    group, total = [], 0
+    for index, size in zip(indices, sizes):
+        if group and limit is not None and total + size > limit:
+            yield group
+            group, total = [], 0
+        group.append(index)
+        total += size
+    if group:
+        yield group
 
 
 def _instantid_warmup(pipe, size: int, steps: int) -> Callable[[], None]:
