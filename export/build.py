@@ -3,7 +3,7 @@ manifest, then (optionally) build the engines.
 
     python -m export.build --model tiny|sdxl [--pipeline instantid|ip-adapter|ip-adapter-plus|all]
         [--weights DIR] [--random-init] [--face-models DIR] [--out DIR] [--components NAME ...]
-        [--stage onnx|engines|all]
+        [--stage onnx|torch|engines|all]
         [--backend tensorrt|tensorrt-rtx] [--precision fp16|fp32] [--attention fused|stacked|unfused]
         [--vae-fp16-fix]
 
@@ -11,6 +11,10 @@ Writes build/<model>/onnx/<component>.onnx, build/<model>/assets/ (export.assets
 build/<model>/manifest.json (engine.manifest). `--model tiny` without `--weights` first writes
 the tiny checkpoints to <out>/weights and loads them through the normal loaders. Precision
 defaults to fp16 for sdxl and fp32 for tiny. I/O names: export/components.py.
+
+`--stage torch` writes build/<model>/torch/<component>.pt2 instead of ONNX: `torch.export`
+programs for the runtime's torch backend (GPUs without TensorRT; export/torch_programs.py). The
+face models stay ONNX (ONNX Runtime or TensorRT run them under every backend).
 """
 from __future__ import annotations
 
@@ -84,6 +88,7 @@ def components_for(pipelines) -> list[str]:
 COMPONENTS = ("text_encoder", "text_encoder_2", "image_encoder", "face_detector", "arcface", "face_proj",
               "image_proj", "image_proj_plus", "controlnet", "unet_instantid", "unet_ip_adapter",
               "unet_ip_adapter_plus", "vae_decoder")  # every component, in build (and manifest) order
+FACE_MODELS = ("face_detector", "arcface")
 
 
 def _peak_rss_gb() -> float:
@@ -91,8 +96,10 @@ def _peak_rss_gb() -> float:
 
 
 def export_onnx(options: Options) -> list[Row]:
-    """Export the selected components, assets and manifest entries; returns the summary rows."""
-    from engine.manifest import record_onnx, update_manifest
+    """Export the selected components (ONNX, or torch.export programs with --stage torch), assets and
+    manifest entries; returns the summary rows."""
+    from engine.manifest import record_onnx, sha256_files, update_manifest
+    from export.torch_programs import export_program, io_specs
 
     spec = get_spec(options.model)
     out = Path(options.out)
@@ -110,14 +117,28 @@ def export_onnx(options: Options) -> list[Row]:
              "trace_resolution": spec.trace_resolution, "torch": torch.__version__.split("+")[0],
              "weights": "random-init" if options.random_init else ("tiny" if options.weights is None and
                                                                    spec.name == "tiny" else "checkpoints")}
-    rows = []
-    bar = tqdm(names, desc=f"onnx ({spec.name}, {options.precision})", unit="component")
+    rows, programs = [], {}
+    programs_only = options.stage == "torch"
+    if programs_only:
+        names = [name for name in names if name not in FACE_MODELS]
+    bar = tqdm(names, desc=f"{'torch' if programs_only else 'onnx'} ({spec.name}, {options.precision})",
+               unit="component")
     for name in bar:
         bar.set_postfix_str(name)
         path = out / "onnx" / f"{name}.onnx"
         start = time.perf_counter()
         made = sources.make(name)
         loaded = time.perf_counter() - start
+        if programs_only:
+            path = out / "torch" / f"{name}.pt2"
+            seconds = export_program(made, path)
+            programs[name] = {"path": f"torch/{name}.pt2", "sha256": sha256_files([path]),
+                              "size_bytes": path.stat().st_size, "torch": flags["torch"],
+                              "precision": _precision_of(name, options), "export_seconds": round(seconds, 2),
+                              **io_specs(made)}
+            del made
+            rows.append(Row(name, 0, path.stat().st_size, loaded, seconds, _peak_rss_gb()))
+            continue
         if isinstance(made, comps.Component):
             seconds = export_component(made, path, sizes)
         else:  # a face model: cleaned from its ONNX file
@@ -139,6 +160,8 @@ def export_onnx(options: Options) -> list[Row]:
         manifest.metadata.update(facts)
         manifest.metadata["pipelines"] = dict(sorted(pipelines.items()))
         manifest.metadata["assets"] = "assets"
+        if programs:
+            manifest.metadata["torch_programs"] = {**manifest.metadata.get("torch_programs", {}), **programs}
 
     update_manifest(out, spec.name, change)
     return rows
@@ -198,7 +221,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--out", type=Path, help="build directory (default build/<model>)")
     parser.add_argument("--components", nargs="+", metavar="NAME",
                         help="only these components of the pipelines (default: all of them)")
-    parser.add_argument("--stage", default="all", choices=["onnx", "engines", "all"])
+    parser.add_argument("--stage", default="all", choices=["onnx", "torch", "engines", "all"],
+                        help="onnx: ONNX + assets; torch: torch.export programs (torch backend) + assets; "
+                             "engines: TensorRT plans from the ONNX; all: onnx then engines")
     parser.add_argument("--backend", choices=["tensorrt", "tensorrt-rtx"], help="engine backend (default: detect)")
     parser.add_argument("--precision", choices=["fp16", "fp32"], help="default fp16 for sdxl, fp32 for tiny")
     parser.add_argument("--attention", default="fused", choices=["fused", "stacked", "unfused"],
@@ -231,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = export_onnx(options)
         print(summary_table(rows))
         print(f"wrote {options.out}/onnx, {options.out}/assets, {options.out}/manifest.json")
+    if options.stage == "torch":
+        print(summary_table(export_onnx(options)))
+        print(f"wrote {options.out}/torch, {options.out}/assets, {options.out}/manifest.json")
     if options.stage in ("engines", "all"):
         build_engines(options)
     return 0

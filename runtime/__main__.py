@@ -39,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--out", type=Path, required=True, help="output PNG; with several images, NAME-i.png")
-    gen.add_argument("--backend", default="onnxruntime", help="onnxruntime | tensorrt | tensorrt-rtx")
+    gen.add_argument("--backend", default="onnxruntime", help="onnxruntime | tensorrt | tensorrt-rtx | torch")
     gen.add_argument("--steps", type=int, default=30)
     gen.add_argument("--guidance", type=float, default=5.0)
     gen.add_argument("--ip-scale", type=_scale, default=None,

@@ -33,7 +33,7 @@ from runtime.clip_image import clip_pixel_values
 from runtime.images import ImageSource, load_image, resize_for_instantid
 from runtime.loop import DenoiseLoop, LoopInputs
 from runtime.schedulers import build_scheduler, draw_noise
-from runtime.sessions import DeviceMemoryPool, NumpyView, Session, normalize_backend, open_session
+from runtime.sessions import DeviceMemoryPool, Session, normalize_backend, open_session
 
 PROMPT_CACHE_SIZE = 16
 PIXEL_MULTIPLE = 64
@@ -375,23 +375,36 @@ class InstantIDPipeline(_SDXLPipeline):
     unet_component = "unet_instantid"
     uses_controlnet = True
 
-    def __init__(self, build_dir, backend="onnxruntime", *, face_analyzer=None, **kwargs):
+    def __init__(self, build_dir, backend="onnxruntime", *, face_analyzer=None, face_on_device: bool | None = None,
+                 **kwargs):
         super().__init__(build_dir, backend, **kwargs)
         self.face_proj = self.open("face_proj")
         self._face_analyzer = face_analyzer
+        self.face_on_device = self.device.type == "cuda" if face_on_device is None else face_on_device
 
     @property
     def face_analyzer(self):
-        """The FaceAnalyzer: the build's face_detector + arcface (their engines with a TensorRT backend when
-        built, else ONNX Runtime on the CPU) unless one was given."""
+        """The face analyzer (unless one was given): on a GPU pipeline (or face_on_device=True) the
+        DeviceFaceAnalyzer — photo uploaded once, letterbox, decoding, NMS, warp and normalisation on the
+        pipeline's device, detector and ArcFace as the backend's engines where built (else ONNX Runtime);
+        otherwise the host FaceAnalyzer (numpy/cv2, equal to insightface) on ONNX Runtime."""
         if self._face_analyzer is None:
-            analyzer = self.assets.face_analyzer()
-            if self.backend in ("tensorrt", "tensorrt-rtx"):
-                for component, model in (("face_detector", analyzer.detector), ("arcface", analyzer.recognizer)):
-                    if self.manifest.components[component].engine is not None:
-                        model.session = NumpyView(self.open(component))
-            self._face_analyzer = analyzer
+            if self.face_on_device:
+                from runtime.face.device_analyzer import DeviceFaceAnalyzer
+
+                sessions = [self._face_session(component) for component in ("face_detector", "arcface")]
+                self._face_analyzer = DeviceFaceAnalyzer.from_sessions(*sessions, device=self.device)
+            else:
+                self._face_analyzer = self.assets.face_analyzer()
         return self._face_analyzer
+
+    def _face_session(self, component: str) -> Session:
+        """The face model's engine under a TensorRT backend when built, else its ONNX in ONNX Runtime."""
+        entry = self.manifest.components.get(component)
+        if self.backend in ("tensorrt", "tensorrt-rtx") and entry is not None and entry.engine is not None:
+            return self.open(component)
+        return open_session(self.build_dir, component, "onnxruntime", manifest=self.manifest,
+                            threads=self._open_args["threads"])
 
     def face_tokens(self, embedding: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw ArcFace embedding (512,) or (N, 512) -> (tokens (N, 16, C), negative Resampler(0) (1, 16, C))."""

@@ -10,7 +10,8 @@ stream, so a loop of calls can be captured in a CUDA graph).
 - `OrtSession`: CPU, or the CUDA execution provider where onnxruntime-gpu is installed. Tensors
   cross the boundary as numpy arrays; inputs are cast to the graph's dtypes (fp16 graphs take
   fp32 tensors), outputs come back in the graph's dtypes.
-- `TorchSession`: a torch module with the engine's I/O (eager; capturable on CUDA).
+- `TorchSession`: a torch module with the engine's I/O (eager; capturable on CUDA); the `torch`
+  backend loads the build's `torch.export` programs (torch/<component>.pt2) into it.
 - `TrtSession`: a checked plan (`EngineCheckError` says how to rebuild); preallocated output buffers
   per input shapes, valid until the next call with those shapes; one shared `DeviceMemoryPool`.
 `NumpyView` gives any session ONNX Runtime's numpy `run(names, feeds)` (for the face models).
@@ -29,7 +30,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
           "int64": torch.int64, "int32": torch.int32, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
 _ORT_TYPES = {f"tensor({'float' if name == 'float32' else 'double' if name == 'float64' else name})": dtype
               for name, dtype in DTYPES.items()}
-BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
+BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx", "torch")
 
 
 class SessionError(RuntimeError):
@@ -359,10 +360,13 @@ class NumpyView:
 # ---- opening a build directory's component ----------------------------------------------------
 
 def normalize_backend(backend: str) -> str:
-    """'onnxruntime' | 'ort' -> 'onnxruntime'; TensorRT names via engine.backend ('tensorrt', 'tensorrt-rtx')."""
+    """'onnxruntime' | 'ort' -> 'onnxruntime'; 'torch'; TensorRT names via engine.backend ('tensorrt',
+    'tensorrt-rtx')."""
     key = backend.strip().lower()
     if key in ("onnxruntime", "ort"):
         return "onnxruntime"
+    if key in ("torch", "pytorch"):
+        return "torch"
     from engine.backend import BackendError, normalize_name
 
     try:
@@ -376,7 +380,8 @@ def open_session(build_dir: str | os.PathLike, component: str, backend: str = "o
                  verify_sha256: bool = True, threads: int | None = None) -> Session:
     """The session of one component of a build directory.
 
-    backend: 'onnxruntime' (onnx/<component>.onnx) or 'tensorrt' / 'tensorrt-rtx' (its engine).
+    backend: 'onnxruntime' (onnx/<component>.onnx), 'tensorrt' / 'tensorrt-rtx' (its engine) or 'torch'
+    (its torch.export program, torch/<component>.pt2; device default cuda when present).
     manifest: the loaded engine.manifest.Manifest (read from build_dir when None).
     Raises SessionError / EngineCheckError / ManifestError with what to run to fix it.
     """
@@ -386,6 +391,8 @@ def open_session(build_dir: str | os.PathLike, component: str, backend: str = "o
     manifest = manifest or load_manifest(build_dir)
     entry = manifest.components.get(component)
     backend = normalize_backend(backend)
+    if backend == "torch":
+        return open_program(build_dir, component, manifest, device, verify_sha256)
     if entry is None or entry.onnx is None:
         raise SessionError(f"{build_dir} has no component '{component}' (it has {sorted(manifest.components)}); "
                            f"export it: python -m export.build --model {manifest.model} --out {build_dir}")
@@ -398,3 +405,36 @@ def open_session(build_dir: str | os.PathLike, component: str, backend: str = "o
 
     return TrtSession(build_dir / entry.engine.path, entry.engine, load_backend(backend), name=component,
                       device=device or "cuda", memory=memory, verify_sha256=verify_sha256, model=manifest.model)
+
+
+def open_program(build_dir: Path, component: str, manifest, device=None, verify_sha256: bool = True) -> TorchSession:
+    """A TorchSession over the build's torch.export program of `component` (export/torch_programs.py),
+    moved to `device` (default: cuda when present, else cpu). SessionError says how to export it."""
+    from engine.manifest import sha256_files
+
+    record = manifest.metadata.get("torch_programs", {}).get(component)
+    path = None if record is None else build_dir / record["path"]
+    if path is None or not path.is_file():
+        raise SessionError(f"{build_dir} has no torch program for '{component}'; export it: python -m export.build "
+                           f"--model {manifest.model} --out {build_dir} --stage torch")
+    if verify_sha256 and sha256_files([path]) != record["sha256"]:
+        raise SessionError(f"{path} does not match its manifest checksum (corrupt or replaced): re-export it "
+                           f"(python -m export.build --model {manifest.model} --out {build_dir} --stage torch)")
+    device = cuda_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        program = torch.export.load(path)
+    except Exception as error:  # a truncated or foreign file; torch raises several kinds
+        raise SessionError(f"torch {torch.__version__} cannot load {path} ({type(error).__name__}: {error}); "
+                           f"it was saved by torch {record.get('torch')}: re-export it with this torch "
+                           f"(python -m export.build --model {manifest.model} --out {build_dir} --stage torch)") from None
+    if device.type != "cpu":
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, device)
+
+    def info(spec) -> TensorInfo:
+        name, dtype, dims = spec
+        return TensorInfo(name, DTYPES[dtype], tuple(dims))
+
+    return TorchSession(program.module(), [info(spec) for spec in record["inputs"]],
+                        [info(spec) for spec in record["outputs"]], name=component, device=device)

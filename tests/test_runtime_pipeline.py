@@ -180,6 +180,28 @@ def test_face_models_run_through_sessions(tiny_build, instantid):
     np.testing.assert_allclose(face.embedding, expected.embedding, rtol=1e-5, atol=1e-5)
 
 
+def test_face_analysis_on_the_device_path_equals_the_host_path(tiny_build, instantid):
+    """face_on_device=True (what a GPU pipeline does): DeviceFaceAnalyzer over the build's sessions finds the
+    same face as the host (insightface-equal) analyzer, and the request gives the same image."""
+    from skimage import data
+
+    from runtime.face.device_analyzer import DeviceFaceAnalyzer
+    from runtime.pipelines import InstantIDPipeline
+
+    pipe = InstantIDPipeline.from_build(tiny_build, "onnxruntime", face_on_device=True)
+    assert isinstance(pipe.face_analyzer, DeviceFaceAnalyzer) and not instantid.face_on_device
+    photo = _resize(data.astronaut(), FACE_SIZE)
+    face, expected = pipe.face_analyzer.analyze(photo), instantid.face_analyzer.analyze(photo)
+    kps_error = float(np.abs(face.kps - expected.kps).max())
+    cosine = float(face.embedding @ expected.embedding / np.linalg.norm(face.embedding) /
+                   np.linalg.norm(expected.embedding))
+    print(f"device vs host face analysis: kps {kps_error:.3f} px, embedding cosine {cosine:.6f}")
+    assert kps_error <= 0.05 and cosine >= 0.999
+    kwargs = dict(steps=2, seed=3, width=FACE_SIZE, height=FACE_SIZE)
+    assert_parity(pipe(photo, "a person", return_latents=True, **kwargs),
+                  instantid(photo, "a person", return_latents=True, **kwargs), "instantid with device face analysis")
+
+
 class CountingSession:
     """A session that counts its calls (delegates everything else)."""
 

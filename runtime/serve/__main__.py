@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--build", type=Path, required=True, help="build directory (python -m export.build --out)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to accept remote clients)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--backend", default="onnxruntime", help="onnxruntime | tensorrt | tensorrt-rtx")
+    parser.add_argument("--backend", default="onnxruntime", help="onnxruntime | tensorrt | tensorrt-rtx | torch")
     parser.add_argument("--pipelines", default="", help="comma-separated subset of instantid,ip-adapter,"
                         "ip-adapter-plus (default: every pipeline the build has)")
     parser.add_argument("--max-queue", type=int, default=16, help="waiting requests beyond this get 429")
