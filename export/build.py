@@ -176,10 +176,10 @@ def _precision_of(name: str, options: Options) -> str:
 
 
 def summary_table(rows: list[Row]) -> str:
-    """Plain-text table: component, params, ONNX MB, load s, export s, peak RSS so far."""
+    """Plain-text table: component, params, file MB (ONNX or program), load s, export s, peak RSS so far."""
     from engine.build_all import format_count
 
-    header = ("component", "params", "ONNX MB", "load s", "export s", "peak RSS GB")
+    header = ("component", "params", "file MB", "load s", "export s", "peak RSS GB")
     lines = [(r.component, format_count(r.params), f"{r.onnx_bytes / 1e6:.1f}", f"{r.load_seconds:.1f}",
               f"{r.export_seconds:.1f}", f"{r.peak_rss_gb:.1f}") for r in rows]
     total = ("total", format_count(sum(r.params for r in rows)), f"{sum(r.onnx_bytes for r in rows) / 1e6:.1f}",

@@ -103,9 +103,10 @@ def load_tokenizers(spec: ModelSpec, weights_dir: Path | None = None, random_ini
 
         from export.tokenizer import write_clip_tokenizer
 
-        folder = Path(tempfile.mkdtemp(prefix="clip_tokenizer_"))
-        return (CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "tokenizer")),
-                CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "tokenizer_2", pad_token="!")))
+        with tempfile.TemporaryDirectory(prefix="clip_tokenizer_") as tmp:  # read whole by from_pretrained
+            folder = Path(tmp)
+            return (CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "tokenizer")),
+                    CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "tokenizer_2", pad_token="!")))
     repo = spec.sdxl_source.repo_id
     return tuple(CLIPTokenizer.from_pretrained(resolve(Source(repo, sub), weights_dir, folder=True))
                  for sub in ("tokenizer", "tokenizer_2"))

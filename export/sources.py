@@ -55,6 +55,7 @@ class Sources:
     face_models_dir: Path | None = None
     vae_fp16_fix: bool = False
     _text: object = field(default=None, repr=False)
+    _scratch: list = field(default_factory=list, repr=False)  # temporary folders, removed by release()
 
     def _kw(self, dtype: torch.dtype | None = None) -> dict:
         return {"weights_dir": self.weights_dir, "random_init": self.random_init, "dtype": dtype or self.dtype}
@@ -72,8 +73,13 @@ class Sources:
         return makers[name](name)
 
     def release(self) -> None:
-        """Drop cached modules."""
+        """Drop cached modules and the scratch folders of random-init stand-ins."""
+        import shutil
+
         self._text = None
+        for folder in self._scratch:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._scratch.clear()
 
     # -- text -----------------------------------------------------------------------------------
     def _text_stack(self):
@@ -132,6 +138,7 @@ class Sources:
             log.warning("no --face-models: using random-weight antelopev2 stand-ins (export.tiny_face)")
             write_tiny_face_models(folder)
             self.face_models_dir = folder
+            self._scratch.append(folder)
         return loaders.face_models_dir(self.spec, self.weights_dir, self.face_models_dir)
 
     def _face_detector(self, name: str):

@@ -399,8 +399,14 @@ class InstantIDPipeline(_SDXLPipeline):
         return self._face_analyzer
 
     def _face_session(self, component: str) -> Session:
-        """The face model's engine under a TensorRT backend when built, else its ONNX in ONNX Runtime."""
+        """The face model's engine under a TensorRT backend when built, else its ONNX in ONNX Runtime.
+        AssetError (as the host analyzer's) when the build has no such model."""
+        from runtime.assets import AssetError
+
         entry = self.manifest.components.get(component)
+        if entry is None or entry.onnx is None:
+            raise AssetError(f"{self.build_dir} has no {component}: export it (python -m export.build --model "
+                             f"{self.manifest.model} --pipeline instantid --out {self.build_dir}) or pass face_analyzer=")
         if self.backend in ("tensorrt", "tensorrt-rtx") and entry is not None and entry.engine is not None:
             return self.open(component)
         return open_session(self.build_dir, component, "onnxruntime", manifest=self.manifest,

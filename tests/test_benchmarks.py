@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -116,17 +115,12 @@ def test_backend_that_cannot_load_is_unavailable_not_a_crash():
 
 
 @pytest.fixture(scope="module")
-def tiny_build(tmp_path_factory) -> Path:
-    """An fp32 tiny InstantID build ($INSTANTRT_TINY_BUILD reused when it holds one)."""
+def tiny_build(request) -> Path:
+    """The session's fp32 tiny build (fixtures_tiny.tiny_onnx_fp32; $INSTANTRT_TINY_BUILD when it holds one)."""
     reuse = os.environ.get("INSTANTRT_TINY_BUILD")
     if reuse and (Path(reuse) / "manifest.json").is_file():
         return Path(reuse)
-    out = tmp_path_factory.mktemp("bench_build") / "tiny"
-    command = [sys.executable, "-m", "export.build", "--model", "tiny", "--pipeline", "instantid", "--stage", "onnx",
-               "--precision", "fp32", "--out", str(out)]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return out
+    return request.getfixturevalue("tiny_onnx_fp32")
 
 
 @pytest.mark.slow

@@ -105,7 +105,7 @@ def test_reexport_is_byte_identical_and_prints_a_summary(tiny_onnx_fp32, tiny_on
     run_export_cli(["--model", "tiny", "--stage", "onnx", "--weights", str(tiny_onnx_fp32 / "weights"),
                     "--pipeline", "instantid", "--components", *names, "--out", str(out)])
     table = capsys.readouterr().out
-    assert "component" in table and "ONNX MB" in table and "controlnet" in table and "total" in table
+    assert "component" in table and "file MB" in table and "controlnet" in table and "total" in table
     again, first, half = load_manifest(out), load_manifest(tiny_onnx_fp32), load_manifest(tiny_onnx_fp16)
     assert list(again.components) == names
     for name in names:

@@ -146,3 +146,34 @@ def test_graph_modes_need_cuda_sessions():
     for mode in ("graph", "step-graphs"):
         with pytest.raises(RuntimeError, match="CUDA graphs need TensorRT"):
             DenoiseLoop(unet, controlnet, mode=mode).run(plan, inputs)
+
+
+def _to(inputs: LoopInputs, device) -> LoopInputs:
+    moved = clone_inputs(inputs)
+    moved.latents, moved.guidance = moved.latents.to(device), moved.guidance.to(device)
+    moved.step_noise = None if moved.step_noise is None else moved.step_noise.to(device)
+    moved.unet_feeds = {k: v.to(device) for k, v in moved.unet_feeds.items()}
+    moved.controlnet_feeds = {k: v.to(device) for k, v in moved.controlnet_feeds.items()}
+    return moved
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["graph", "step-graphs"])
+@pytest.mark.parametrize("name,batch", [("euler", 1), ("euler_a", 2), ("dpmpp_2m", 2)])
+def test_cuda_graph_loop_equals_eager_and_replays_new_values(mode, name, batch):
+    """Captured once, replayed with other values (seed, conditioning, guidance, scales): each replay equals
+    the eager loop on those values; the graph is reused (one capture per key)."""
+    device = torch.device("cuda")
+    unet, controlnet = _sessions()
+    for session in (unet, controlnet):
+        session.module.to(device)
+        session.device, session.capturable = device, True
+    plan = build_scheduler(SCHEDULER_CONFIG, name).plan(4, device)
+    loop, eager = DenoiseLoop(unet, controlnet, mode=mode), DenoiseLoop(unet, controlnet, mode="eager")
+    for seed, guidance, ip_scale, cn_scale in ((3, 5.0, 0.7, 0.4), (8, 2.5, 0.1, 0.9), (3, 5.0, 0.7, 0.4)):
+        _, inputs = _inputs(name, 4, batch, guidance, ip_scale, cn_scale, seed, _conditioning(batch, seed))
+        inputs = _to(inputs, device)
+        latents = loop.run(plan, inputs)
+        assert loop.last_path == mode
+        torch.testing.assert_close(latents, eager.run(plan, inputs), rtol=1e-5, atol=1e-5)
+    assert len(loop._graphs) == 1

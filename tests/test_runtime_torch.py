@@ -66,7 +66,7 @@ def test_torch_backend_equals_onnxruntime(torch_build, size, num_images, schedul
     from runtime.pipelines import InstantIDPipeline
 
     ort = InstantIDPipeline.from_build(torch_build, "onnxruntime")
-    pipe = InstantIDPipeline.from_build(torch_build, "torch", face_analyzer=ort.face_analyzer)
+    pipe = InstantIDPipeline.from_build(torch_build, "torch", device="cpu", face_analyzer=ort.face_analyzer)
     assert type(pipe.unet).__name__ == "TorchSession" and pipe.device.type == "cpu"
     width, height = size
     kwargs = dict(steps=3, seed=4, width=width, height=height, num_images=num_images, scheduler=scheduler)
