@@ -65,11 +65,12 @@ class InstantIDBaseline(SDXLBase):
                  **kwargs) -> Result:
         """Full InstantID: identity from `image`, pose (kps) from `pose_image` or `image`.
 
-        Photos are resized as InstantID's infer.py does, or to exactly width x height when both are
-        given; faces are detected on the resized photos; the output size is the pose photo's.
+        Photos are resized as InstantID's infer.py does (scaled to the model's resolution), or to
+        exactly width x height when both are given; faces are detected on the resized photos; the
+        output size is the pose photo's.
         """
         from runtime.face import draw_kps
-        from runtime.images import load_image, resize_for_instantid
+        from runtime.images import load_image, resize_for_model
 
         if self.face_analyzer is None:
             raise ValueError("this pipeline has no face analyzer: pass face_analyzer=FaceAnalyzer(...)")
@@ -78,7 +79,7 @@ class InstantIDBaseline(SDXLBase):
             rgb = load_image(photo)
             if width and height:
                 return np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
-            return resize_for_instantid(rgb)
+            return resize_for_model(rgb, self.spec.default_resolution)
 
         face_rgb = prepare(image)
         face = self.face_analyzer.analyze(face_rgb, face_index=face_index)

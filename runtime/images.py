@@ -164,3 +164,9 @@ def resize_for_instantid(
         raise ImageError(f"image {rgb.shape[1]}x{rgb.shape[0]} is too elongated to resize for InstantID: crop it")
     image = Image.fromarray(rgb).resize(first, Image.BILINEAR).resize(final, Image.BILINEAR)
     return np.asarray(image)
+
+
+def resize_for_model(rgb: np.ndarray, resolution: int = 1024) -> np.ndarray:
+    """InstantID's resize (`resize_for_instantid`) scaled to a model's resolution: short side
+    `resolution`, long side 1.25x; for SDXL (1024) exactly infer.py's 1024 / 1280."""
+    return resize_for_instantid(rgb, min_side=resolution, max_side=resolution * 5 // 4)

@@ -30,7 +30,7 @@ from PIL import Image
 
 from runtime.assets import Assets
 from runtime.clip_image import clip_pixel_values
-from runtime.images import ImageSource, load_image, resize_for_instantid
+from runtime.images import ImageSource, load_image, resize_for_model
 from runtime.loop import DenoiseLoop, LoopInputs
 from runtime.schedulers import build_scheduler, draw_noise
 from runtime.sessions import DeviceMemoryPool, Session, normalize_backend, open_session
@@ -440,9 +440,10 @@ class InstantIDPipeline(_SDXLPipeline):
         """`__call__`'s work before the loop: face analysis, face tokens, kps image, prompts (see `run`)."""
         from runtime.face import draw_kps
 
-        face_rgb = _prepare_photo(image, width, height)
+        resolution = int(self.assets.value("default_resolution", 1024))
+        face_rgb = _prepare_photo(image, width, height, resolution)
         face = self.face_analyzer.analyze(face_rgb, face_index=face_index)
-        pose_rgb = face_rgb if pose_image is None else _prepare_photo(pose_image, width, height)
+        pose_rgb = face_rgb if pose_image is None else _prepare_photo(pose_image, width, height, resolution)
         kps = face.kps if pose_image is None else self.face_analyzer.pose_kps(pose_rgb)
         kps_image = draw_kps(pose_rgb.shape[1], pose_rgb.shape[0], kps)
         return self.prepare_embedding(face.embedding, kps_image, prompt, negative_prompt, steps=steps,
@@ -463,8 +464,9 @@ class InstantIDPipeline(_SDXLPipeline):
                  scheduler: str = "euler", face_index: int | None = None, return_latents: bool = False):
         """Identity from `image`, pose (kps) from `pose_image` or `image` -> list of PIL images.
 
-        Photos are resized as InstantID's infer.py does, or to exactly width x height when both are
-        given (bilinear); the output size is the (resized) pose photo's. Raises NoFaceError when a
+        Photos are resized as InstantID's infer.py does (scaled to the model's resolution: short side
+        1024 for SDXL), or to exactly width x height when both are given (bilinear); the output size
+        is the (resized) pose photo's. Raises NoFaceError when a
         photo has no face, ResolutionError for a size the build cannot serve, NonFiniteError on NaN.
         With return_latents=True returns a Generation (images and final latents).
         """
@@ -475,15 +477,16 @@ class InstantIDPipeline(_SDXLPipeline):
         return _output(generation, return_latents)
 
 
-def _prepare_photo(photo: ImageSource, width: int | None, height: int | None) -> np.ndarray:
-    """The baseline's photo preparation: exact bilinear resize to width x height, else infer.py's resize."""
+def _prepare_photo(photo: ImageSource, width: int | None, height: int | None, resolution: int) -> np.ndarray:
+    """The baseline's photo preparation: exact bilinear resize to width x height, else InstantID's resize
+    to the model's resolution (infer.py's for SDXL)."""
     rgb = load_image(photo)
     if (width is None) != (height is None):
         raise ValueError("give both width and height (the photo is resized to exactly that), or neither "
-                         "(InstantID's own resize, short side 1024)")
+                         f"(InstantID's own resize, short side {resolution})")
     if width and height:
         return np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
-    return resize_for_instantid(rgb)
+    return resize_for_model(rgb, resolution)
 
 
 class IPAdapterPipeline(_SDXLPipeline):

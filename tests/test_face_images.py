@@ -132,3 +132,12 @@ def test_resize_for_instantid_matches_upstream(name, size):
     small = resize_for_instantid(rgb, min_side=512, max_side=640, multiple=32)
     assert np.array_equal(small, np.asarray(_upstream_resize_img(Image.fromarray(rgb), 640, 512, 32)))
     assert small.shape[1] == 640 and small.shape[0] % 32 == 0
+
+
+def test_resize_for_model_scales_instantids_resize_to_the_models_resolution():
+    from runtime.images import resize_for_model
+
+    rgb = skimage.data.chelsea()  # 451 x 300
+    assert np.array_equal(resize_for_model(rgb, 1024), resize_for_instantid(rgb))  # SDXL: infer.py exactly
+    assert resize_for_model(rgb, 128).shape == (64, 128, 3)  # tiny: 160 x 106, floored to multiples of 64 px
+    assert resize_for_model(rgb, 512).shape == (384, 640, 3)

@@ -203,7 +203,8 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, ServedPipeline]
             request_model, images = validate(name, fields)
             t0 = time.perf_counter()
             kwargs, key = await anyio.to_thread.run_sync(
-                pipeline_kwargs, name, request_model, images, config.limits, served.default_size)
+                pipeline_kwargs, name, request_model, images, config.limits, served.default_size,
+                served.info.get("default_resolution", 1024))
             timings["decode"] = time.perf_counter() - t0
             timeout = min(request_model.timeout_s or config.timeout_s, config.timeout_s)
             job = state.queue.submit(key, kwargs, timeout)

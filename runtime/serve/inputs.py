@@ -17,7 +17,7 @@ from PIL import Image
 from pydantic import ValidationError
 from starlette.requests import Request
 
-from runtime.images import ImageError, load_image, resize_for_instantid
+from runtime.images import ImageError, load_image, resize_for_model
 from runtime.serve.schemas import (IMAGE_FIELDS, REQUEST_MODELS, BadRequest, GenerateParams, decode_base64,
                                    format_validation_errors)
 from runtime.serve.served import DEFAULT_IP_SCALE
@@ -106,10 +106,11 @@ def decode_image(data: bytes, field: str, limits: Limits) -> np.ndarray:
 
 
 def pipeline_kwargs(pipeline: str, request: GenerateParams, images: dict[str, bytes], limits: Limits,
-                    default_size: int | None) -> tuple[dict[str, Any], tuple]:
+                    default_size: int | None, resolution: int = 1024) -> tuple[dict[str, Any], tuple]:
     """Decode the images and fix the output size -> (kwargs for the pipeline call, batch key).
 
-    InstantID without a size gets InstantID's own resize of the photo (done here, off the worker).
+    InstantID without a size gets InstantID's own resize of the photo to the model's `resolution`
+    (done here, off the worker).
     """
     rgb = decode_image(images["image"], "image", limits)
     pose = decode_image(images["pose_image"], "pose_image", limits) if "pose_image" in images else None
@@ -117,10 +118,10 @@ def pipeline_kwargs(pipeline: str, request: GenerateParams, images: dict[str, by
     if width is None:
         if default_size is None:  # InstantID: the size follows the (pose) photo, as the runtime's
             if pose is not None:
-                pose = resize_for_instantid(pose)
+                pose = resize_for_model(pose, resolution)
                 height, width = pose.shape[:2]
             else:
-                rgb = resize_for_instantid(rgb)
+                rgb = resize_for_model(rgb, resolution)
                 height, width = rgb.shape[:2]
         else:
             width = height = default_size

@@ -72,8 +72,9 @@ class PipelineDeployment:
         try:
             request_model, images = validate(name, await read_fields(request, self.limits))
             t0 = time.perf_counter()
+            served = self.pipelines[name]
             kwargs, key = await asyncio.to_thread(pipeline_kwargs, name, request_model, images, self.limits,
-                                                  self.pipelines[name].default_size)
+                                                  served.default_size, served.info.get("default_resolution", 1024))
             timings["decode"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             output = await self.run_batch((name, key, kwargs))

@@ -66,7 +66,8 @@ class TritonPythonModel:
                 params = REQUEST_MODELS[self.name].model_validate(fields)
                 params.check()
                 kwargs, key = pipeline_kwargs(self.name, params, {"image": photo}, self.limits,
-                                              self.served.default_size)
+                                              self.served.default_size,
+                                              self.served.info.get("default_resolution", 1024))
                 groups[key].append((index, kwargs))
             except Exception as error:  # noqa: BLE001 - pydantic ValidationError, BadRequest
                 responses[index] = _error(error)
