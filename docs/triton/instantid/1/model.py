@@ -8,7 +8,8 @@ The build directory, backend and pipeline come from config.pbtxt `parameters`. R
 encoded photo (TYPE_STRING bytes) and the generation parameters as tensors; they are validated by
 the same pydantic schema and decoded by the same code as `python -m runtime.serve`, so a request
 Triton accepts is one the HTTP server accepts. Triton's dynamic batcher hands `execute` several
-requests at once; they are grouped by batch key and run one after another on this instance's GPU.
+requests at once; they are grouped by batch key, and each group runs as one stacked denoising loop
+on this instance's GPU (`ServedPipeline.run_batch`).
 """
 from __future__ import annotations
 
