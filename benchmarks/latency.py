@@ -139,7 +139,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "only the baseline runs")
     parser.add_argument("--backend", default="onnxruntime",
                         help="comma-separated runtime backends: onnxruntime, tensorrt, tensorrt-rtx, torch, ... "
-                        "('none' for the baseline alone)")
+                        "('none' for the baseline alone; torch: the build's torch.export programs when it has "
+                        "them, else the export wrappers built from --weights / random init)")
     parser.add_argument("--baseline", default="torch", choices=("torch", "none"))
     parser.add_argument("--pipeline", default="instantid", choices=("instantid", "ip-adapter", "ip-adapter-plus"))
     parser.add_argument("--model", help="tiny | sdxl (default: the build's model, else tiny)")

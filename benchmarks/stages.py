@@ -233,13 +233,16 @@ class RuntimeRunner(_Runner):
         from runtime.pipelines import InstantIDPipeline, IPAdapterPipeline
 
         kwargs = dict(loop_mode=loop_mode)
-        if device is not None and backend != "torch":
+        programs = backend == "torch" and has_torch_programs(build, pipeline)
+        if device is not None and (backend != "torch" or programs):
             kwargs["device"] = device
         if threads is not None:
             kwargs["threads"] = threads
         self.name = backend
         self.notes: list[str] = []
-        if backend == "torch":  # the runtime's loop over torch modules with the engines' I/O
+        if programs:  # the runtime's own torch backend: the build's torch.export programs
+            self.notes.append("the build's torch.export programs (--stage torch)")
+        elif backend == "torch":  # the runtime's loop over torch modules with the engines' I/O
             kwargs["sessions"] = torch_sessions(pipeline, model, weights, device, dtype)
             backend = "onnxruntime"  # only for components without a torch session (face models)
             self.notes.append(f"TorchSessions (export.components wrappers), weights "
@@ -307,6 +310,16 @@ class RuntimeRunner(_Runner):
                 feeds.update(controlnet.run(control_feeds))
             return self.pipe.unet.run(feeds)
         return step
+
+
+def has_torch_programs(build: Path, pipeline: str) -> bool:
+    """True when the build holds torch.export programs of every model component of `pipeline`."""
+    from engine.manifest import load_manifest
+
+    metadata = load_manifest(build).metadata
+    components = metadata.get("pipelines", {}).get(pipeline.replace("-", "_"), [])
+    programs = metadata.get("torch_programs", {})
+    return bool(components) and all(c in programs for c in components if c not in ("face_detector", "arcface"))
 
 
 def torch_sessions(pipeline: str, model: str, weights: Path | None, device=None, dtype=None) -> dict:

@@ -105,3 +105,19 @@ def test_missing_or_corrupt_programs_say_how_to_export(torch_build, tmp_path):
         open_session(broken, "face_proj", "torch")
     with pytest.raises(SessionError, match="cannot load .*re-export it"):
         open_session(broken, "face_proj", "torch", verify_sha256=False)
+
+
+def test_latency_harness_times_the_builds_programs(torch_build, tmp_path):
+    """`benchmarks.latency --backend torch` on a build with programs measures the runtime's torch backend."""
+    from benchmarks import latency
+
+    out = tmp_path / "bench"
+    argv = ["--build", str(torch_build), "--backend", "torch", "--pipeline", "instantid", "--steps", "2",
+            "--resolution", "128", "--runs", "1", "--warmup", "0", "--threads", "1", "--device", "cpu",
+            "--out", str(out)]
+    assert latency.main(argv) == 0
+    result = json.loads((out / "latency.json").read_text())
+    torch_run = result["backends"][1]
+    assert torch_run["available"], torch_run["reason"]
+    assert "the build's torch.export programs (--stage torch)" in torch_run["notes"]
+    assert torch_run["latents_rel_to_baseline"] < 1e-3 and torch_run["stages"]["denoise_loop"]["median"] > 0
