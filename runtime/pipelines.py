@@ -102,7 +102,7 @@ class _SDXLPipeline:
 
     def __init__(self, build_dir: str | os.PathLike, backend: str = "onnxruntime", *, device=None,
                  loop_mode: str = "auto", verify_sha256: bool = True, threads: int | None = None,
-                 sessions: dict[str, Session] | None = None):
+                 sessions: dict[str, Session] | None = None, memory: DeviceMemoryPool | None = None):
         from engine.manifest import load_manifest
 
         self.build_dir = Path(build_dir)
@@ -110,7 +110,7 @@ class _SDXLPipeline:
         self.manifest = load_manifest(self.build_dir)
         self.assets = Assets.open(self.build_dir, self.manifest)
         trt = self.backend in ("tensorrt", "tensorrt-rtx")
-        self.memory = DeviceMemoryPool(device or "cuda") if trt else None
+        self.memory = (memory or DeviceMemoryPool(device or "cuda")) if trt else None
         self._overrides = dict(sessions or {})
         self._open_args = dict(manifest=self.manifest, device=device, memory=self.memory,
                                verify_sha256=verify_sha256, threads=threads)
@@ -139,7 +139,9 @@ class _SDXLPipeline:
         backend: 'onnxruntime' | 'tensorrt' | 'tensorrt-rtx' | 'torch' (the build's torch.export programs, on
         cuda when present; the face models stay on ONNX Runtime). kwargs: device, loop_mode ('auto' |
         'graph' | 'step-graphs' | 'eager'), verify_sha256, threads (ONNX Runtime), sessions (component ->
-        Session used instead of the backend's, e.g. a TorchSession), and per pipeline extras
+        Session used instead of the backend's, e.g. a TorchSession, or another pipeline's to share it),
+        memory (a DeviceMemoryPool shared with other pipelines; attach all before capturing graphs), and
+        per pipeline extras
         (InstantID: face_analyzer).
         """
         return cls(build_dir, backend, **kwargs)

@@ -258,3 +258,16 @@ def test_a_batch_of_requests_shares_one_denoising_loop(serve_build):
         for got, chunked, expected in zip(results[index], again[index], alone):
             assert np.abs(np.asarray(got, int) - np.asarray(expected, int)).max() <= 1
             assert np.abs(np.asarray(chunked, int) - np.asarray(expected, int)).max() <= 1
+
+
+def test_pipelines_of_one_build_share_their_common_sessions(serve_build):
+    """Text encoders, VAE decoder and CLIP image encoder are loaded once for all served pipelines."""
+    from runtime.serve.served import load_pipelines
+
+    served = load_pipelines(serve_build, names=["instantid", "ip-adapter", "ip-adapter-plus"], threads=1)
+    pipes = [served[name].pipe for name in ("instantid", "ip-adapter", "ip-adapter-plus")]
+    for component in ("text_encoder", "text_encoder_2", "vae_decoder"):
+        assert len({id(getattr(pipe, component)) for pipe in pipes}) == 1, component
+    assert pipes[1].image_encoder is pipes[2].image_encoder and pipes[1].unet is not pipes[2].unet
+    image = pipes[2](skimage.data.chelsea(), "a cat", steps=1, width=128, height=128)[0]
+    assert image.size == (128, 128)

@@ -27,6 +27,7 @@ BUILD_PIPELINES = {  # served name -> the build's UNet component
     "ip-adapter-plus": "unet_ip_adapter_plus",
 }
 DEFAULT_IP_SCALE = {"instantid": 0.8, "ip-adapter": 0.6, "ip-adapter-plus": 0.6}
+SHARED_COMPONENTS = ("text_encoder", "text_encoder_2", "vae_decoder", "image_encoder")  # same graph in every pipeline
 
 
 @dataclass
@@ -138,11 +139,17 @@ def load_pipelines(build_dir: str | os.PathLike, backend: str = "onnxruntime", n
                          "export them (python -m export.build --pipeline ...) or choose with --pipelines")
     served = {}
     options = {"threads": threads, **({"device": device} if device else {})}
+    shared: dict = {}  # sessions every pipeline of the build has in common: loaded once
     for name in names:
+        options["sessions"] = dict(shared)
         if name == "instantid":
             pipe = InstantIDPipeline.from_build(build_dir, backend, **options)
         else:
             pipe = IPAdapterPipeline.from_build(build_dir, backend, plus=name.endswith("plus"), **options)
+        options["memory"] = pipe.memory  # one TensorRT scratch buffer for all (the worker runs one at a time)
+        for component in SHARED_COMPONENTS:
+            if component not in shared and hasattr(pipe, component):
+                shared[component] = getattr(pipe, component)
         resolution = int(pipe.assets.value("default_resolution", 1024))
         size = warmup_size or resolution
         warm = (_instantid_warmup if name == "instantid" else _ip_adapter_warmup)(pipe, size, warmup_steps)
