@@ -29,6 +29,19 @@ def tiny_onnx_fp32(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_build(request) -> Path:
+    """The fp32 tiny build the runtime tests use: $INSTANTRT_TINY_BUILD when it holds a build made by
+    `python -m export.build --model tiny --stage onnx --precision fp32` (with its weights/), else
+    the session's tiny_onnx_fp32."""
+    import os
+
+    reuse = os.environ.get("INSTANTRT_TINY_BUILD")
+    if reuse and (Path(reuse) / "manifest.json").is_file():
+        return Path(reuse)
+    return request.getfixturevalue("tiny_onnx_fp32")
+
+
+@pytest.fixture(scope="session")
 def tiny_onnx_fp16(tiny_onnx_fp32, tmp_path_factory) -> Path:
     """build dir of the same weights exported with `--precision fp16`."""
     out = tmp_path_factory.mktemp("tiny_onnx") / "fp16"

@@ -5,7 +5,6 @@ Tiny model, 64 px, 2 steps, 1 run: the numbers are meaningless, the shapes of th
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -112,15 +111,6 @@ def test_backend_that_cannot_load_is_unavailable_not_a_crash():
                                                 None, 1, 0, "cpu")
     assert not measured.available and measured.reason == "ValueError: no such thing" and latents is None
     assert measured.stages == {}
-
-
-@pytest.fixture(scope="module")
-def tiny_build(request) -> Path:
-    """The session's fp32 tiny build (fixtures_tiny.tiny_onnx_fp32; $INSTANTRT_TINY_BUILD when it holds one)."""
-    reuse = os.environ.get("INSTANTRT_TINY_BUILD")
-    if reuse and (Path(reuse) / "manifest.json").is_file():
-        return Path(reuse)
-    return request.getfixturevalue("tiny_onnx_fp32")
 
 
 @pytest.mark.slow

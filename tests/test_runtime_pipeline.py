@@ -26,16 +26,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
-def tiny_build(request) -> Path:
-    """The fp32 tiny build directory (onnx/, assets/, manifest.json, weights/): the shared export-CLI
-    fixture (fixtures_tiny.tiny_onnx_fp32), or $INSTANTRT_TINY_BUILD when it holds one."""
-    reuse = os.environ.get("INSTANTRT_TINY_BUILD")
-    if reuse and (Path(reuse) / "manifest.json").is_file():
-        return Path(reuse)
-    return request.getfixturevalue("tiny_onnx_fp32")
-
-
-@pytest.fixture(scope="session")
 def tiny_build_fp16(request) -> Path:
     """The fp16 tiny build of the same weights (fixtures_tiny.tiny_onnx_fp16, or $INSTANTRT_TINY_BUILD_FP16)."""
     reuse = os.environ.get("INSTANTRT_TINY_BUILD_FP16")
