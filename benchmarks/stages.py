@@ -146,21 +146,13 @@ class BaselineRunner(_Runner):
             self.latents = pipe.denoise(**loop_kwargs)
             return self.latents
 
-        def end_to_end():
-            if instantid:
-                return pipe.generate(work.embedding, kps_image, work.fresh_prompt(), steps=work.steps,
-                                     guidance=work.guidance, ip_scale=work.ip_scale, seed=work.seed,
-                                     num_images=work.batch).images
-            return pipe(image, work.fresh_prompt(), steps=work.steps, guidance=work.guidance, ip_scale=work.ip_scale,
-                        seed=work.seed, width=work.width, height=work.height, num_images=work.batch).images
-
         return {"face_analysis": face_analysis_fn(self.analyzer, photo()) if instantid else None,
                 "text_encoding": lambda: pipe.encode_prompt(work.fresh_prompt(), None),
                 "image_tokens": lambda: self._tokens(work, image),
                 "denoise_step": self._step_fn(work, loop_kwargs),
                 "denoise_loop": loop,
                 "vae_decode": lambda: pipe.decode(self._last_latents()),
-                "end_to_end": end_to_end}
+                "end_to_end": lambda: end_to_end(pipe, work, image, kps_image)}
 
     def _step_fn(self, work: Workload, kw: dict):
         """One ControlNet + UNet call on the 2B CFG rows, with the loop's conditioning."""
@@ -219,6 +211,18 @@ def session_feeds(session, sizes: dict[str, int], seed: int = 0) -> dict[str, to
             tensor = torch.zeros(dims, dtype=info.dtype)
         feeds[info.name] = tensor.to(session.device)
     return feeds
+
+
+def end_to_end(pipe, work: Workload, image, kps_image):
+    """One whole request from ready inputs (InstantID: embedding + kps image; IP-Adapter: the reference
+    image) through a baseline or runtime pipeline; returns its images."""
+    if work.pipeline == "instantid":
+        out = pipe.generate(work.embedding, kps_image, work.fresh_prompt(), steps=work.steps,
+                            guidance=work.guidance, ip_scale=work.ip_scale, seed=work.seed, num_images=work.batch)
+    else:
+        out = pipe(image, work.fresh_prompt(), steps=work.steps, guidance=work.guidance, ip_scale=work.ip_scale,
+                   seed=work.seed, width=work.width, height=work.height, num_images=work.batch)
+    return getattr(out, "images", out)  # the baselines return a Result, the runtime's __call__ a list
 
 
 class RuntimeRunner(_Runner):
@@ -281,21 +285,13 @@ class RuntimeRunner(_Runner):
                 self.notes.append(f"loop path: {path}")
             return self.latents
 
-        def end_to_end():
-            if instantid:
-                return pipe.generate(work.embedding, kps_image, work.fresh_prompt(), steps=work.steps,
-                                     guidance=work.guidance, ip_scale=work.ip_scale, seed=work.seed,
-                                     num_images=work.batch).images
-            return pipe(image, work.fresh_prompt(), steps=work.steps, guidance=work.guidance, ip_scale=work.ip_scale,
-                        seed=work.seed, width=work.width, height=work.height, num_images=work.batch)
-
         return {"face_analysis": face_analysis_fn(self.analyzer, photo()) if instantid else None,
                 "text_encoding": lambda: pipe.encode_prompt(work.fresh_prompt()),
                 "image_tokens": lambda: self._tokens(work, image),
                 "denoise_step": self._step_fn(work),
                 "denoise_loop": loop,
                 "vae_decode": lambda: pipe.decode(self._last_latents()),
-                "end_to_end": end_to_end}
+                "end_to_end": lambda: end_to_end(pipe, work, image, kps_image)}
 
     def _step_fn(self, work: Workload):
         """ControlNet (if any) + UNet session calls with random inputs of the step's shapes."""
