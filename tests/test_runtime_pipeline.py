@@ -1,8 +1,8 @@
 """Runtime pipelines (ONNX Runtime, fp32 tiny build) against the PyTorch baseline, same weights and seed.
 
 Correctness ladder rung 3 (DESIGN.md): final latents ‖Δ‖/‖ref‖ ≤ 1e-3 and decoded images ≥ 40 dB
-PSNR, for InstantID and IP-Adapter (plain and Plus), several schedulers, batch 1 and 2, two λ and
-two ControlNet scales. The tiny build is exported once per session with the export CLI (tests/fixtures_tiny.py); set
+PSNR, for InstantID and IP-Adapter (plain and Plus), every scheduler, batch 1 and 2, several λ and
+ControlNet scales. The tiny build is exported once per session with the export CLI (tests/fixtures_tiny.py); set
 INSTANTRT_TINY_BUILD to a directory made by `python -m export.build --model tiny --stage onnx
 --precision fp32` (with its `weights/`) to reuse one.
 """
@@ -88,6 +88,9 @@ def astronaut_face(instantid):
     ("euler", 1, 0.8, 0.8, None),
     ("dpmpp_2m", 2, 0.3, 0.4, "blurry, low quality"),
     ("euler_a", 2, 0.8, 0.8, None),
+    ("dpmpp_2m_karras", 1, 0.8, 0.8, None),
+    ("ddim", 1, 0.5, 0.6, None),
+    ("lcm", 2, 0.8, 0.8, None),
 ])
 def test_instantid_matches_baseline(instantid, instantid_baseline, astronaut_face, scheduler, num_images,
                                     ip_scale, controlnet_scale, negative):
@@ -279,6 +282,9 @@ def ip_pair(request, tiny_build):
     ("ddim", 2, 0.9, "blurry", 5.0),
     ("dpmpp_2m_karras", 1, 0.3, None, 5.0),
     ("euler", 2, 0.6, None, 1.0),  # guidance 1: no CFG rows
+    ("lcm", 2, 0.6, None, 1.5),
+    ("euler_a", 1, 0.6, "blurry", 5.0),
+    ("dpmpp_2m", 1, 0.6, None, 5.0),
 ])
 def test_ip_adapter_matches_baseline(ip_pair, scheduler, num_images, ip_scale, negative, guidance):
     from skimage import data
