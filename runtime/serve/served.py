@@ -56,21 +56,21 @@ class ServedPipeline:
         ready = [i for i, p in enumerate(prepared) if not isinstance(p, BaseException)]
         results: dict[int, Any] = {i: p for i, p in enumerate(prepared) if isinstance(p, BaseException)}
         answered = 0
-        while answered in results:  # requests that failed to prepare are answered at once
-            yield results.pop(answered)
-            answered += 1
+
+        def in_order():  # every result whose predecessors are all answered
+            nonlocal answered
+            while answered in results:
+                yield results.pop(answered)
+                answered += 1
+
+        yield from in_order()  # requests that failed to prepare are answered at once
         for chunk in _chunks(ready, [prepared[i].num_images for i in ready],
                              self.pipe.max_images(prepared[ready[0]].settings) if ready else None):
             outcome = _attempt(lambda: self.pipe.run([prepared[i] for i in chunk]))
             for n, i in enumerate(chunk):
                 result = outcome if isinstance(outcome, BaseException) else outcome[n]
                 results[i] = result if isinstance(result, BaseException) else result.images
-            while answered in results:
-                yield results.pop(answered)
-                answered += 1
-        while answered < len(payloads):
-            yield results.pop(answered)
-            answered += 1
+            yield from in_order()
 
 
 def _attempt(call: Callable[[], Any]) -> Any:
