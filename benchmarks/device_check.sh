@@ -92,7 +92,7 @@ EOF
 # 3. baseline vs runtime (torch sessions, CUDA graphs) -------------------------------------------
 LIMIT=$(( $(left) > 330 ? 330 : $(left) ))
 step latency "$LIMIT" "$PY" -m benchmarks.latency --build "$BUILD" --model "$MODEL" --backend torch \
-  --baseline torch --pipeline instantid --steps "$STEPS" --resolution "$RES" --batch 1 --runs "$RUNS" \
+  --trust-torch-programs --baseline torch --pipeline instantid --steps "$STEPS" --resolution "$RES" --batch 1 --runs "$RUNS" \
   --warmup 1 --loop "$LOOP" --out "$OUT/latency"
 
 # 4. TensorRT-RTX, if carried and time is left ----------------------------------------------------
@@ -124,7 +124,7 @@ import skimage.data
 from runtime.pipelines import InstantIDPipeline
 
 build, loop = sys.argv[1:3]
-gpu = InstantIDPipeline.from_build(build, "torch", loop_mode=loop)
+gpu = InstantIDPipeline.from_build(build, "torch", loop_mode=loop, trust_programs=True)  # built just above
 cpu = InstantIDPipeline.from_build(build, "onnxruntime", face_on_device=False)
 kwargs = dict(steps=4, seed=1, width=256, height=256, num_images=2, return_latents=True)
 for _ in range(2):  # capture, then replay

@@ -141,6 +141,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="comma-separated runtime backends: onnxruntime, tensorrt, tensorrt-rtx, torch, ... "
                         "('none' for the baseline alone; torch: the build's torch.export programs when it has "
                         "them, else the export wrappers built from --weights / random init)")
+    parser.add_argument("--trust-torch-programs", action="store_true",
+                        help="--backend torch: load the build's torch.export programs (they unpickle, so a crafted "
+                        "program runs code: only for a build you made or trust)")
     parser.add_argument("--baseline", default="torch", choices=("torch", "none"))
     parser.add_argument("--pipeline", default="instantid", choices=("instantid", "ip-adapter", "ip-adapter-plus"))
     parser.add_argument("--model", help="tiny | sdxl (default: the build's model, else tiny)")
@@ -242,7 +245,8 @@ def run(args: argparse.Namespace) -> dict:
         result, latents[backend] = measure_backend(
             backend, lambda: RuntimeRunner(args.pipeline, args.build, backend, loop_mode=args.loop,
                                            threads=args.threads, model=model, weights=weights, dtype=dtype,
-                                           device=device if backend == "torch" else None),
+                                           device=device if backend == "torch" else None,
+                                           trust_programs=args.trust_torch_programs),
             work, args.runs, args.warmup, device, points)
         base = latents.get("baseline")
         if base is not None and latents[backend] is not None and base.shape == latents[backend].shape:

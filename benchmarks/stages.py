@@ -233,10 +233,11 @@ class RuntimeRunner(_Runner):
     """
 
     def __init__(self, pipeline: str, build: Path, backend: str, device=None, loop_mode: str = "auto",
-                 threads: int | None = None, model: str = "tiny", weights: Path | None = None, dtype=None):
+                 threads: int | None = None, model: str = "tiny", weights: Path | None = None, dtype=None,
+                 trust_programs: bool = False):
         from runtime.pipelines import InstantIDPipeline, IPAdapterPipeline
 
-        kwargs = dict(loop_mode=loop_mode)
+        kwargs = dict(loop_mode=loop_mode, trust_programs=trust_programs)
         programs = backend == "torch" and has_torch_programs(build, pipeline)
         if device is not None and (backend != "torch" or programs):
             kwargs["device"] = device

@@ -2,7 +2,8 @@
 
 Layout (see DESIGN.md): build/<model>/{manifest.json, onnx/<c>.onnx, engines/<c>.plan, assets/}.
 
-Schema (version 1), all paths relative to the build directory::
+Schema (version 1), all paths relative to the build directory (`load_manifest` refuses any
+that is absolute or leads outside it)::
 
     {"schema_version": 1, "model": "tiny", "metadata": {...owned by export/...},
      "components": {"<component>": {
@@ -200,10 +201,89 @@ def load_manifest(build_dir: str | Path) -> Manifest:
         raise ManifestError(f"{path} not found: export the model first "
                             f"(python -m export.build --model <model> --out {build_dir})")
     try:
-        return manifest_from_dict(json.loads(path.read_text()))
+        manifest = manifest_from_dict(json.loads(path.read_text()))
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise ManifestError(f"{path} is unreadable ({error.__class__.__name__}: {error}); "
                             "delete it and re-run the export") from None
+    check_paths(manifest, build_dir)
+    return manifest
+
+
+# ---- paths and checksums read from the manifest --------------------------------------------
+
+def build_path(build_dir: str | Path, relative: str, what: str) -> Path:
+    """build_dir / relative, for a path read from manifest.json.
+
+    ManifestError when `relative` is not a relative path inside the build directory: absolute,
+    empty, or leaving it through '..' or a symbolic link. A build directory is data, and its
+    manifest must not make the runtime open (or hash, or unpickle) files elsewhere.
+    """
+    root = Path(build_dir)
+    problem = None
+    if not isinstance(relative, str):
+        problem = "is not a string"
+    elif not relative.strip():
+        problem = "is empty"
+    elif "\0" in relative or Path(relative).is_absolute():
+        problem = "is absolute"
+    else:
+        inside = (root / relative).resolve()
+        if not inside.is_relative_to(root.resolve()):
+            problem = "leaves the build directory"
+    if problem:
+        raise ManifestError(f"{root / MANIFEST}: the {what} path {relative!r} {problem}; every path in a manifest "
+                            "is relative to the build directory and stays inside it. The manifest was edited or "
+                            "the directory was tampered with: rebuild it (python -m export.build ... --out "
+                            f"{root})")
+    return root / relative
+
+
+def check_paths(manifest: Manifest, build_dir: str | Path) -> None:
+    """ManifestError (see `build_path`) unless every path of `manifest` stays inside build_dir:
+    each component's ONNX file, its external data, its engine plan, the torch programs, the assets."""
+    for name, component in manifest.components.items():
+        if component.onnx is not None:
+            onnx_files(build_dir, component.onnx, name)
+        if component.engine is not None:
+            build_path(build_dir, component.engine.path, f"'{name}' engine")
+    programs = manifest.metadata.get("torch_programs", {})
+    if not isinstance(programs, dict):
+        raise ManifestError(f"{Path(build_dir) / MANIFEST}: metadata.torch_programs is not an object; rebuild it")
+    for name, record in programs.items():
+        build_path(build_dir, record.get("path") if isinstance(record, dict) else None, f"'{name}' torch program")
+    if "assets" in manifest.metadata:
+        build_path(build_dir, manifest.metadata["assets"], "assets")
+
+
+def onnx_files(build_dir: str | Path, record: OnnxRecord, component: str = "") -> list[Path]:
+    """The ONNX file of `record` and its external data files (in the order `sha256` hashes them)."""
+    onnx_path = build_path(build_dir, record.path, f"'{component}' ONNX")
+    folder = os.path.dirname(record.path)  # external data lie beside the ONNX file
+    return [onnx_path] + [build_path(build_dir, os.path.join(folder, data) if isinstance(data, str) else data,
+                                     f"'{component}' ONNX external data") for data in record.external_data]
+
+
+def verify_onnx(build_dir: str | Path, component: str, record: OnnxRecord, model: str = "<model>",
+                verify_sha256: bool = True) -> list[Path]:
+    """Check an ONNX file (and its external data) against the sha256 recorded by the exporter.
+
+    verify_sha256=False skips hashing (for speed; the checksum must still be a real one).
+    Returns the files (ONNX first). Raises ManifestError when the checksum is missing, zeroed or
+    not a sha256, when a file is missing, or when the bytes do not match: say to re-export.
+    """
+    files = onnx_files(build_dir, record, component)
+    export = f"python -m export.build --model {model} --stage onnx --out {build_dir}"
+    checksum = record.sha256 if isinstance(record.sha256, str) else ""
+    if len(checksum) != 64 or set(checksum) - set("0123456789abcdef") or not checksum.strip("0"):
+        raise ManifestError(f"{Path(build_dir) / MANIFEST}: '{component}' has no valid ONNX sha256 "
+                            f"({record.sha256!r}), so its ONNX cannot be checked: re-export it ({export})")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ManifestError(f"{missing[0]} not found ('{component}'): export it first ({export})")
+    if verify_sha256 and sha256_files(files) != checksum:
+        raise ManifestError(f"{files[0]}{' (with its external data)' if len(files) > 1 else ''} does not match "
+                            f"its manifest sha256 (corrupt, truncated or replaced): re-export it ({export})")
+    return files
 
 
 def save_manifest(build_dir: str | Path, manifest: Manifest) -> Path:

@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--scheduler", choices=SCHEDULERS, default="euler")
     gen.add_argument("--loop", choices=("auto", "graph", "step-graphs", "eager"), default="auto")
+    gen.add_argument("--trust-torch-programs", action="store_true",
+                     help="--backend torch: load the build's torch.export programs. They unpickle, so a crafted "
+                     "program runs code: use only with a build you made or trust")
     from runtime.serve.__main__ import add_subcommand
 
     add_subcommand(commands)  # `serve`: HTTP service over a build (runtime/serve, docs/serving.md)
@@ -65,12 +68,13 @@ def generate(args) -> list[Path]:
                   guidance=args.guidance, seed=args.seed, width=args.width, height=args.height,
                   num_images=args.num_images, scheduler=args.scheduler)
     if args.pipeline == "instantid":
-        pipe = InstantIDPipeline.from_build(args.build, args.backend, loop_mode=args.loop)
+        pipe = InstantIDPipeline.from_build(args.build, args.backend, loop_mode=args.loop,
+                                            trust_programs=args.trust_torch_programs)
         images = pipe(args.image, pose_image=args.pose, controlnet_scale=args.controlnet_scale,
                       ip_scale=0.8 if args.ip_scale is None else args.ip_scale, **common)
     else:
         pipe = IPAdapterPipeline.from_build(args.build, args.backend, plus=args.pipeline.endswith("plus"),
-                                            loop_mode=args.loop)
+                                            loop_mode=args.loop, trust_programs=args.trust_torch_programs)
         images = pipe(args.image, ip_scale=0.6 if args.ip_scale is None else args.ip_scale, **common)
     pipe.save_runtime_caches()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -119,9 +119,12 @@ class Assets:
             return None
         return tuple(tensor.min), tuple(tensor.max)
 
-    def face_analyzer(self):
+    def face_analyzer(self, verify_sha256: bool = True):
         """FaceAnalyzer over onnx/face_detector.onnx (YuNet or SCRFD, told apart by its outputs) and
-        onnx/arcface.onnx, on ONNX Runtime (CPU). FileNotFoundError saying how to export them."""
+        onnx/arcface.onnx, on ONNX Runtime (CPU), each checked against its manifest sha256 first
+        (verify_sha256=False: skip the hashing). FileNotFoundError saying how to export them;
+        ManifestError for a file that does not match."""
+        from engine.manifest import verify_onnx
         from runtime.face import ArcFace, FaceAnalyzer, SCRFDDetector, YuNetDetector
 
         paths = {}
@@ -130,7 +133,7 @@ class Assets:
             if entry is None or entry.onnx is None:
                 raise AssetError(f"{self.build_dir} has no {component}: export it (python -m export.build --model "
                                  f"{self.model} --pipeline instantid --out {self.build_dir}) or pass face_analyzer=")
-            paths[component] = self.build_dir / entry.onnx.path
+            paths[component] = verify_onnx(self.build_dir, component, entry.onnx, self.model, verify_sha256)[0]
         outputs = {t.name for t in self.manifest.components["face_detector"].onnx.outputs}
         detector = YuNetDetector if "cls_8" in outputs else SCRFDDetector
         return FaceAnalyzer(detector(paths["face_detector"]), ArcFace(paths["arcface"]))

@@ -102,7 +102,8 @@ class _SDXLPipeline:
 
     def __init__(self, build_dir: str | os.PathLike, backend: str = "onnxruntime", *, device=None,
                  loop_mode: str = "auto", verify_sha256: bool = True, threads: int | None = None,
-                 sessions: dict[str, Session] | None = None, memory: DeviceMemoryPool | None = None):
+                 sessions: dict[str, Session] | None = None, memory: DeviceMemoryPool | None = None,
+                 trust_programs: bool = False):
         from engine.manifest import load_manifest
 
         self.build_dir = Path(build_dir)
@@ -113,7 +114,7 @@ class _SDXLPipeline:
         self.memory = (memory or DeviceMemoryPool(device or "cuda")) if trt else None
         self._overrides = dict(sessions or {})
         self._open_args = dict(manifest=self.manifest, device=device, memory=self.memory,
-                               verify_sha256=verify_sha256, threads=threads)
+                               verify_sha256=verify_sha256, threads=threads, trust_programs=trust_programs)
         self.text_encoder = self.open("text_encoder")
         self.text_encoder_2 = self.open("text_encoder_2")
         self.unet = self.open(self.unet_component)
@@ -138,7 +139,10 @@ class _SDXLPipeline:
 
         backend: 'onnxruntime' | 'tensorrt' | 'tensorrt-rtx' | 'torch' (the build's torch.export programs, on
         cuda when present; the face models stay on ONNX Runtime). kwargs: device, loop_mode ('auto' |
-        'graph' | 'step-graphs' | 'eager'), verify_sha256, threads (ONNX Runtime), sessions (component ->
+        'graph' | 'step-graphs' | 'eager'), verify_sha256 (hash ONNX files / plans / programs against the
+        manifest; default True), trust_programs (torch backend: True to load the build's torch.export
+        programs, which unpickle and so can run code; refused otherwise), threads (ONNX Runtime),
+        sessions (component ->
         Session used instead of the backend's, e.g. a TorchSession, or another pipeline's to share it),
         memory (a DeviceMemoryPool shared with other pipelines; attach all before capturing graphs), and
         per pipeline extras
@@ -397,7 +401,7 @@ class InstantIDPipeline(_SDXLPipeline):
                 sessions = [self._face_session(component) for component in ("face_detector", "arcface")]
                 self._face_analyzer = DeviceFaceAnalyzer.from_sessions(*sessions, device=self.device)
             else:
-                self._face_analyzer = self.assets.face_analyzer()
+                self._face_analyzer = self.assets.face_analyzer(self._open_args["verify_sha256"])
         return self._face_analyzer
 
     def _face_session(self, component: str) -> Session:
@@ -412,7 +416,7 @@ class InstantIDPipeline(_SDXLPipeline):
         if self.backend in ("tensorrt", "tensorrt-rtx") and entry is not None and entry.engine is not None:
             return self.open(component)
         return open_session(self.build_dir, component, "onnxruntime", manifest=self.manifest,
-                            threads=self._open_args["threads"])
+                            threads=self._open_args["threads"], verify_sha256=self._open_args["verify_sha256"])
 
     def face_tokens(self, embedding: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw ArcFace embedding (512,) or (N, 512) -> (tokens (N, 16, C), negative Resampler(0) (1, 16, C))."""

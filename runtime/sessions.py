@@ -377,12 +377,16 @@ def normalize_backend(backend: str) -> str:
 
 def open_session(build_dir: str | os.PathLike, component: str, backend: str = "onnxruntime", *,
                  manifest=None, device: str | torch.device | None = None, memory: DeviceMemoryPool | None = None,
-                 verify_sha256: bool = True, threads: int | None = None) -> Session:
+                 verify_sha256: bool = True, threads: int | None = None, trust_programs: bool = False) -> Session:
     """The session of one component of a build directory.
 
     backend: 'onnxruntime' (onnx/<component>.onnx), 'tensorrt' / 'tensorrt-rtx' (its engine) or 'torch'
     (its torch.export program, torch/<component>.pt2; device default cuda when present).
     manifest: the loaded engine.manifest.Manifest (read from build_dir when None).
+    verify_sha256: hash the ONNX file (with its external data), the plan or the program against the
+    manifest before loading (False: skip the hashing, for a faster start on a build you trust).
+    trust_programs: the torch backend only: True to load torch.export programs, which unpickle (and so
+    can run code); refused otherwise (see `open_program`).
     Raises SessionError / EngineCheckError / ManifestError with what to run to fix it.
     """
     from engine.manifest import load_manifest
@@ -392,12 +396,15 @@ def open_session(build_dir: str | os.PathLike, component: str, backend: str = "o
     entry = manifest.components.get(component)
     backend = normalize_backend(backend)
     if backend == "torch":
-        return open_program(build_dir, component, manifest, device, verify_sha256)
+        return open_program(build_dir, component, manifest, device, verify_sha256, trust_programs)
     if entry is None or entry.onnx is None:
         raise SessionError(f"{build_dir} has no component '{component}' (it has {sorted(manifest.components)}); "
                            f"export it: python -m export.build --model {manifest.model} --out {build_dir}")
     if backend == "onnxruntime":
-        return OrtSession(build_dir / entry.onnx.path, name=component, device=device, threads=threads)
+        from engine.manifest import verify_onnx
+
+        files = verify_onnx(build_dir, component, entry.onnx, manifest.model, verify_sha256)
+        return OrtSession(files[0], name=component, device=device, threads=threads)
     if entry.engine is None:
         raise SessionError(f"{build_dir}: '{component}' has no engine; build it: python -m export.build --model "
                            f"{manifest.model} --out {build_dir} --stage engines --backend {backend}")
@@ -407,16 +414,30 @@ def open_session(build_dir: str | os.PathLike, component: str, backend: str = "o
                       device=device or "cuda", memory=memory, verify_sha256=verify_sha256, model=manifest.model)
 
 
-def open_program(build_dir: Path, component: str, manifest, device=None, verify_sha256: bool = True) -> TorchSession:
+def open_program(build_dir: Path, component: str, manifest, device=None, verify_sha256: bool = True,
+                 trust_programs: bool = False) -> TorchSession:
     """A TorchSession over the build's torch.export program of `component` (export/torch_programs.py),
-    moved to `device` (default: cuda when present, else cpu). SessionError says how to export it."""
-    from engine.manifest import sha256_files
+    moved to `device` (default: cuda when present, else cpu).
+
+    A program is loaded with `torch.export.load`, which unpickles parts of the archive with
+    `weights_only=False` (torch 2.13: pickled weights and constants, and a fallback for the rest):
+    a crafted .pt2 runs any code while it loads, and its manifest checksum, which lives in the same
+    directory, proves nothing. So loading is a trust decision: without trust_programs=True this
+    raises SessionError before the file is opened. SessionError also says how to export a missing one.
+    """
+    from engine.manifest import build_path, sha256_files
 
     record = manifest.metadata.get("torch_programs", {}).get(component)
-    path = None if record is None else build_dir / record["path"]
+    path = None if record is None else build_path(build_dir, record["path"], f"'{component}' torch program")
     if path is None or not path.is_file():
         raise SessionError(f"{build_dir} has no torch program for '{component}'; export it: python -m export.build "
                            f"--model {manifest.model} --out {build_dir} --stage torch")
+    if not trust_programs:
+        raise SessionError(f"{path} is a torch.export program: loading it unpickles Python objects, which can run "
+                           "any code its author put in it. Load torch programs only from a build you made or "
+                           "trust: pass --trust-torch-programs (python -m runtime generate / serve, "
+                           "benchmarks.latency) or trust_programs=True (Python API); otherwise serve this build "
+                           "with --backend onnxruntime or tensorrt")
     if verify_sha256 and sha256_files([path]) != record["sha256"]:
         raise SessionError(f"{path} does not match its manifest checksum (corrupt or replaced): re-export it "
                            f"(python -m export.build --model {manifest.model} --out {build_dir} --stage torch)")

@@ -66,7 +66,8 @@ def test_torch_backend_equals_onnxruntime(torch_build, size, num_images, schedul
     from runtime.pipelines import InstantIDPipeline
 
     ort = InstantIDPipeline.from_build(torch_build, "onnxruntime")
-    pipe = InstantIDPipeline.from_build(torch_build, "torch", device="cpu", face_analyzer=ort.face_analyzer)
+    pipe = InstantIDPipeline.from_build(torch_build, "torch", device="cpu", face_analyzer=ort.face_analyzer,
+                                        trust_programs=True)
     assert type(pipe.unet).__name__ == "TorchSession" and pipe.device.type == "cpu"
     width, height = size
     kwargs = dict(steps=3, seed=4, width=width, height=height, num_images=num_images, scheduler=scheduler)
@@ -83,7 +84,7 @@ def test_torch_backend_equals_onnxruntime(torch_build, size, num_images, schedul
 
 def test_torch_backend_needs_neither_diffusers_nor_transformers(torch_build):
     code = ("import sys; from runtime.pipelines import InstantIDPipeline; "
-            f"pipe = InstantIDPipeline.from_build({str(torch_build)!r}, 'torch'); "
+            f"pipe = InstantIDPipeline.from_build({str(torch_build)!r}, 'torch', trust_programs=True); "
             "pipe.generate(__import__('numpy').ones(512, 'float32'), __import__('numpy').zeros((128, 128, 3), 'uint8'), "
             "'a person', steps=1); "
             "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))")
@@ -96,15 +97,15 @@ def test_missing_or_corrupt_programs_say_how_to_export(torch_build, tmp_path):
     from runtime.sessions import SessionError, open_session
 
     with pytest.raises(SessionError, match="no torch program for 'image_encoder'.*--stage torch"):
-        open_session(torch_build, "image_encoder", "torch")
+        open_session(torch_build, "image_encoder", "torch", trust_programs=True)
     broken = tmp_path / "broken"
     shutil.copytree(torch_build, broken, ignore=shutil.ignore_patterns("*.onnx", "*.data", "weights"))
     program = broken / "torch" / "face_proj.pt2"
     program.write_bytes(program.read_bytes()[: program.stat().st_size // 2])
     with pytest.raises(SessionError, match="does not match its manifest checksum.*--stage torch"):
-        open_session(broken, "face_proj", "torch")
+        open_session(broken, "face_proj", "torch", trust_programs=True)
     with pytest.raises(SessionError, match="cannot load .*re-export it"):
-        open_session(broken, "face_proj", "torch", verify_sha256=False)
+        open_session(broken, "face_proj", "torch", verify_sha256=False, trust_programs=True)
 
 
 def test_latency_harness_times_the_builds_programs(torch_build, tmp_path):
@@ -112,7 +113,8 @@ def test_latency_harness_times_the_builds_programs(torch_build, tmp_path):
     from benchmarks import latency
 
     out = tmp_path / "bench"
-    argv = ["--build", str(torch_build), "--backend", "torch", "--pipeline", "instantid", "--steps", "2",
+    argv = ["--build", str(torch_build), "--backend", "torch", "--trust-torch-programs", "--pipeline", "instantid",
+            "--steps", "2",
             "--resolution", "128", "--runs", "1", "--warmup", "0", "--threads", "1", "--device", "cpu",
             "--out", str(out)]
     assert latency.main(argv) == 0

@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--warmup-size", type=int, default=None, help="default: the model's resolution")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--trust-torch-programs", action="store_true",
+                        help="--backend torch: load the build's torch.export programs. They unpickle, so a crafted "
+                        "program runs code at start-up: use only with a build you made or trust")
     parser.add_argument("--log-level", default="info")
     return parser
 
@@ -59,7 +62,8 @@ def serve(args: argparse.Namespace) -> int:
                          timeout_s=args.timeout_s, limits=limits)
     names = [n for n in args.pipelines.split(",") if n]
     app = create_app(config, lambda: load_pipelines(args.build, args.backend, names, args.warmup_steps,
-                                                    args.warmup_size, args.threads))
+                                                    args.warmup_size, args.threads,
+                                                    trust_programs=args.trust_torch_programs))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10,
                 access_log=False)
     return 0

@@ -122,10 +122,11 @@ def available_pipelines(build_dir: str | os.PathLike) -> list[str]:
 
 def load_pipelines(build_dir: str | os.PathLike, backend: str = "onnxruntime", names: Sequence[str] = (),
                    warmup_steps: int = 2, warmup_size: int | None = None, threads: int | None = None,
-                   device: str | None = None) -> dict[str, ServedPipeline]:
+                   device: str | None = None, trust_programs: bool = False) -> dict[str, ServedPipeline]:
     """Open the runtime pipelines of a build (all it has, or `names`) as ServedPipelines.
 
-    device: e.g. 'cuda:1' for TensorRT backends (default: the runtime's); threads: ONNX Runtime.
+    device: e.g. 'cuda:1' for TensorRT backends (default: the runtime's); threads: ONNX Runtime;
+    trust_programs: backend 'torch' only, load the build's torch.export programs (they unpickle).
 
     Raises ValueError naming what the build has when a requested pipeline is missing.
     """
@@ -138,7 +139,7 @@ def load_pipelines(build_dir: str | os.PathLike, backend: str = "onnxruntime", n
         raise ValueError(f"{build_dir} has no {', '.join(missing) or 'pipeline'} (it has: {', '.join(have) or 'none'}): "
                          "export them (python -m export.build --pipeline ...) or choose with --pipelines")
     served = {}
-    options = {"threads": threads, **({"device": device} if device else {})}
+    options = {"threads": threads, "trust_programs": trust_programs, **({"device": device} if device else {})}
     shared: dict = {}  # sessions every pipeline of the build has in common: loaded once
     for name in names:
         options["sessions"] = dict(shared)
