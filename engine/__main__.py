@@ -1,6 +1,7 @@
 """`python -m engine BUILD_DIR [...]`: build the engines of an exported build directory.
 
-Example: python -m engine build/tiny --backend tensorrt-rtx --static 1x1024x1024
+Examples: python -m engine build/tiny --backend tensorrt-rtx --static 1x1024x1024
+          python -m engine build/sdxl --components unet_instantid --height 768:1024:1280 --force
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import logging
 import sys
 
 from engine.build_all import build_all
-from engine.profiles import Geometry
+from engine.profiles import Geometry, ProfileError, parse_range
 
 
 def parse_static(text: str) -> Geometry:
@@ -21,6 +22,26 @@ def parse_static(text: str) -> Geometry:
     return Geometry.fixed(batch, height, width)
 
 
+def range_arg(text: str):
+    """'MIN:OPT:MAX' or 'N' -> Range (argparse type)."""
+    try:
+        return parse_range(text)
+    except ProfileError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def geometry_from(args) -> Geometry:
+    """--static, or --batch/--height/--width/--decode-batch over the defaults of Geometry()."""
+    ranges = {key: getattr(args, key) for key in ("batch", "height", "width", "decode_batch")
+              if getattr(args, key) is not None}
+    if args.static is not None:
+        if set(ranges) - {"decode_batch"}:
+            raise ProfileError("--static sets batch, height and width: drop --batch/--height/--width")
+        return Geometry(args.static.batch, args.static.height, args.static.width,
+                        ranges.get("decode_batch", Geometry().decode_batch))
+    return Geometry(**ranges)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run build_all, return the exit code."""
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
@@ -29,19 +50,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=["tensorrt", "tensorrt-rtx"], help="default: detect")
     parser.add_argument("--static", type=parse_static, metavar="BxHxW",
                         help="one fixed serving size instead of batch 1-4, 512-1536 px")
+    for name, default in (("batch", "1:1:4"), ("height", "512:1024:1536"), ("width", "512:1024:1536")):
+        parser.add_argument(f"--{name}", type=range_arg, metavar="MIN:OPT:MAX",
+                            help=f"{name} range of the profiles (default {default}; one value: fixed)")
+    parser.add_argument("--decode-batch", type=range_arg, metavar="MIN:OPT:MAX",
+                        help="images per VAE decoder call (default 1: the runtime decodes one at a time; "
+                             "the scratch pool every engine shares is sized for the largest)")
     parser.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0-5")
     parser.add_argument("--workspace-gb", type=float, help="workspace memory limit")
     parser.add_argument("--compute-capabilities", nargs="+", metavar="SM",
                         help="ahead-of-time targets, e.g. sm86 sm89 (tensorrt-rtx)")
-    parser.add_argument("--refittable", action="store_true", help="weights can be refitted later")
-    parser.add_argument("--strip-plan", action="store_true", help="leave weights out of the plans")
+    parser.add_argument("--refittable", action="store_true",
+                        help="weights can be refitted from another checkpoint later (plain REFIT: NVIDIA "
+                             "documents it may drop a GEMM bias; prefer rebuilding)")
+    parser.add_argument("--strip-plan", action="store_true",
+                        help="leave weights out of the plans (REFIT_IDENTICAL) to ship them small; the "
+                             "runtime refuses such plans until engine.refit.refill_stripped puts the "
+                             "weights back from the ONNX on the target GPU")
     parser.add_argument("--timing-cache", help="timing cache file (tensorrt)")
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     parser.add_argument("-v", "--verbose", action="store_true", help="log builder warnings")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(name)s: %(message)s")
     try:
-        build_all(args.build_dir, args.components, args.backend, geometry=args.static,
+        build_all(args.build_dir, args.components, args.backend, geometry=geometry_from(args),
                   opt_level=args.opt_level, workspace_gb=args.workspace_gb, refittable=args.refittable,
                   strip_plan=args.strip_plan, compute_capabilities=args.compute_capabilities,
                   timing_cache=args.timing_cache, force=args.force)

@@ -13,6 +13,10 @@ backend:
     runtime_cache         IRuntimeConfig.create_runtime_cache (JIT kernel cache, TensorRT-RTX)
     cuda_graph_strategy   IRuntimeConfig.cuda_graph_strategy (built-in CUDA graphs, TensorRT-RTX)
     refit, refit_identical, refit_individual, strip_plan   the BuilderFlag members exist
+    user_allocation       BuilderFlag.REQUIRE_USER_ALLOCATION: the plan never allocates on its own
+                          during enqueue (TensorRT-RTX needs it for CUDA-graph capture)
+    serialization_config  ICudaEngine.serialize_with_config + SerializationFlag.EXCLUDE_WEIGHTS:
+                          a refitted weight-stripped engine can be written back WITH its weights
 
 Backends are named as on the command line: "tensorrt" or "tensorrt-rtx".
 """
@@ -57,6 +61,8 @@ class Capabilities:
     refit_identical: bool
     refit_individual: bool
     strip_plan: bool
+    user_allocation: bool
+    serialization_config: bool
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,7 @@ class Backend:
         return 0
 
     def logger(self):
-        """The process-wide trt.ILogger, its `.errors` / `.warnings` lists emptied.
+        """The process-wide trt.ILogger, its `.errors` / `.warnings` / `.infos` lists emptied.
 
         TensorRT keeps the first logger a process gives it and ignores later ones, so every
         builder, parser, runtime and refitter here shares this one; it forwards to
@@ -90,6 +96,7 @@ class Backend:
         shared = _shared_logger(self.trt)
         shared.errors.clear()
         shared.warnings.clear()
+        shared.infos.clear()
         return shared
 
     def compute_capability(self, sm: str):
@@ -113,6 +120,7 @@ def _shared_logger(trt: ModuleType):
             trt.ILogger.__init__(self)
             self.errors: list[str] = []
             self.warnings: list[str] = []
+            self.infos: list[str] = []  # the builder's INFO lines (memory totals, ...)
 
         def log(self, level, message):
             if level in (severity.INTERNAL_ERROR, severity.ERROR):
@@ -123,6 +131,7 @@ def _shared_logger(trt: ModuleType):
                 self.warnings.append(message)
                 log.warning("%s", message)
             elif level == severity.INFO:
+                self.infos.append(message)
                 log.debug("%s", message)
 
     return _Log()
@@ -177,6 +186,9 @@ def _probe(trt: ModuleType) -> Capabilities:
         refit_identical="REFIT_IDENTICAL" in flags,
         refit_individual="REFIT_INDIVIDUAL" in flags,
         strip_plan="STRIP_PLAN" in flags,
+        user_allocation="REQUIRE_USER_ALLOCATION" in flags,
+        serialization_config=hasattr(trt.ICudaEngine, "serialize_with_config")
+        and "EXCLUDE_WEIGHTS" in getattr(getattr(trt, "SerializationFlag", None), "__members__", {}),
     )
 
 

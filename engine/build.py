@@ -7,7 +7,9 @@ work. Everything the two backends do differently is asked of `backend.caps`.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,6 +21,8 @@ from engine.manifest import BuildFlags, EngineRecord, EngineTensor, atomic_write
 from engine.profiles import Profile, ShapeRange, output_range, solve_symbols
 
 CPU_BUILD = "cpu (ahead-of-time)"
+log = logging.getLogger("engine")
+_ACTIVATION = re.compile(r"Total Activation Memory:\s*(\d+)")
 
 
 class OnnxParseError(RuntimeError):
@@ -44,7 +48,7 @@ class OnnxTensor:
 def build_engine(onnx_path: str | Path, plan_path: str | Path, profiles: Sequence[Profile],
                  backend: Backend | str | None, *, workspace_gb: float | None = None,
                  opt_level: int = 3, refittable: bool = False, strip_plan: bool = False,
-                 compute_capabilities: Sequence[str] | None = None,
+                 compute_capabilities: Sequence[str] | None = None, user_allocation: bool = False,
                  timing_cache: str | Path | None = None, onnx_sha256: str | None = None) -> EngineRecord:
     """Parse `onnx_path`, build a strongly typed engine, write it to `plan_path`.
 
@@ -53,9 +57,13 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, profiles: Sequenc
     backend: a Backend, its name ("tensorrt" | "tensorrt-rtx") or None (detect).
     workspace_gb: workspace memory pool limit (None: backend default).
     opt_level: builder optimisation level 0..5 (higher: slower build, maybe faster engine).
-    refittable: weights can be replaced later (engine.refit); strip_plan: leave weights out of
-        the plan (the runtime refits them from the ONNX before first use).
+    refittable: weights can be replaced by another checkpoint's later (engine.refit; plain REFIT,
+        which NVIDIA documents may drop a GEMM bias even without a refit: prefer rebuilding).
+    strip_plan: leave the weights out of the plan (REFIT_IDENTICAL: they must be refilled from
+        this ONNX by engine.refit.refit_engine on the target GPU; the runtime refuses such a plan).
     compute_capabilities: e.g. ["sm86", "sm89"] for ahead-of-time builds (tensorrt-rtx only).
+    user_allocation: REQUIRE_USER_ALLOCATION, for plans the runtime captures in CUDA graphs
+        (TensorRT-RTX needs it for stream capture); ignored where the backend lacks the flag.
     timing_cache: file to read and update (tensorrt only; tensorrt-rtx has no timing cache).
     onnx_sha256: the ONNX checksum if the caller already has it (else it is computed).
     Returns the EngineRecord (path relative to the build directory: "engines/<c>.plan").
@@ -65,7 +73,8 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, profiles: Sequenc
     trt = backend.trt
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     flags = BuildFlags(opt_level, workspace_gb, refittable, strip_plan,
-                       tuple(s.lower() for s in compute_capabilities) if compute_capabilities else None)
+                       tuple(s.lower() for s in compute_capabilities) if compute_capabilities else None,
+                       user_allocation and backend.caps.user_allocation)
     _check_options(backend, flags, timing_cache)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"{onnx_path} does not exist: export the component first")
@@ -113,7 +122,15 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, profiles: Sequenc
         outputs=tuple(_engine_tensors(network, False, outputs, profiles, inputs)),
         build_seconds=round(seconds, 3), plan_bytes=plan.nbytes,
         plan_sha256=hashlib.sha256(memoryview(plan)).hexdigest(),
-        built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        activation_bytes=activation_bytes(logger.infos))
+
+
+def activation_bytes(builder_log: Sequence[str]) -> int | None:
+    """The scratch memory a context of the built engine needs, from the builder's INFO line
+    'Total Activation Memory: N bytes' (the largest shapes of its profiles); None if absent."""
+    found = [int(m.group(1)) for line in builder_log if (m := _ACTIVATION.search(line))]
+    return found[-1] if found else None
 
 
 def _check_options(backend: Backend, flags: BuildFlags, timing_cache) -> None:
@@ -141,12 +158,17 @@ def _configure(config, backend: Backend, flags: BuildFlags) -> None:
     config.builder_optimization_level = flags.opt_level
     if flags.workspace_gb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(flags.workspace_gb * (1 << 30)))
-    if flags.refittable:
+    if flags.refittable:  # new checkpoints later: only plain REFIT allows other weights
+        log.warning("REFIT: NVIDIA documents that refittable engines may drop a GEMM bias (wrong "
+                    "results even without a refit); compare against the ONNX before serving it")
         config.set_flag(trt.BuilderFlag.REFIT)
     if flags.strip_plan:
         config.set_flag(trt.BuilderFlag.STRIP_PLAN)
-        if not flags.refittable:  # weights come back unchanged from the same ONNX
-            config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
+        if not flags.refittable:  # the same weights come back from the same ONNX
+            config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL if backend.caps.refit_identical
+                            else trt.BuilderFlag.REFIT)
+    if flags.user_allocation:
+        config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
     if flags.compute_capabilities:
         config.num_compute_capabilities = len(flags.compute_capabilities)
         for index, sm in enumerate(flags.compute_capabilities):

@@ -22,6 +22,13 @@ from engine.profiles import Geometry, profile_for
 
 log = logging.getLogger("engine")
 
+CAPTURED = ("unet", "controlnet")  # the runtime captures these (the denoising loop) in CUDA graphs
+
+
+def captured_in_graph(component: str) -> bool:
+    """True for the loop's engines (unet*, controlnet), which the runtime runs inside CUDA graphs."""
+    return component.startswith(CAPTURED)
+
 
 @dataclass(frozen=True)
 class BuildResult:
@@ -34,6 +41,7 @@ class BuildResult:
     onnx_bytes: int
     plan_bytes: int
     seconds: float       # build seconds (the recorded ones when skipped)
+    scratch_bytes: int | None = None  # activation memory a context needs (builder's report)
 
 
 def build_all(build_dir: str | Path, components: Sequence[str] | None = None,
@@ -46,11 +54,12 @@ def build_all(build_dir: str | Path, components: Sequence[str] | None = None,
 
     components: names to build (default: every component with an ONNX record).
     backend: Backend, "tensorrt" | "tensorrt-rtx", or None (detect).
-    geometry: request shapes the profiles cover (default Geometry(): batch 1-4, 512-1536 px);
-        Geometry.fixed(b, h, w) for a static serving size.
+    geometry: request shapes the profiles cover (default Geometry(): batch 1-4, 512-1536 px, the
+        VAE decoder at decode_batch 1); Geometry.fixed(b, h, w) for a static serving size.
     timing_cache: tensorrt's timing cache file (default engines/timing.cache); unused on
         backends without one. force: rebuild even if current. progress: tqdm bar + table.
-    Other flags as in build_engine. Returns one BuildResult per component, in order.
+    The loop's engines (captured_in_graph) get user_allocation (REQUIRE_USER_ALLOCATION) where the
+    backend has it. Other flags as in build_engine. Returns one BuildResult per component, in order.
     """
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
@@ -67,7 +76,9 @@ def build_all(build_dir: str | Path, components: Sequence[str] | None = None,
     bar = tqdm(names, desc=f"engines ({backend.name})", unit="engine", disable=not progress)
     for name in bar:
         bar.set_postfix_str(name)
-        results.append(_build_one(build_dir, manifest, name, backend, geometry, flags, cache, force))
+        component_flags = replace(flags, user_allocation=captured_in_graph(name) and backend.caps.user_allocation)
+        results.append(_build_one(build_dir, manifest, name, backend, geometry.for_component(name),
+                                  component_flags, cache, force))
     if progress:
         print(summary_table(results))
     return results
@@ -105,16 +116,16 @@ def _build_one(build_dir: Path, manifest: Manifest, name: str, backend: Backend,
     if reason is None:
         engine = component.engine
         return BuildResult(name, "skipped", "up to date", onnx.params, onnx.size_bytes,
-                           engine.plan_bytes, engine.build_seconds)
+                           engine.plan_bytes, engine.build_seconds, engine.activation_bytes)
     log.info("building %s: %s", name, reason)
     record = build_engine(onnx_path, plan_path, profiles, backend, workspace_gb=flags.workspace_gb,
                           opt_level=flags.opt_level, refittable=flags.refittable,
                           strip_plan=flags.strip_plan, compute_capabilities=flags.compute_capabilities,
-                          timing_cache=cache, onnx_sha256=sha)
+                          user_allocation=flags.user_allocation, timing_cache=cache, onnx_sha256=sha)
     record = replace(record, path=str(plan_path.relative_to(build_dir)))
     _store(build_dir, manifest, name, engine=record)
     return BuildResult(name, "built", reason, onnx.params, onnx.size_bytes, record.plan_bytes,
-                       record.build_seconds)
+                       record.build_seconds, record.activation_bytes)
 
 
 def _store(build_dir: Path, manifest: Manifest, name: str, **records) -> None:
@@ -136,13 +147,15 @@ def format_count(count: int) -> str:
 
 
 def summary_table(results: Sequence[BuildResult]) -> str:
-    """Plain-text table: component, params, onnx MB, engine MB, seconds, status (+ reason)."""
-    header = ("component", "params", "onnx MB", "engine MB", "seconds", "status")
+    """Plain-text table: component, params, onnx MB, engine MB, scratch MB (the activation memory a
+    context needs at the largest shapes; the shared pool is the largest), seconds, status (+ reason)."""
+    header = ("component", "params", "onnx MB", "engine MB", "scratch MB", "seconds", "status")
     rows = [(r.component, format_count(r.params), f"{r.onnx_bytes / 1e6:.1f}", f"{r.plan_bytes / 1e6:.1f}",
+             "?" if r.scratch_bytes is None else f"{r.scratch_bytes / 1e6:.1f}",
              f"{r.seconds:.1f}", r.status if r.status == "skipped" else f"built ({r.reason})")
             for r in results]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i in (0, 5) else cell.rjust(w)
+    lines = ["  ".join(cell.ljust(w) if i in (0, 6) else cell.rjust(w)
                        for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
              for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))

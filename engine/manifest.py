@@ -12,10 +12,11 @@ that is absolute or leads outside it)::
                    "export_flags": {...}, "export_seconds"},
         "engine": {"path", "onnx_sha256", "backend", "backend_version", "compute_capabilities",
                    "build_device", "flags": {"opt_level", "workspace_gb", "refittable",
-                   "strip_plan", "compute_capabilities"},
+                   "strip_plan", "compute_capabilities", "user_allocation"},
                    "profiles": [{"<input>": {"min", "opt", "max"}}],
                    "inputs"/"outputs": [{"name", "dtype", "shape", "min", "opt", "max"}],
-                   "build_seconds", "plan_bytes", "plan_sha256", "built_at"} }}}
+                   "build_seconds", "plan_bytes", "plan_sha256", "built_at",
+                   "activation_bytes"} }}}
 
 `onnx` is written by the exporter through `record_onnx`; `engine` by `engine.build_all`.
 Axis names in shapes follow engine/profiles.py. Output min/opt/max are null where an axis
@@ -75,6 +76,7 @@ class BuildFlags:
     """Options that change the engine; a change triggers a rebuild.
 
     compute_capabilities: None = the backend's default targets (or the build GPU).
+    user_allocation: built with REQUIRE_USER_ALLOCATION (plans the runtime captures in CUDA graphs).
     """
 
     opt_level: int = 3
@@ -82,6 +84,7 @@ class BuildFlags:
     refittable: bool = False
     strip_plan: bool = False
     compute_capabilities: tuple[str, ...] | None = None
+    user_allocation: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,11 @@ class EngineTensor:
 
 @dataclass
 class EngineRecord:
-    """One built plan: what it was built from, with what, for which GPUs, and its checksum."""
+    """One built plan: what it was built from, with what, for which GPUs, and its checksum.
+
+    activation_bytes: the scratch (activation) memory an execution context needs at the profiles'
+    largest shapes, as the builder reports it (None when the builder did not say).
+    """
 
     path: str
     onnx_sha256: str
@@ -114,6 +121,7 @@ class EngineRecord:
     plan_bytes: int
     plan_sha256: str
     built_at: str
+    activation_bytes: int | None = None
 
 
 @dataclass
@@ -163,7 +171,7 @@ def _onnx_record(d: dict) -> OnnxRecord:
 def _flags(d: dict) -> BuildFlags:
     caps = d.get("compute_capabilities")
     return BuildFlags(d["opt_level"], d.get("workspace_gb"), d["refittable"], d["strip_plan"],
-                      tuple(caps) if caps is not None else None)
+                      tuple(caps) if caps is not None else None, bool(d.get("user_allocation", False)))
 
 
 def _engine_record(d: dict) -> EngineRecord:
@@ -172,7 +180,7 @@ def _engine_record(d: dict) -> EngineRecord:
         tuple(d["compute_capabilities"]), d["build_device"], _flags(d["flags"]),
         tuple(map(_profile, d["profiles"])), tuple(map(_engine_tensor, d["inputs"])),
         tuple(map(_engine_tensor, d["outputs"])), float(d["build_seconds"]), d["plan_bytes"],
-        d["plan_sha256"], d["built_at"])
+        d["plan_sha256"], d["built_at"], d.get("activation_bytes"))
 
 
 def manifest_from_dict(d: dict) -> Manifest:

@@ -35,11 +35,16 @@ Rules for the exporter:
 
 A fixed serving size (the static-shape fast path) is ``Geometry.fixed(batch, height, width)``:
 min = opt = max, so TensorRT specialises every kernel for one shape.
+
+The VAE decoder is the exception to ``batch``: the runtime decodes one image per call, so its
+profile takes ``Geometry.decode_batch`` (default 1) instead (``Geometry.for_component``). Every
+execution context of a pipeline shares one scratch pool sized for the largest engine, and an
+fp32 VAE decoder at batch 4 x 1536² would size it at about four times what batch 1 needs.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 LATENT_FACTOR = 8          # SDXL VAE: latent = pixels / 8
@@ -86,11 +91,13 @@ class Geometry:
 
     batch: images per request (CFG doubles it for ``2B`` axes).
     height, width: pixels, multiples of 64; latent sizes are these / 8.
+    decode_batch: images per VAE decoder call (the runtime decodes one at a time).
     """
 
     batch: Range = field(default_factory=lambda: Range(1, 1, 4))
     height: Range = field(default_factory=lambda: Range(512, 1024, 1536))
     width: Range = field(default_factory=lambda: Range(512, 1024, 1536))
+    decode_batch: Range = field(default_factory=lambda: Range(1, 1, 1))
 
     def __post_init__(self):
         for name in ("height", "width"):
@@ -113,6 +120,28 @@ class Geometry:
     def base_ranges(self) -> dict[str, Range]:
         """Base symbol -> range in its own units: {"batch", "height", "width"}."""
         return {"batch": self.batch, "height": self.height, "width": self.width}
+
+    def for_component(self, component: str) -> "Geometry":
+        """The geometry `component`'s profile is made from: the VAE decoder's batch is decode_batch."""
+        if component in DECODE_COMPONENTS:
+            return replace(self, batch=self.decode_batch)
+        return self
+
+
+DECODE_COMPONENTS = ("vae_decoder",)  # run once per image by the runtime, batch = Geometry.decode_batch
+
+
+def parse_range(text: str) -> Range:
+    """'1:2:4' -> Range(1, 2, 4); '2' -> Range(2, 2, 2). ProfileError saying the form otherwise."""
+    try:
+        values = [int(v) for v in text.split(":")]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3:
+        raise ProfileError(f"'{text}' is not a range: give MIN:OPT:MAX (e.g. 512:1024:1536) or one value")
+    return Range(*values)
 
 
 # symbol -> (base symbol, divisor applied to the base): latent_height = height / 8

@@ -9,7 +9,11 @@ it came from, so a new checkpoint exported by the same exporter maps onto the en
 2. `plan_refit(specs, new_onnx)` pairs every engine weight with a new value and lists what is
    missing or has the wrong dtype/shape; `.check()` raises a readable RefitError.
 3. `refit_engine(plan, new_onnx)` (GPU only) sets them with Refitter.set_named_weights, refits,
-   and writes the refitted plan. The caller records the new checksums in the manifest.
+   and writes the refitted plan WITH its weights (SerializationFlag.EXCLUDE_WEIGHTS cleared: a
+   weight-stripped engine would otherwise serialise weight-less again). The caller records the
+   new checksums in the manifest; `refill_stripped(build_dir, component)` does both for a plan
+   built with --strip-plan (REFIT_IDENTICAL, refilled from the ONNX it was built from), after
+   which the runtime loads it.
 
 Weights the parser rewrites (folded BatchNorm, RNN gates) are not named after an initializer and
 show up as missing: rebuild those engines instead.
@@ -18,14 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from engine.backend import Backend, detect_gpu, load_backend
 from engine.build import parser_error, trt_dtype
-from engine.manifest import atomic_write, onnx_dtype
+from engine.manifest import atomic_write, load_manifest, onnx_dtype, update_manifest
 
 SHOW = 8  # names listed per problem in an error message
 
@@ -200,7 +204,40 @@ def refit_engine(plan_path: str | Path, new_onnx: str | Path, backend: Backend |
         raise RefitError(f"the refitter still needs {missing[:SHOW]}; rebuild the engine")
     if not refitter.refit_cuda_engine():
         raise RefitError(f"refit failed: {' '.join(logger.errors[-3:])}")
-    serialized = engine.serialize()
+    serialized = serialize_with_weights(engine, backend)
     atomic_write(Path(out_path or plan_path), memoryview(serialized))
     return RefitResult(len(plan.weights), serialized.nbytes, hashlib.sha256(memoryview(serialized)).hexdigest(),
                        round(time.perf_counter() - start, 3))
+
+
+def serialize_with_weights(engine, backend: Backend):
+    """Serialise an engine with its weights in, also one built with STRIP_PLAN (whose default
+    serialisation config excludes them); refit information is kept as the default config has it."""
+    if not backend.caps.serialization_config:
+        return engine.serialize()
+    config = engine.create_serialization_config()
+    config.clear_flag(backend.trt.SerializationFlag.EXCLUDE_WEIGHTS)
+    return engine.serialize_with_config(config)
+
+
+def refill_stripped(build_dir: str | Path, component: str, backend: Backend | str | None = None) -> RefitResult:
+    """Put the weights back into a plan built with --strip-plan, from the ONNX it was built from,
+    and record the weighted plan in manifest.json (strip_plan cleared), so the runtime loads it.
+
+    GPU required (see refit_engine). Raises RefitError when the component has no such plan.
+    """
+    build_dir = Path(build_dir)
+    manifest = load_manifest(build_dir)
+    entry = manifest.components.get(component)
+    if entry is None or entry.engine is None or entry.onnx is None or not entry.engine.flags.strip_plan:
+        raise RefitError(f"{build_dir} has no plan of '{component}' built with --strip-plan to refill")
+    result = refit_engine(build_dir / entry.engine.path, build_dir / entry.onnx.path, backend)
+
+    def change(current) -> None:
+        record = current.components[component].engine
+        current.components[component].engine = replace(
+            record, flags=replace(record.flags, strip_plan=False), plan_bytes=result.plan_bytes,
+            plan_sha256=result.plan_sha256)
+
+    update_manifest(build_dir, manifest.model, change)
+    return result

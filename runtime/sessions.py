@@ -215,11 +215,11 @@ class TrtSession(Session):
                  device: str | torch.device = "cuda", memory: DeviceMemoryPool | None = None,
                  verify_sha256: bool = True, model: str | None = None):
         from engine.backend import detect_gpu
-        from engine.cache import EngineCheckError, check_engine, rebuild_command
+        from engine.cache import EngineCheckError, build_dir_of, check_engine, rebuild_command
 
         plan_path = Path(plan_path)
         self.name = name or plan_path.stem
-        check_engine(record, plan_path, backend, detect_gpu(), verify_sha256=verify_sha256, model=model)
+        check_engine(record, plan_path, backend, detect_gpu(), verify_sha256=verify_sha256)
         self.inputs = tuple(_engine_info(t) for t in record.inputs)
         self.outputs = tuple(_engine_info(t) for t in record.outputs)
         if not torch.cuda.is_available():
@@ -233,7 +233,7 @@ class TrtSession(Session):
             self._engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
         if self._engine is None:
             detail = logger.errors[-1] if logger.errors else "no error logged"
-            rebuild = rebuild_command(model or plan_path.resolve().parent.parent.name, self.name, backend.name,
+            rebuild = rebuild_command(build_dir_of(record, plan_path), self.name, backend.name, record=record,
                                       force=True)
             raise EngineCheckError(f"{plan_path}: {backend.name} {backend.version} could not deserialize the plan "
                                    f"({detail}). Rebuild it: {rebuild}")

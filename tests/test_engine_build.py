@@ -1,4 +1,5 @@
-"""Engine builder on the CPU with TensorRT-RTX: builds, parser errors, manifest, cache, checks, refit.
+"""Engine builder on the CPU with TensorRT-RTX: builds, parser errors, manifest, cache, checks, refit,
+the rebuild command as printed, and the scratch memory the builder reports.
 
 The ONNX models are tiny torch modules exported here (legacy exporter: ~0.1 s each); each
 TensorRT-RTX ahead-of-time build takes well under a second on 2 cores.
@@ -7,6 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shlex
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -22,13 +27,14 @@ from engine.__main__ import main as engine_cli  # noqa: E402
 from engine.backend import BackendError, GpuInfo, detect_gpu, load_backend, normalize_name, refit_build_blocker  # noqa: E402
 from engine.build import EngineBuildError, OnnxParseError, build_engine  # noqa: E402
 from engine.build_all import build_all, summary_table  # noqa: E402
-from engine.cache import EngineCheckError, check_engine, needs_rebuild  # noqa: E402
+from engine.cache import EngineCheckError, check_engine, needs_rebuild, rebuild_command  # noqa: E402
 from engine.manifest import (BuildFlags, describe_onnx, load_manifest, manifest_from_dict,  # noqa: E402
-                             manifest_to_dict, record_onnx, save_manifest)
-from engine.profiles import Geometry, profile_for  # noqa: E402
-from engine.refit import RefitError, network_weight_specs, plan_refit, refit_engine  # noqa: E402
+                             manifest_to_dict, record_onnx, save_manifest, update_manifest)
+from engine.profiles import Geometry, Range, ShapeRange, profile_for  # noqa: E402
+from engine.refit import RefitError, network_weight_specs, plan_refit, refill_stripped, refit_engine  # noqa: E402
 
 MODEL = "tiny"
+REPO = Path(__file__).resolve().parents[1]
 
 
 class TinyUNet(torch.nn.Module):
@@ -49,14 +55,16 @@ class TinyUNet(torch.nn.Module):
 
 
 class TinyDecoder(torch.nn.Module):
-    """fp16 'VAE decoder': latents -> 8x upsampled 3-channel image."""
+    """fp16 'VAE decoder': latents -> 32 channels -> 8x upsampled -> 3-channel image (like the VAE,
+    its activations at full resolution outweigh everything else)."""
 
     def __init__(self):
         super().__init__()
-        self.conv = torch.nn.Conv2d(4, 3, 3, padding=1)
+        self.conv_in = torch.nn.Conv2d(4, 32, 3, padding=1)
+        self.conv_out = torch.nn.Conv2d(32, 3, 3, padding=1)
 
     def forward(self, latents):
-        return torch.nn.functional.interpolate(self.conv(latents), scale_factor=8.0, mode="nearest")
+        return self.conv_out(torch.nn.functional.interpolate(self.conv_in(latents), scale_factor=8.0, mode="nearest"))
 
 
 def export_unet(path: Path, seed: int = 0, width: int = 8, external: bool = False) -> Path:
@@ -115,6 +123,7 @@ def test_backend_capabilities(backend):
     assert caps.compute_capabilities and caps.default_targets[:4] == ("sm80", "sm86", "sm89", "sm120")
     assert caps.runtime_cache and caps.cuda_graph_strategy
     assert caps.refit and caps.refit_identical and caps.strip_plan
+    assert caps.user_allocation and caps.serialization_config  # capture; refitted plans keep their weights
     assert backend.network_flags() == 1 << int(backend.trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     assert normalize_name("tensorrt_rtx") == "tensorrt-rtx" and normalize_name("trt") == "tensorrt"
     with pytest.raises(BackendError, match="cannot target 'sm90'"):
@@ -256,7 +265,10 @@ def test_manifest_records_and_round_trips(build_dir):
     manifest = load_manifest(build_dir)
     assert manifest_from_dict(json.loads(json.dumps(manifest_to_dict(manifest)))) == manifest
     engine = manifest.components["unet"].engine
-    assert engine.plan_sha256 and engine.flags == BuildFlags() and engine.profiles[0]["sample"].max == (8, 4, 192, 192)
+    assert engine.plan_sha256 and engine.profiles[0]["sample"].max == (8, 4, 192, 192)
+    assert engine.flags == BuildFlags(user_allocation=True)  # the loop's engines are captured in CUDA graphs
+    assert manifest.components["vae_decoder"].engine.flags == BuildFlags()
+    assert engine.activation_bytes > 0
     manifest.metadata["scheduler"] = "euler"
     save_manifest(build_dir, manifest)
     assert load_manifest(build_dir) == manifest
@@ -293,15 +305,16 @@ def test_check_engine_refuses_bad_plans_with_the_rebuild_command(build_dir, back
     record = load_manifest(build_dir).components["unet"].engine
     plan = build_dir / "engines" / "unet.plan"
     check_engine(record, plan, backend, GpuInfo("NVIDIA GeForce RTX 4090", (8, 9)))  # passes
-    command = "python -m export.build --model tiny --stage engines --components unet --backend tensorrt-rtx"
+    command = (f"python -m engine {build_dir} --components unet --backend tensorrt-rtx "
+               "--batch 1:1:4 --height 512:1024:1536 --width 512:1024:1536")
 
     older = dataclasses.replace(backend, version="1.6.0.1")
     with pytest.raises(EngineCheckError, match=f"1.7.*but 1.6.0.1 is installed.*{command}"):
         check_engine(record, plan, older, None)
-    with pytest.raises(EngineCheckError, match="cannot target sm90.*use the tensorrt backend"):
+    with pytest.raises(EngineCheckError, match="cannot target sm90.*use the tensorrt backend.*--backend tensorrt "):
         check_engine(record, plan, backend, GpuInfo("NVIDIA H100", (9, 0)))
     only_ada = dataclasses.replace(record, compute_capabilities=("sm89",))
-    with pytest.raises(EngineCheckError, match="targets sm89, not this GPU.*--compute-capabilities sm86"):
+    with pytest.raises(EngineCheckError, match="targets sm89, not this GPU.*--compute-capabilities sm86 --force"):
         check_engine(only_ada, plan, backend, GpuInfo("NVIDIA RTX A4000", (8, 6)))
 
     data = plan.read_bytes()
@@ -324,3 +337,105 @@ def test_cli(build_dir, capsys):
     assert "vae_decoder" in capsys.readouterr().out
     assert engine_cli([str(build_dir), "--components", "nope"]) == 1
     assert "no exported ONNX" in capsys.readouterr().err
+
+
+def test_printed_rebuild_command_rebuilds_a_corrupt_plan(build_dir, backend):
+    geometry = Geometry(Range(1, 2, 2), Range(256, 512, 768), Range(512, 512, 512))
+    build_all(build_dir, backend=backend, geometry=geometry, opt_level=2, progress=False)
+    before = load_manifest(build_dir)
+    record = before.components["unet"].engine
+    plan = build_dir / "engines" / "unet.plan"
+    plan.write_bytes(plan.read_bytes()[:1000])
+    with pytest.raises(EngineCheckError, match="truncated or corrupt") as caught:
+        check_engine(record, plan, backend, None)
+    command = str(caught.value).split("Rebuild it: ", 1)[1]
+    assert command == (f"python -m engine {build_dir} --components unet --backend tensorrt-rtx --opt-level 2 "
+                       "--batch 1:2:2 --height 256:512:768 --width 512:512:512 --force")
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(shlex.split(command), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "unet" in done.stdout and "built (forced)" in done.stdout and "vae_decoder" not in done.stdout
+    after = load_manifest(build_dir)
+    rebuilt = after.components["unet"].engine
+    check_engine(rebuilt, plan, backend, GpuInfo("NVIDIA GeForce RTX 4090", (8, 9)))  # loads the checks
+    assert (rebuilt.flags, rebuilt.profiles, rebuilt.inputs) == (record.flags, record.profiles, record.inputs)
+    assert rebuilt.plan_bytes == plan.stat().st_size > 1000
+    assert after.components["vae_decoder"] == before.components["vae_decoder"]  # untouched
+    assert needs_rebuild(rebuilt, rebuilt.onnx_sha256, record.flags, backend, profiles=list(record.profiles),
+                         plan_path=plan) is None
+
+
+def test_rebuild_command_quotes_paths_and_never_strips(build_dir, backend):
+    build_all(build_dir, ["vae_decoder"], backend, workspace_gb=0.5, progress=False)
+    record = load_manifest(build_dir).components["vae_decoder"].engine
+    stripped = dataclasses.replace(record, flags=dataclasses.replace(record.flags, strip_plan=True, refittable=True))
+    command = rebuild_command("my builds/tiny", "vae_decoder", "tensorrt", record=stripped)
+    assert command == ("python -m engine 'my builds/tiny' --components vae_decoder --backend tensorrt "
+                       "--workspace-gb 0.5 --refittable --decode-batch 1:1:1 --height 512:1024:1536 "
+                       "--width 512:1024:1536")  # no --compute-capabilities: recorded for tensorrt-rtx
+
+
+def test_stripped_plan_is_refused_at_load_with_commands_that_exist(build_dir, backend):
+    build_all(build_dir, ["vae_decoder"], backend, progress=False)
+    plan = build_dir / "engines" / "vae_decoder.plan"
+
+    def strip(manifest):  # what a --strip-plan build records (building one needs a CUDA driver)
+        engine = manifest.components["vae_decoder"].engine
+        engine.flags = dataclasses.replace(engine.flags, strip_plan=True)
+
+    update_manifest(build_dir, MODEL, strip)
+    record = load_manifest(build_dir).components["vae_decoder"].engine
+    with pytest.raises(EngineCheckError, match="--strip-plan and holds no weights") as caught:
+        check_engine(record, plan, backend, None)
+    message = str(caught.value)
+    refill = message.split("on this GPU: ", 1)[1].split("; or", 1)[0]
+    assert message.endswith(f"python -m engine {build_dir} --components vae_decoder --backend tensorrt-rtx "
+                            "--decode-batch 1:1:1 --height 512:1024:1536 --width 512:1024:1536 --force")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(shlex.split(refill), cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    if detect_gpu() is None:  # the command exists and says why it cannot run here
+        assert done.returncode != 0 and "RefitError: refitting needs an NVIDIA GPU" in done.stderr
+    with pytest.raises(RefitError, match="no plan of 'unet' built with --strip-plan"):
+        refill_stripped(build_dir, "unet")
+
+
+def test_user_allocation_builds_ahead_of_time_for_captured_engines(backend, unet_onnx, tmp_path):
+    profile = profile_for(inputs_of(unet_onnx), Geometry.fixed())
+    record = build_engine(unet_onnx, tmp_path / "unet.plan", [profile], backend, user_allocation=True)
+    assert record.flags.user_allocation and record.plan_bytes > 0
+
+
+def test_decoder_profile_and_scratch_are_sized_for_one_image(build_dir, backend, capsys):
+    one = build_all(build_dir, ["vae_decoder"], backend)
+    assert "scratch MB" in capsys.readouterr().out
+    record = load_manifest(build_dir).components["vae_decoder"].engine
+    assert record.profiles[0]["latents"] == ShapeRange((1, 4, 64, 64), (1, 4, 128, 128), (1, 4, 192, 192))
+    assert {t.name: t.max for t in record.outputs}["image"] == (1, 3, 1536, 1536)
+    assert four_before_default(build_dir, backend) > one[0].scratch_bytes > 0
+    served = Range(1024, 1024, 1024)  # one served size: same kernels, so scratch follows the batch
+    one = build_all(build_dir, ["vae_decoder"], backend, geometry=Geometry(height=served, width=served),
+                    progress=False)
+    four = build_all(build_dir, ["vae_decoder"], backend, progress=False,
+                     geometry=Geometry(height=served, width=served, decode_batch=Range(1, 1, 4)))
+    assert four[0].reason.startswith("optimisation profiles changed: profile 0 input 'latents'")
+    print(f"\nvae_decoder scratch at 1024²: decode batch 1: {one[0].scratch_bytes} bytes, 1-4: {four[0].scratch_bytes}")
+    assert 3 * one[0].scratch_bytes <= four[0].scratch_bytes <= 4.5 * one[0].scratch_bytes
+
+
+def four_before_default(build_dir: Path, backend) -> int:
+    """Scratch bytes of the decoder under the old default profile (batch 1-4, 512-1536 px)."""
+    return build_all(build_dir, ["vae_decoder"], backend, geometry=Geometry(decode_batch=Range(1, 1, 4)),
+                     progress=False)[0].scratch_bytes
+
+
+def test_cli_geometry_options(build_dir, capsys):
+    assert engine_cli([str(build_dir), "--components", "unet", "--batch", "1:1:2", "--height", "512",
+                       "--width", "256:512:768"]) == 0
+    profile = load_manifest(build_dir).components["unet"].engine.profiles[0]
+    assert profile["sample"] == ShapeRange((2, 4, 64, 32), (2, 4, 64, 64), (4, 4, 64, 96))
+    assert engine_cli([str(build_dir), "--static", "1x512x512", "--height", "512"]) == 1
+    assert "--static sets batch, height and width" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        engine_cli([str(build_dir), "--batch", "1:4"])
+    assert "MIN:OPT:MAX" in capsys.readouterr().err

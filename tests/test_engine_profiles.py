@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from engine.profiles import (Geometry, ProfileError, Range, ShapeRange, dim_range, output_range,
-                             parse_dim, profile_for, shape_range, solve_symbols)
+                             parse_dim, parse_range, profile_for, shape_range, solve_symbols)
 
 UNET_SAMPLE = ["2B", 4, "latent_height", "latent_width"]
 
@@ -73,3 +73,22 @@ def test_errors_say_what_to_do():
     with pytest.raises(ProfileError, match="min <= opt <= max"):
         Range(4, 2, 8)
     assert parse_dim("2B").coef == 2 and parse_dim("latent_height/4").div == 32
+
+
+def test_vae_decoder_profile_takes_the_decode_batch():
+    latents = {"latents": ["batch", 4, "latent_height", "latent_width"]}
+    geometry = Geometry()
+    assert geometry.for_component("unet_instantid") is geometry
+    decoder = profile_for(latents, geometry.for_component("vae_decoder"))["latents"]
+    assert decoder == ShapeRange((1, 4, 64, 64), (1, 4, 128, 128), (1, 4, 192, 192))
+    wider = Geometry(decode_batch=Range(1, 1, 2)).for_component("vae_decoder")
+    assert profile_for(latents, wider)["latents"].max == (2, 4, 192, 192)
+    assert Geometry.fixed(4, 768, 768).for_component("vae_decoder").batch == Range(1, 1, 1)
+
+
+def test_parse_range():
+    assert parse_range("512:1024:1536") == Range(512, 1024, 1536) and parse_range("2") == Range(2, 2, 2)
+    with pytest.raises(ProfileError, match="MIN:OPT:MAX"):
+        parse_range("1:4")
+    with pytest.raises(ProfileError, match="min <= opt <= max"):
+        parse_range("4:1:2")

@@ -151,7 +151,7 @@ def test_trt_session_refuses_a_corrupt_plan(rtx_build, tmp_path):
     data = bytearray(plan.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one flipped byte
     plan.write_bytes(bytes(data))
-    with pytest.raises(EngineCheckError, match="corrupt: its sha256 does not match.*Rebuild it: python -m export.build"):
+    with pytest.raises(EngineCheckError, match="corrupt: its sha256 does not match.*Rebuild it: python -m engine .* --components affine --backend tensorrt-rtx .*--force"):
         open_session(build, "affine", "tensorrt-rtx")
     plan.write_bytes(bytes(data[:100]))
     with pytest.raises(EngineCheckError, match="truncated or corrupt"):
