@@ -65,27 +65,17 @@ class InstantIDBaseline(SDXLBase):
                  **kwargs) -> Result:
         """Full InstantID: identity from `image`, pose (kps) from `pose_image` or `image`.
 
-        Photos are resized as InstantID's infer.py does (scaled to the model's resolution), or to
-        exactly width x height when both are given; faces are detected on the resized photos; the
-        output size is the pose photo's.
+        Faces are found on each photo at its own aspect ratio and the reference's detection size
+        (infer.py's resize, whatever the output size); the kps image is drawn at width x height, or
+        without them at the pose photo's InstantID size at the model's resolution — the runtime's
+        `runtime.pipelines.face_conditioning`, shared so both pipelines see the same conditioning.
         """
-        from runtime.face import draw_kps
-        from runtime.images import load_image, resize_for_model
+        from runtime.pipelines import face_conditioning
 
         if self.face_analyzer is None:
             raise ValueError("this pipeline has no face analyzer: pass face_analyzer=FaceAnalyzer(...)")
-
-        def prepare(photo) -> np.ndarray:
-            rgb = load_image(photo)
-            if width and height:
-                return np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
-            return resize_for_model(rgb, self.spec.default_resolution)
-
-        face_rgb = prepare(image)
-        face = self.face_analyzer.analyze(face_rgb, face_index=face_index)
-        pose_rgb = face_rgb if pose_image is None else prepare(pose_image)
-        kps = face.kps if pose_image is None else self.face_analyzer.analyze(pose_rgb).kps
-        kps_image = draw_kps(pose_rgb.shape[1], pose_rgb.shape[0], kps)
+        face, kps_image = face_conditioning(self.face_analyzer, image, pose_image, width, height,
+                                            self.spec.default_resolution, face_index)
         return self.generate(face.embedding, kps_image, prompt, negative_prompt, **kwargs)
 
 

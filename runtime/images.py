@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -143,25 +144,44 @@ def _from_array(array: np.ndarray, max_pixels: int) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+INSTANTID_MIN_SIDE, INSTANTID_MAX_SIDE, INSTANTID_MULTIPLE = 1024, 1280, 64  # infer.py's resize_img
+
+
+def instantid_size(width: int, height: int, min_side: int = INSTANTID_MIN_SIDE, max_side: int = INSTANTID_MAX_SIDE,
+                   multiple: int = INSTANTID_MULTIPLE) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The sizes InstantID's `infer.py` resize (`resize_img`) gives a width x height photo, without
+    touching pixels: ((W1, H1) after scaling, (W2, H2) = both floored to a multiple of `multiple`).
+
+    As upstream: scaled so the short side is `min_side` (rounded), then the long side is scaled
+    to exactly `max_side` (upstream sets it, it does not only cap it). Raises ImageError when a
+    side would round to 0 (a photo too elongated to use), before anything is allocated.
+    """
+    if width <= 0 or height <= 0:
+        raise ImageError(f"image {width}x{height} has no pixels: use a real photo")
+    ratio = min_side / min(height, width)
+    width_1, height_1 = round(ratio * width), round(ratio * height)
+    ratio = max_side / max(height_1, width_1)
+    first = (round(ratio * width_1), round(ratio * height_1))
+    final = (first[0] // multiple * multiple, first[1] // multiple * multiple)
+    if min(final) == 0:
+        raise ImageError(f"image {width}x{height} is too elongated to resize for InstantID (aspect "
+                         f"{max(width, height) / min(width, height):.0f}:1; at most "
+                         f"{max_side // multiple}:1 keeps a side of {multiple} px): crop it")
+    return first, final
+
+
 def resize_for_instantid(
-    rgb: np.ndarray, min_side: int = 1024, max_side: int = 1280, multiple: int = 64
+    rgb: np.ndarray, min_side: int = INSTANTID_MIN_SIDE, max_side: int = INSTANTID_MAX_SIDE,
+    multiple: int = INSTANTID_MULTIPLE
 ) -> np.ndarray:
     """InstantID `infer.py` input resize (`resize_img`), reproduced exactly.
 
-    rgb: (H, W, 3) uint8. Steps, as upstream: sizes scaled so the short side is `min_side`
-    (rounded), then the long side is scaled to `max_side` (the upstream code sets it to exactly
-    `max_side`, it does not only cap it), the image is bilinearly resized (PIL) to that size, then
-    resized again to both sides floored to a multiple of `multiple`.
-    Returns: (H', W', 3) uint8, H' and W' multiples of `multiple`; this is also the kps image size.
+    rgb: (H, W, 3) uint8. Sizes as `instantid_size`; the image is bilinearly resized (PIL) to the
+    first size, then again to the floored one (the reference squashes by that last step, < 5 %).
+    Returns: (H', W', 3) uint8, H' and W' multiples of `multiple`. At the defaults (SDXL) this is
+    the photo the reference detects faces on, and its size is the reference's output size.
     """
-    height, width = rgb.shape[:2]
-    ratio = min_side / min(height, width)
-    width, height = round(ratio * width), round(ratio * height)
-    ratio = max_side / max(height, width)
-    first = (round(ratio * width), round(ratio * height))
-    final = (first[0] // multiple * multiple, first[1] // multiple * multiple)
-    if min(final) == 0:
-        raise ImageError(f"image {rgb.shape[1]}x{rgb.shape[0]} is too elongated to resize for InstantID: crop it")
+    first, final = instantid_size(rgb.shape[1], rgb.shape[0], min_side, max_side, multiple)
     image = Image.fromarray(rgb).resize(first, Image.BILINEAR).resize(final, Image.BILINEAR)
     return np.asarray(image)
 
@@ -170,3 +190,43 @@ def resize_for_model(rgb: np.ndarray, resolution: int = 1024) -> np.ndarray:
     """InstantID's resize (`resize_for_instantid`) scaled to a model's resolution: short side
     `resolution`, long side 1.25x; for SDXL (1024) exactly infer.py's 1024 / 1280."""
     return resize_for_instantid(rgb, min_side=resolution, max_side=resolution * 5 // 4)
+
+
+def model_size(width: int, height: int, resolution: int = 1024) -> tuple[int, int]:
+    """(W, H) that `resize_for_model` gives a width x height photo: InstantID's default output size
+    at a model's resolution (SDXL: the reference's). ImageError for a photo too elongated."""
+    return instantid_size(width, height, resolution, resolution * 5 // 4)[1]
+
+
+@dataclass(frozen=True)
+class CanvasMap:
+    """Photo pixels -> output canvas pixels: canvas = photo * scale - (offset_x, offset_y).
+
+    One scale for both axes (no squashing); the offsets crop what the canvas does not show.
+    """
+
+    scale: float
+    offset_x: float
+    offset_y: float
+
+    def points(self, points: np.ndarray) -> np.ndarray:
+        """(N, 2) x, y in photo pixels -> (N, 2) float32 in canvas pixels."""
+        return (np.asarray(points, np.float64) * self.scale - (self.offset_x, self.offset_y)).astype(np.float32)
+
+
+def cover_map(photo_size: tuple[int, int], canvas_size: tuple[int, int],
+              focus: tuple[float, float] | None = None) -> CanvasMap:
+    """How a photo (width, height) covers a canvas (width, height): scaled by one factor until it
+    fills the canvas, then cropped to it — around `focus` (x, y in photo pixels, e.g. the face's
+    centre), as far as the photo allows, else centred. Equal aspect ratios give a plain resize.
+    """
+    (photo_w, photo_h), (canvas_w, canvas_h) = photo_size, canvas_size
+    scale = max(canvas_w / photo_w, canvas_h / photo_h)
+
+    def offset(photo: float, canvas: float, at: float | None) -> float:
+        spare = photo * scale - canvas
+        wanted = spare / 2 if at is None else at * scale - canvas / 2
+        return float(min(max(wanted, 0.0), spare))
+
+    fx, fy = (None, None) if focus is None else focus
+    return CanvasMap(scale, offset(photo_w, canvas_w, fx), offset(photo_h, canvas_h, fy))

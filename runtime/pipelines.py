@@ -30,7 +30,7 @@ from PIL import Image
 
 from runtime.assets import Assets
 from runtime.clip_image import clip_pixel_values
-from runtime.images import ImageSource, load_image, resize_for_model
+from runtime.images import ImageSource, load_image
 from runtime.loop import DenoiseLoop, LoopInputs
 from runtime.schedulers import build_scheduler, draw_noise
 from runtime.sessions import DeviceMemoryPool, Session, normalize_backend, open_session
@@ -444,14 +444,9 @@ class InstantIDPipeline(_SDXLPipeline):
                 height: int | None = None, pose_image: ImageSource | None = None, num_images: int = 1,
                 scheduler: str = "euler", face_index: int | None = None) -> Prepared:
         """`__call__`'s work before the loop: face analysis, face tokens, kps image, prompts (see `run`)."""
-        from runtime.face import draw_kps
-
         resolution = int(self.assets.value("default_resolution", 1024))
-        face_rgb = _prepare_photo(image, width, height, resolution)
-        face = self.face_analyzer.analyze(face_rgb, face_index=face_index)
-        pose_rgb = face_rgb if pose_image is None else _prepare_photo(pose_image, width, height, resolution)
-        kps = face.kps if pose_image is None else self.face_analyzer.pose_kps(pose_rgb)
-        kps_image = draw_kps(pose_rgb.shape[1], pose_rgb.shape[0], kps)
+        face, kps_image = face_conditioning(self.face_analyzer, image, pose_image, width, height, resolution,
+                                            face_index)
         return self.prepare_embedding(face.embedding, kps_image, prompt, negative_prompt, steps=steps,
                                       guidance=guidance, ip_scale=ip_scale, controlnet_scale=controlnet_scale,
                                       seed=seed, num_images=num_images, scheduler=scheduler)
@@ -470,10 +465,10 @@ class InstantIDPipeline(_SDXLPipeline):
                  scheduler: str = "euler", face_index: int | None = None, return_latents: bool = False):
         """Identity from `image`, pose (kps) from `pose_image` or `image` -> list of PIL images.
 
-        Photos are resized as InstantID's infer.py does (scaled to the model's resolution: short side
-        1024 for SDXL), or to exactly width x height when both are given (bilinear); the output size
-        is the (resized) pose photo's. Raises NoFaceError when a
-        photo has no face, ResolutionError for a size the build cannot serve, NonFiniteError on NaN.
+        Faces are found as the reference finds them, whatever the output size (`face_conditioning`);
+        the output is width x height, or without them the pose photo's InstantID size at the model's
+        resolution (SDXL: infer.py's). Raises NoFaceError when a photo has no face, ImageError for
+        a photo too elongated, ResolutionError for a size the build cannot serve, NonFiniteError on NaN.
         With return_latents=True returns a Generation (images and final latents).
         """
         generation = self._run_one(self.prepare(
@@ -483,16 +478,41 @@ class InstantIDPipeline(_SDXLPipeline):
         return _output(generation, return_latents)
 
 
-def _prepare_photo(photo: ImageSource, width: int | None, height: int | None, resolution: int) -> np.ndarray:
-    """The baseline's photo preparation: exact bilinear resize to width x height, else InstantID's resize
-    to the model's resolution (infer.py's for SDXL)."""
-    rgb = load_image(photo)
+def face_conditioning(analyzer, photo: ImageSource, pose_photo: ImageSource | None = None,
+                      width: int | None = None, height: int | None = None, resolution: int = 1024,
+                      face_index: int | None = None):
+    """InstantID's face inputs from photos, as the reference pipeline computes them -> (face, kps image).
+
+    Each photo is analysed at its own aspect ratio, at the reference's detection size whatever the
+    output size: InstantID's infer.py resize (short side 1024, long side 1280, floored to 64 px),
+    then the detector's own letterbox (640 x 640). The identity (face: bbox, kps, raw embedding) comes
+    from `photo`; the pose (kps) from `pose_photo`, else from the same face.
+    The kps image (H, W, 3) uint8 is drawn at the output size: width x height when both are given,
+    else the pose photo's InstantID size at the model's `resolution` (`images.model_size`; for SDXL
+    the detection size itself, so the kps are exactly the reference's). When the output's aspect
+    differs from the photo's, the kps are mapped as a cover-resize would map the photo (one scale,
+    no squashing), cropped around the pose face (`images.cover_map`).
+    analyzer: FaceAnalyzer / DeviceFaceAnalyzer (`analyze(rgb, face_index)`, `pose_kps(rgb)`).
+    Raises NoFaceError / FaceIndexError, ImageError (unreadable or too elongated photo), ValueError
+    when only one of width / height is given.
+    """
+    from runtime.face import draw_kps
+    from runtime.images import cover_map, model_size, resize_for_instantid
+
     if (width is None) != (height is None):
-        raise ValueError("give both width and height (the photo is resized to exactly that), or neither "
-                         f"(InstantID's own resize, short side {resolution})")
-    if width and height:
-        return np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
-    return resize_for_model(rgb, resolution)
+        raise ValueError("give both width and height (the output size), or neither (the pose photo's InstantID "
+                         f"size at the model's resolution, short side {resolution})")
+    face_rgb = resize_for_instantid(load_image(photo))
+    face = analyzer.analyze(face_rgb, face_index=face_index)
+    if pose_photo is None:
+        pose_rgb, kps = face_rgb, face.kps
+    else:
+        pose_rgb = resize_for_instantid(load_image(pose_photo))
+        kps = analyzer.pose_kps(pose_rgb)
+    pose_size = (pose_rgb.shape[1], pose_rgb.shape[0])
+    canvas = (width, height) if width and height else model_size(*pose_size, resolution)
+    mapping = cover_map(pose_size, canvas, focus=tuple(np.asarray(kps, np.float64).mean(axis=0)))
+    return face, draw_kps(canvas[0], canvas[1], mapping.points(kps))
 
 
 class IPAdapterPipeline(_SDXLPipeline):

@@ -130,13 +130,16 @@ def test_instantid_from_a_photo_with_a_real_detector(tiny_weights):
     pipe = InstantIDBaseline("tiny", weights_dir=tiny_weights, face_analyzer=analyzer)
     result = pipe(data.astronaut(), "a person", steps=2, width=256, height=256, num_images=2)
     assert [image.size for image in result.images] == [(256, 256)] * 2
-    face = analyzer.analyze(np.asarray(Image.fromarray(data.astronaut()).resize((256, 256), Image.BILINEAR)))
+    # the face is found on the photo at InstantID's detection size (1280 x 1280), whatever the output size
+    from runtime.images import resize_for_instantid
+
+    face = analyzer.analyze(resize_for_instantid(data.astronaut()))
     assert face.embedding.shape == (512,)
     # the same face through generate() gives the same latents: __call__ adds only the face analysis
     from runtime.face import draw_kps
 
-    direct = pipe.generate(face.embedding, draw_kps(256, 256, face.kps), "a person", steps=2, num_images=2,
-                           decode=False)
+    kps_image = draw_kps(256, 256, (face.kps * 0.2).astype(np.float32))  # 1280 -> 256, same aspect
+    direct = pipe.generate(face.embedding, kps_image, "a person", steps=2, num_images=2, decode=False)
     assert torch.equal(direct.latents, result.latents)
     with pytest.raises(NoFaceError, match="no face found"):
         pipe(data.chelsea(), "a cat", steps=1, width=128, height=128)

@@ -17,7 +17,7 @@ from PIL import Image
 from pydantic import ValidationError
 from starlette.requests import Request
 
-from runtime.images import ImageError, load_image, resize_for_model
+from runtime.images import ImageError, instantid_size, load_image, model_size
 from runtime.serve.schemas import (IMAGE_FIELDS, REQUEST_MODELS, BadRequest, GenerateParams, decode_base64,
                                    format_validation_errors)
 from runtime.serve.served import DEFAULT_IP_SCALE
@@ -109,22 +109,25 @@ def pipeline_kwargs(pipeline: str, request: GenerateParams, images: dict[str, by
                     default_size: int | None, resolution: int = 1024) -> tuple[dict[str, Any], tuple]:
     """Decode the images and fix the output size -> (kwargs for the pipeline call, batch key).
 
-    InstantID without a size gets InstantID's own resize of the photo to the model's `resolution`
-    (done here, off the worker).
+    InstantID: the photos are passed as decoded (each keeps its own size: the pipeline detects faces
+    at the reference's detection size, `runtime.pipelines.face_conditioning`); without a size the
+    output is the pose photo's (else the face photo's) InstantID size at the model's `resolution`.
+    A photo too elongated for InstantID's resize is refused here (422).
     """
     rgb = decode_image(images["image"], "image", limits)
     pose = decode_image(images["pose_image"], "pose_image", limits) if "pose_image" in images else None
     width, height = request.width, request.height
-    if width is None:
-        if default_size is None:  # InstantID: the size follows the (pose) photo, as the runtime's
-            if pose is not None:
-                pose = resize_for_model(pose, resolution)
-                height, width = pose.shape[:2]
-            else:
-                rgb = resize_for_model(rgb, resolution)
-                height, width = rgb.shape[:2]
-        else:
-            width = height = default_size
+    if default_size is None:  # InstantID: every photo must survive the detection resize
+        try:
+            for photo in (rgb, pose) if pose is not None else (rgb,):
+                instantid_size(photo.shape[1], photo.shape[0])
+            if width is None:  # the size follows the (pose) photo, as the runtime's
+                source = rgb if pose is None else pose
+                width, height = model_size(source.shape[1], source.shape[0], resolution)
+        except ImageError as error:
+            raise BadRequest(str(error), 422, "bad_image") from None
+    elif width is None:
+        width = height = default_size
     if not (limits.min_side <= width <= limits.max_side and limits.min_side <= height <= limits.max_side):
         raise BadRequest(f"{width}x{height} is outside the served profile ({limits.min_side}..{limits.max_side} px "
                          "per side): ask for a size inside it" + (" (give width and height)" if
