@@ -127,11 +127,39 @@ def weights_bytes(model: ir.Model) -> int:
 
 
 def save_model(model: ir.Model, path: Path) -> None:
-    """Save; weights over EXTERNAL_DATA_BYTES go to one `<file>.data` beside the model."""
+    """Save; weights over EXTERNAL_DATA_BYTES go to one `<file>.data` beside the model.
+
+    Tensors held in node attributes (Constant values), and every initializer of a model saved
+    inline, are read into memory first: a traced model over 2 GB keeps them in files of the
+    trace's temporary folder, which `ir.save` would reference, not copy (a full-scale UNet then
+    fails to parse once that folder is gone).
+    """
     path = Path(path)
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)
+    materialize_attribute_tensors(model)
     if weights_bytes(model) > EXTERNAL_DATA_BYTES:
         ir.save(model, path, external_data=data.name)
-    else:
+    else:  # everything inline: no initializer may keep pointing at the trace's files either
+        for value in model.graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                value.const_value = ir.Tensor(value.const_value.numpy(), name=value.const_value.name)
         ir.save(model, path)
+
+
+def materialize_attribute_tensors(model: ir.Model) -> int:
+    """Replace every external (file-backed) tensor in a node attribute, subgraphs included, by an
+    in-memory copy; returns how many were replaced."""
+    replaced = 0
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for name, attr in list(node.attributes.items()):
+            if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                tensor = attr.value
+                node.attributes[name] = ir.AttrTensor(name, ir.Tensor(tensor.numpy(), name=tensor.name))
+                replaced += 1
+            elif attr.type == ir.AttributeType.TENSORS and any(isinstance(t, ir.ExternalTensor) for t in attr.value):
+                tensors = [ir.Tensor(t.numpy(), name=t.name) if isinstance(t, ir.ExternalTensor) else t
+                           for t in attr.value]
+                node.attributes[name] = ir.AttrTensors(name, tensors)
+                replaced += 1
+    return replaced
