@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -30,6 +31,18 @@ from runtime.sessions import Session
 
 log = logging.getLogger("runtime.loop")
 GRAPH_CACHE_SIZE = 4
+StopCheck = Callable[[], bool]
+
+
+class DenoiseCancelled(RuntimeError):
+    """`should_stop()` returned True: the loop stopped (the message says at which step); no latents."""
+
+
+def _check_stop(should_stop: StopCheck | None, i: int, num_steps: int) -> None:
+    """DenoiseCancelled when should_stop() is True before step i (0-based) of num_steps."""
+    if should_stop is not None and should_stop():
+        raise DenoiseCancelled(f"denoising cancelled before step {i + 1} of {num_steps} "
+                               f"({i} done): nobody waits for these latents")
 
 
 @dataclass
@@ -102,11 +115,15 @@ def denoise_step(unet: Session, controlnet: Session | None, plan: SchedulePlan, 
 
 
 def denoise_eager(unet: Session, controlnet: Session | None, plan: SchedulePlan, inputs: LoopInputs,
-                  state=None) -> torch.Tensor:
-    """The whole loop, step by step. Returns the final latents (B, 4, h, w) float32."""
+                  state=None, should_stop: StopCheck | None = None) -> torch.Tensor:
+    """The whole loop, step by step. Returns the final latents (B, 4, h, w) float32.
+
+    should_stop: checked before every step; True raises DenoiseCancelled (never inside a capture).
+    """
     state = state or new_state(plan, inputs.latents)
     latents = inputs.latents
     for i in range(plan.num_steps):
+        _check_stop(should_stop, i, plan.num_steps)
         latents = denoise_step(unet, controlnet, plan, i, latents, inputs, state)
     return latents
 
@@ -127,7 +144,8 @@ class _WholeLoopGraph:
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.output = denoise_eager(unet, controlnet, plan, self.static, self.state)
 
-    def __call__(self, inputs: LoopInputs) -> torch.Tensor:
+    def __call__(self, inputs: LoopInputs, should_stop: StopCheck | None = None) -> torch.Tensor:
+        _check_stop(should_stop, 0, self.plan.num_steps)  # one launch: the only point to stop at
         _copy_into(self.static, inputs)
         if self.state.prev_x0 is not None:
             self.state.prev_x0.zero_()
@@ -158,11 +176,12 @@ class _StepGraphs:
             self.outputs.append(out)
             source = out
 
-    def __call__(self, inputs: LoopInputs) -> torch.Tensor:
+    def __call__(self, inputs: LoopInputs, should_stop: StopCheck | None = None) -> torch.Tensor:
         _copy_into(self.static, inputs)
         if self.state.prev_x0 is not None:
             self.state.prev_x0.zero_()
-        for graph in self.graphs:
+        for i, graph in enumerate(self.graphs):
+            _check_stop(should_stop, i, len(self.graphs))
             graph.replay()
         return self.outputs[-1].clone()
 
@@ -191,8 +210,13 @@ class DenoiseLoop:
         sessions = [s for s in (self.unet, self.controlnet) if s is not None]
         return all(s.capturable and s.device.type == "cuda" for s in sessions) and torch.cuda.is_available()
 
-    def run(self, plan: SchedulePlan, inputs: LoopInputs) -> torch.Tensor:
-        """Final latents (B, 4, h, w) float32 for one request."""
+    def run(self, plan: SchedulePlan, inputs: LoopInputs, should_stop: Callable[[], bool] | None = None
+            ) -> torch.Tensor:
+        """Final latents (B, 4, h, w) float32 for one request.
+
+        should_stop: eager and per-step graphs call it before every step, the whole-loop graph before its
+        launch; once it returns True the run raises DenoiseCancelled (saying at which step).
+        """
         mode = self.mode
         if mode == "auto":
             mode = "graph" if self.can_capture else "eager"
@@ -200,7 +224,7 @@ class DenoiseLoop:
             raise RuntimeError("CUDA graphs need TensorRT (or torch) sessions on a CUDA device; use mode='eager'")
         if mode == "eager":
             self.last_path = "eager"
-            return denoise_eager(self.unet, self.controlnet, plan, inputs)
+            return denoise_eager(self.unet, self.controlnet, plan, inputs, should_stop=should_stop)
         key = (plan.name, plan.num_steps, plan.timesteps_host, inputs.key(), _pool_generation(self.unet),
                _pool_generation(self.controlnet))
         runner = self._graphs.get(key)
@@ -212,9 +236,9 @@ class DenoiseLoop:
         self._graphs.move_to_end(key)
         if runner == "eager":
             self.last_path = "eager"
-            return denoise_eager(self.unet, self.controlnet, plan, inputs)
+            return denoise_eager(self.unet, self.controlnet, plan, inputs, should_stop=should_stop)
         self.last_path = "graph" if isinstance(runner, _WholeLoopGraph) else "step-graphs"
-        return runner(inputs)
+        return runner(inputs, should_stop)
 
     def _capture(self, plan, inputs, mode):
         order = [_WholeLoopGraph, _StepGraphs] if mode == "graph" else [_StepGraphs]

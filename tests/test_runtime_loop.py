@@ -7,7 +7,7 @@ import torch
 
 from benchmarks.baseline import make_scheduler
 from export.specs import SCHEDULER_CONFIG
-from runtime.loop import DenoiseLoop, LoopInputs, clone_inputs
+from runtime.loop import DenoiseCancelled, DenoiseLoop, LoopInputs, clone_inputs
 from runtime.schedulers import build_scheduler, draw_noise
 from runtime.sessions import TensorInfo, TorchSession
 
@@ -146,6 +146,23 @@ def test_graph_modes_need_cuda_sessions():
     for mode in ("graph", "step-graphs"):
         with pytest.raises(RuntimeError, match="CUDA graphs need TensorRT"):
             DenoiseLoop(unet, controlnet, mode=mode).run(plan, inputs)
+
+
+def test_should_stop_cancels_between_steps():
+    """The eager loop asks before every step; True stops it with DenoiseCancelled naming the step."""
+    unet, controlnet = _sessions()
+    plan, inputs = _inputs("euler", 4, 1, 5.0, 0.5, 0.5, 0, _conditioning(1))
+    loop, asked = DenoiseLoop(unet, controlnet), []
+
+    def should_stop():
+        asked.append(len(asked))
+        return len(asked) == 3
+
+    with pytest.raises(DenoiseCancelled, match="before step 3 of 4"):
+        loop.run(plan, inputs, should_stop=should_stop)
+    assert asked == [0, 1, 2] and issubclass(DenoiseCancelled, RuntimeError)
+    torch.testing.assert_close(loop.run(plan, inputs, should_stop=lambda: False), loop.run(plan, inputs),
+                               rtol=0, atol=0)
 
 
 def _to(inputs: LoopInputs, device) -> LoopInputs:
