@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from PIL import Image
 from runtime.assets import Assets
 from runtime.clip_image import clip_pixel_values
 from runtime.images import ImageSource, load_image
-from runtime.loop import DenoiseLoop, LoopInputs
+from runtime.loop import DenoiseCancelled, DenoiseLoop, LoopInputs
 from runtime.schedulers import build_scheduler, draw_noise
 from runtime.sessions import DeviceMemoryPool, Session, normalize_backend, open_session
 
@@ -245,7 +245,8 @@ class _SDXLPipeline:
         rows_hi = self.size_limits[1][0]
         return rows_hi // 2 if settings.guidance > 1.0 else rows_hi
 
-    def run(self, requests: Sequence[Prepared], decode: bool = True) -> list[Generation | NonFiniteError]:
+    def run(self, requests: Sequence[Prepared], decode: bool = True,
+            should_stop: Callable[[], bool] | None = None) -> list[Generation | NonFiniteError]:
         """Several prepared requests with equal `settings` through ONE denoising loop, their rows stacked.
 
         Each request keeps its own prompt, image tokens, control image and seed (its noise is drawn from
@@ -253,6 +254,8 @@ class _SDXLPipeline:
         floating-point summation order. Returns, per request in order, its Generation or the
         NonFiniteError that is its own (a NaN in one request does not fail the others). Raises
         ValueError when the settings differ, ResolutionError when the stack does not fit the engine.
+        should_stop: asked between denoising steps (`DenoiseLoop.run`) and before decoding; once it
+        returns True the call raises `runtime.loop.DenoiseCancelled` (a server's request nobody waits for).
         """
         if not requests:
             return []
@@ -297,7 +300,9 @@ class _SDXLPipeline:
         inputs = LoopInputs(latents.to(self.device), None if step_noise is None else step_noise.to(self.device),
                             torch.tensor(float(settings.guidance), dtype=torch.float32, device=self.device),
                             unet_feeds, controlnet_feeds)
-        latents = self.loop.run(plan, inputs)
+        latents = self.loop.run(plan, inputs) if should_stop is None else self.loop.run(plan, inputs, should_stop)
+        if should_stop is not None and should_stop():
+            raise DenoiseCancelled("cancelled after the loop, before decoding: nobody waits for these images")
         results: list[Generation | NonFiniteError] = []
         for block in latents.split([r.num_images for r in requests]):
             if not bool(torch.isfinite(block).all()):
