@@ -169,8 +169,17 @@ def test_server_sent_events_queued_started_done(server):
     done = json.loads(events[-1][1].removeprefix("data: "))
     assert Image.open(io.BytesIO(base64.b64decode(done["images"][0]["data"]))).size == (128, 64)
     dark = {**body, "image": base64.b64encode(photo_bytes(0)).decode()}
+    counted = metrics_sample(server, 'serve_requests_total{pipeline="instantid",status="422"}')
     failed = httpx.post(server + "/v1/instantid", json=dark, headers={"accept": "text/event-stream"})
     assert failed.text.strip().split("\n\n")[-1].startswith("event: error\ndata: {\"status\": 422")
+    # a stream's answer is counted by how it ended, not by its 200 header
+    assert metrics_sample(server, 'serve_requests_total{pipeline="instantid",status="422"}') == counted + 1
+
+
+def metrics_sample(url: str, sample: str) -> float:
+    """One Prometheus sample's value (0 when absent)."""
+    lines = [line for line in httpx.get(url + "/metrics").text.splitlines() if line.startswith(sample + " ")]
+    return float(lines[0].split()[-1]) if lines else 0.0
 
 
 def test_a_request_whose_client_hung_up_never_reaches_the_pipeline():

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from runtime.serve.batching import BatchQueue, DeadlineExceeded, QueueClosed, QueueFull
+from runtime.serve.batching import BatchQueue, BatchStats, DeadlineExceeded, QueueClosed, QueueFull
 
 
 class Recorder:
@@ -16,7 +16,7 @@ class Recorder:
         self.batches: list[tuple] = []
         self.gate = gate
 
-    def __call__(self, key, payloads):
+    def __call__(self, key, payloads, stops):
         if self.gate is not None:
             self.gate.wait(5)
         self.batches.append((key, list(payloads)))
@@ -68,7 +68,7 @@ def test_bound_expired_and_cancelled_jobs():
 def test_a_crashing_run_batch_fails_its_jobs_and_the_worker_survives():
     calls = []
 
-    def run(key, payloads):
+    def run(key, payloads, stops):
         calls.append(payloads)
         if len(calls) == 1:
             raise RuntimeError("engine lost")
@@ -85,7 +85,7 @@ def test_a_crashing_run_batch_fails_its_jobs_and_the_worker_survives():
 def test_a_generator_run_batch_answers_each_request_as_soon_as_it_is_done():
     gate = threading.Event()
 
-    def run(key, payloads):
+    def run(key, payloads, stops):
         for index, payload in enumerate(payloads):
             if index == 1:
                 gate.wait(5)  # the second request is still running ...
@@ -107,3 +107,65 @@ def test_stacked_requests_are_split_to_fit_the_engine_batch():
     assert list(_chunks([0, 1, 2, 3], [1, 2, 1, 1], 2)) == [[0], [1], [2, 3]]
     assert list(_chunks([0, 2], [3, 1], 2)) == [[0], [2]]  # too big alone: the pipeline reports it
     assert list(_chunks([], [], 4)) == []
+
+
+def test_dropped_and_expired_jobs_leave_the_queue_at_once():
+    """A waiting job whose caller gives up frees its slot now (not when the worker reaches it), counted
+    by reason; a running one is only marked, and its stop check turns True."""
+    gate, dropped = threading.Event(), []
+    seen_stops = []
+
+    def run(key, payloads, stops):
+        seen_stops.append(stops)
+        gate.wait(5)
+        return payloads
+
+    queue = BatchQueue(run, max_queue=2, max_batch=1, stats=BatchStats(on_dropped=dropped.append))
+    queue.start()
+    running = queue.submit("k", "running", 5)
+    time.sleep(0.1)
+    timed_out, left = queue.submit("k", "late", 5), queue.submit("k", "gone", 5)
+    with pytest.raises(QueueFull):
+        queue.submit("k", "third", 5)
+    queue.drop(timed_out, "deadline")
+    queue.drop(left, "cancelled")
+    assert queue.depth() == 0 and dropped == ["deadline", "cancelled"]
+    with pytest.raises(DeadlineExceeded):
+        timed_out.future.result(1)
+    assert left.future.cancelled()
+    expiring = queue.submit("k", "expiring", 0.05)  # nobody drops it: its deadline does
+    time.sleep(0.1)
+    assert queue.depth() == 0 and dropped[-1] == "deadline"
+    with pytest.raises(DeadlineExceeded):
+        expiring.future.result(1)
+    assert not seen_stops[0][0]()
+    queue.drop(running, "deadline")  # running: marked, its batch sees the stop
+    assert seen_stops[0][0]() and queue.depth() == 0
+    gate.set()
+    assert running.future.result(5) == "running"
+    queue.close()
+
+
+def test_close_fails_the_waiting_jobs_and_stops_the_running_batch_after_the_grace():
+    gate = threading.Event()
+    stops_seen = []
+
+    def run(key, payloads, stops):
+        stops_seen.append(stops[0])
+        gate.wait(5)
+        return payloads
+
+    queue = BatchQueue(run, max_queue=4)
+    queue.start()
+    running = queue.submit("k", 1, 60)
+    time.sleep(0.1)
+    waiting = queue.submit("k", 2, 60)
+    queue.close(timeout_s=0, stop_running_after_s=0.2)
+    with pytest.raises(QueueClosed, match="shutting down"):
+        waiting.future.result(1)
+    assert not stops_seen[0]()
+    time.sleep(0.3)
+    assert stops_seen[0]()
+    gate.set()
+    assert running.future.result(5) == 1
+    queue.close()

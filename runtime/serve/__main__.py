@@ -25,6 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", type=int, default=4, help="compatible requests per worker turn")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long to wait for batch partners")
     parser.add_argument("--timeout-s", type=float, default=300.0, help="per-request limit (504 beyond)")
+    parser.add_argument("--body-timeout-s", type=float, default=30.0,
+                        help="limit from a request's headers to the end of its body (408 beyond)")
+    parser.add_argument("--header-timeout-s", type=float, default=10.0,
+                        help="limit for a request's headers to arrive (408 and the connection closed beyond)")
+    parser.add_argument("--shutdown-grace-s", type=float, default=30.0,
+                        help="on SIGTERM, how long the running batch may take to finish (queued requests get 503)")
     parser.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit (413 beyond)")
     parser.add_argument("--max-image-pixels", type=int, default=25_000_000, help="input photo limit (413 beyond)")
     parser.add_argument("--max-side", type=int, default=2048, help="largest output side served (422 beyond)")
@@ -44,12 +50,12 @@ def add_subcommand(commands) -> argparse.ArgumentParser:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Build the app from parsed flags and run uvicorn until interrupted."""
-    import uvicorn
-
+    """Build the app from parsed flags and run uvicorn until interrupted (SIGTERM: queued requests
+    503, the running batch finishes). Returns 1 when the pipelines fail to load or warm up."""
     from runtime.serve.app import ServeConfig, create_app
     from runtime.serve.inputs import Limits
     from runtime.serve.served import load_pipelines
+    from runtime.serve.server import build_server
 
     if not (args.build / "manifest.json").is_file():
         print(f"error: {args.build} is not a build directory (no manifest.json): build one with "
@@ -59,13 +65,26 @@ def serve(args: argparse.Namespace) -> int:
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels,
                     max_side=args.max_side)
     config = ServeConfig(max_queue=args.max_queue, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                         timeout_s=args.timeout_s, limits=limits)
+                         timeout_s=args.timeout_s, limits=limits, body_timeout_s=args.body_timeout_s,
+                         private_paths=(str(args.build), str(args.build.resolve())))
     names = [n for n in args.pipelines.split(",") if n]
+    failed: list[BaseException] = []
+
+    def stop(error: BaseException) -> None:  # a build that cannot load or warm up never will: exit
+        failed.append(error)
+        server.should_exit = True
+
     app = create_app(config, lambda: load_pipelines(args.build, args.backend, names, args.warmup_steps,
                                                     args.warmup_size, args.threads,
-                                                    trust_programs=args.trust_torch_programs))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10,
-                access_log=False)
+                                                    trust_programs=args.trust_torch_programs), stop)
+    server = build_server(app, args.host, args.port, args.log_level, header_timeout_s=args.header_timeout_s,
+                          grace_s=args.shutdown_grace_s,
+                          before_shutdown=lambda: app.state.serve.begin_shutdown(args.shutdown_grace_s))
+    server.run()
+    if failed:
+        print(f"error: start-up failed: {type(failed[0]).__name__}: {failed[0]} (the log above has the traceback)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

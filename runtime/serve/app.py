@@ -9,9 +9,11 @@
 A generation request sent with `Accept: text/event-stream` is answered with Server-Sent Events:
 `queued`, `started`, then `done` (the JSON response) or `error`.
 
-Overload never queues without bound: a request beyond `max_queue` waiting ones is answered 429 at
-once (with Retry-After), a request before warm-up 503, a request past its deadline 504, and the
-GPU worker only ever sees requests that are decoded, validated and still wanted.
+Overload never queues without bound: a request is admitted to the queue only once its body is read
+(within `body_timeout_s`, else 408) and validated; beyond `max_queue` waiting ones it is answered
+429 at once (with Retry-After), before warm-up or during shutdown 503, past its deadline 504 (its
+slot freed at once, its run stopped between denoising steps). The GPU worker only ever sees
+requests that are decoded, validated and still wanted. Error messages never carry server paths.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import base64
 import io
 import json
 import logging
+import re
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -28,7 +31,7 @@ from typing import Callable
 
 import anyio
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -50,6 +53,8 @@ class ServeConfig:
     batch_wait_ms: float = 5.0
     timeout_s: float = 300.0
     limits: Limits = field(default_factory=Limits)
+    body_timeout_s: float = 30.0  # from the request's headers to the end of its body (408 beyond)
+    private_paths: tuple[str, ...] = ()  # e.g. the build directory: never shown in an answer
 
 
 @dataclass
@@ -62,7 +67,16 @@ class ServerState:
     pipelines: dict[str, ServedPipeline] = field(default_factory=dict)
     ready: bool = False
     not_ready_reason: str = "loading the pipelines"
-    admitted: int = 0  # requests between admission and answer (event-loop thread only)
+    shutting_down: bool = False
+
+    def begin_shutdown(self, grace_s: float | None = None) -> None:
+        """Stop serving: not ready, new requests 503, the waiting ones failed now with 503
+        `shutting_down`; the running batch goes on (stopped between steps after `grace_s` - 1 s)."""
+        self.shutting_down, self.ready = True, False
+        self.not_ready_reason = "shutting down"
+        self.metrics.ready.set(0)
+        if self.queue is not None:
+            self.queue.close(timeout_s=0, stop_running_after_s=None if grace_s is None else max(0.0, grace_s - 1))
 
 
 def _error(status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
@@ -73,6 +87,21 @@ class ClientGone(ConnectionError):
     """The client disconnected while its request waited; answered 499 (nobody reads it)."""
 
 
+class BodyTimeout(TimeoutError):
+    """The request body did not arrive within body_timeout_s: answered 408."""
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/<>-])/(?:[^\s/'\"`:,;()\[\]{}<>]+/)*([^\s/'\"`:,;()\[\]{}<>]*)")
+
+
+def public_message(message: str, private_paths: tuple[str, ...] = ()) -> str:
+    """`message` without server paths: each of `private_paths` (longest first) becomes '<build>',
+    any other absolute path its last component ('/srv/build/onnx/x.onnx' -> 'x.onnx')."""
+    for path in sorted((p for p in private_paths if p), key=len, reverse=True):
+        message = message.replace(path, "<build>")
+    return _ABSOLUTE_PATH.sub(lambda match: match.group(1) or ("/" if match.group(0) == "/" else "<path>"), message)
+
+
 def classify(error: BaseException) -> tuple[int, str, str]:
     """A pipeline/queue exception -> (HTTP status, error kind, message for the client)."""
     from runtime.face import FaceIndexError, NoFaceError
@@ -81,6 +110,12 @@ def classify(error: BaseException) -> tuple[int, str, str]:
     name = type(error).__name__
     if isinstance(error, BadRequest):
         return error.status, error.kind, str(error)
+    if isinstance(error, BodyTimeout):
+        return 408, "body_timeout", str(error)
+    if isinstance(error, ClientDisconnect):
+        return 499, "client_closed", "the client closed the connection during the upload"
+    if name == "DenoiseCancelled":  # stopped between steps; only a shutdown leaves a client waiting for it
+        return 503, "shutting_down", "the server shut down before this request finished: retry on another replica"
     if isinstance(error, NoFaceError):
         return 422, "no_face", str(error)
     if isinstance(error, FaceIndexError):
@@ -112,8 +147,10 @@ def encode_image(image, fmt: str, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def _start(state: ServerState, load: Callable[[], dict[str, ServedPipeline]]) -> None:
-    """Load and warm up the pipelines (a background thread), then start the worker: ready."""
+def _start(state: ServerState, load: Callable[[], dict[str, ServedPipeline]],
+           on_failure: Callable[[BaseException], None] | None = None) -> None:
+    """Load and warm up the pipelines (a background thread), then start the worker: ready.
+    A failure is final: /readyz reports it, and on_failure(error) is called (the CLI exits)."""
     try:
         pipelines = load()
         for name, served in pipelines.items():
@@ -122,7 +159,7 @@ def _start(state: ServerState, load: Callable[[], dict[str, ServedPipeline]]) ->
             served.warmup()
             log.info("warmed up %s in %.1f s", name, time.perf_counter() - start)
         state.pipelines = pipelines
-        queue = BatchQueue(lambda key, payloads: pipelines[key[0]].run_batch(key, payloads),
+        queue = BatchQueue(lambda key, payloads, stops: pipelines[key[0]].run_batch(key, payloads, stops),
                            state.config.max_queue, state.config.max_batch, state.config.batch_wait_ms / 1000,
                            state.metrics.batch_stats())
         queue.start()
@@ -131,20 +168,24 @@ def _start(state: ServerState, load: Callable[[], dict[str, ServedPipeline]]) ->
         state.metrics.ready.set(1)
         log.info("ready: %s", ", ".join(pipelines))
     except Exception as error:  # noqa: BLE001 - reported by /readyz and the log
-        state.not_ready_reason = f"start-up failed: {type(error).__name__}: {error}"
+        state.not_ready_reason = public_message(f"start-up failed: {type(error).__name__}: {error}",
+                                                state.config.private_paths)
         log.exception("start-up failed")
+        if on_failure is not None:
+            on_failure(error)
 
 
-def create_app(config: ServeConfig, load: Callable[[], dict[str, ServedPipeline]]) -> Starlette:
-    """The app; `load()` returns the pipelines (called once, in a background thread at start-up)."""
+def create_app(config: ServeConfig, load: Callable[[], dict[str, ServedPipeline]],
+               on_failure: Callable[[BaseException], None] | None = None) -> Starlette:
+    """The app; `load()` returns the pipelines (called once, in a background thread at start-up);
+    `on_failure(error)` is called when that start-up fails (e.g. to stop the server)."""
     state = ServerState(config, Metrics())
 
     @asynccontextmanager
     async def lifespan(app):
-        threading.Thread(target=_start, args=(state, load), name="serve-startup", daemon=True).start()
+        threading.Thread(target=_start, args=(state, load, on_failure), name="serve-startup", daemon=True).start()
         yield
-        state.ready = False
-        state.metrics.ready.set(0)
+        state.begin_shutdown()
         if state.queue is not None:
             await anyio.to_thread.run_sync(state.queue.close)
 
@@ -173,21 +214,20 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, ServedPipeline]
     async def generate(request: Request) -> Response:
         name = request.path_params["pipeline"]
         started = time.perf_counter()
-        if not state.ready:
+        if state.shutting_down:
+            response = _error(503, "shutting_down", "the server is shutting down: retry on another replica",
+                              {"Retry-After": "1", "Connection": "close"})
+        elif not state.ready and state.not_ready_reason.startswith("start-up failed"):
+            response = _error(503, "not_ready", f"not ready, and it will not be: {state.not_ready_reason}")
+        elif not state.ready:
             response = _error(503, "not_ready", f"not ready ({state.not_ready_reason}): retry in a few seconds",
                               {"Retry-After": "5"})
         elif name not in state.pipelines:
             response = _error(404, "no_pipeline", f"this server runs {', '.join(state.pipelines)}, not {name!r}")
-        elif state.admitted >= config.max_queue + config.max_batch:
-            response = _error(429, "queue_full", f"{state.admitted} requests are in progress (the bound is "
-                              f"{config.max_queue + config.max_batch}): retry after a short pause",
-                              {"Retry-After": "1"})
         else:
-            state.admitted += 1
-            try:
-                response = await _generate(request, name, started)
-            finally:
-                state.admitted -= 1
+            response = await _generate(request, name, started)
+            if isinstance(response, StreamingResponse):
+                return response  # counted by _events when the stream ends
         if response.status_code >= 400:
             kind = response.headers.get("x-error-kind") or _kind_of(response)
             state.metrics.answer(name, response.status_code, kind)
@@ -199,7 +239,11 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, ServedPipeline]
         served = state.pipelines[name]
         timings: dict[str, float] = {}
         try:
-            fields = await read_fields(request, config.limits)
+            try:  # the whole body within body_timeout_s of its headers: slow uploads never hold the server
+                fields = await asyncio.wait_for(read_fields(request, config.limits), config.body_timeout_s)
+            except asyncio.TimeoutError:
+                raise BodyTimeout(f"the request body did not arrive within {config.body_timeout_s:g} s: send it "
+                                  "at once (a smaller, JPEG photo helps on a slow link)") from None
             request_model, images = validate(name, fields)
             t0 = time.perf_counter()
             kwargs, key = await anyio.to_thread.run_sync(
@@ -214,7 +258,7 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, ServedPipeline]
                                          media_type="text/event-stream", headers={"cache-control": "no-cache"})
             response = await _finish(name, job, request_model, timings, started, timeout, request)
         except Exception as error:  # noqa: BLE001 - every failure becomes a JSON answer
-            return error_response(name, error)
+            return error_response(name, error, config.private_paths)
         return response
 
     async def _finish(name, job, request_model, timings, started, timeout, request=None) -> Response:
@@ -223,14 +267,20 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, ServedPipeline]
         waiter = asyncio.wrap_future(job.future)  # cancelling it cancels the job's future
         while True:
             left = timeout - (time.perf_counter() - started)
-            done, _ = await asyncio.wait([waiter], timeout=max(0.0, min(0.5, left)))
+            try:
+                done, _ = await asyncio.wait([waiter], timeout=max(0.0, min(0.5, left)))
+            except asyncio.CancelledError:  # the stream's client left, or uvicorn's shutdown grace ran out
+                state.queue.drop(job, "cancelled")
+                raise
             if done:
                 break
-            if left <= 0.5:
+            if left <= 0.5:  # its slot is freed now; a run in progress stops at the next step
+                state.queue.drop(job, "deadline")
                 waiter.cancel()
-                raise TimeoutError(f"not finished after {timeout:.0f} s (queue depth {state.queue.depth()}): "
+                raise TimeoutError(f"not finished after {timeout:g} s (queue depth {state.queue.depth()}): "
                                    "retry later, lower steps/size, or raise timeout_s")
             if request is not None and await request.is_disconnected():
+                state.queue.drop(job, "cancelled")
                 waiter.cancel()
                 raise ClientGone("the client closed the connection before the answer")
         images_out = waiter.result()
@@ -244,23 +294,28 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, ServedPipeline]
     async def _events(name, job, request_model, timings, started, timeout):
         """Server-Sent Events: `queued` (queue depth), `started`, then `done` (the JSON response) or
         `error` (the error body). The loop runs as one CUDA graph, so there are no per-step events."""
-        yield _sse("queued", {"queue_depth": state.queue.depth()})
         finish = asyncio.ensure_future(_finish(name, job, request_model, timings, started, timeout))
+        status, kind = 499, "client_closed"  # unless the stream gets to its last event
         try:
+            yield _sse("queued", {"queue_depth": state.queue.depth()})
             while not finish.done() and not job.started:
                 await asyncio.wait([finish], timeout=0.1)
             if job.started:
                 yield _sse("started", {"waited_ms": round((job.started - job.enqueued) * 1000, 1)})
-            response = await finish
-            yield _sse("done", json.loads(response.body))
-        except Exception as error:  # noqa: BLE001 - reported in the stream
-            status, kind, message = classify(error)
-            state.metrics.errors.labels(kind).inc()
-            yield _sse("error", {"status": status, "kind": kind, "message": message})
-        finally:  # the client hung up mid-stream: drop the job if it has not started
+            try:
+                response = await finish
+            except Exception as error:  # noqa: BLE001 - reported in the stream
+                status, kind, message = classify(error)
+                yield _sse("error", {"status": status, "kind": kind,
+                                     "message": public_message(message, config.private_paths)})
+            else:
+                status, kind = 200, None
+                yield _sse("done", json.loads(response.body))
+        finally:  # counted as the stream ended; a client that hung up mid-stream frees its job
             if not finish.done():
                 finish.cancel()
-                job.future.cancel()
+                state.queue.drop(job, "cancelled")
+            state.metrics.answer(name, status, kind)
 
     routes = [Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics),
               Route("/v1/schema", schema), Route("/v1/{pipeline}", generate, methods=["POST"])]
@@ -269,13 +324,17 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, ServedPipeline]
     return app
 
 
-def error_response(name: str, error: BaseException) -> JSONResponse:
-    """The JSON error answer of an exception (logged with its traceback when it is a 5xx)."""
+def error_response(name: str, error: BaseException, private_paths: tuple[str, ...] = ()) -> JSONResponse:
+    """The JSON error answer of an exception (logged with its traceback when it is a 5xx); its
+    message never shows a server path (`public_message`)."""
     status, kind, message = classify(error)
     if status >= 500 and status not in (503, 504):  # overload answers are not server faults
         log.error("%s request failed: %s", name, message, exc_info=error)
-    headers = {"x-error-kind": kind, **({"Retry-After": "1"} if status in (429, 503) else {})}
-    return _error(status, kind, message, headers)
+    elif status in (408, 499):
+        log.info("%s request: %s (%s)", name, kind, message)
+    headers = {"x-error-kind": kind, **({"Retry-After": "1"} if status in (429, 503) else {}),
+               **({"Connection": "close"} if status == 408 else {})}
+    return _error(status, kind, public_message(message, private_paths), headers)
 
 
 def respond(name: str, request, images: list, timings: dict[str, float], started: float) -> Response:

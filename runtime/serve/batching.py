@@ -8,10 +8,15 @@
 Requests with the same `key` (pipeline, size, steps, scheduler, scales …: anything that must be
 equal to share one pipeline call) are grouped: the worker takes the oldest waiting request, waits
 up to `batch_wait_s` for more of the same key (never past `max_batch`), and hands the group to
-`run_batch(key, payloads) -> list[result | Exception]` (or a generator of them, in order: each
-caller is answered as soon as its own result exists), one entry per payload, so one bad request
-never fails its neighbours. Requests whose deadline passed while they waited, or whose caller gave
-up (future cancelled), are dropped before they reach the GPU.
+`run_batch(key, payloads, stops) -> list[result | Exception]` (or a generator of them, in order:
+each caller is answered as soon as its own result exists), one entry per payload, so one bad request
+never fails its neighbours. `stops[i]()` turns True once request i is no longer wanted (its deadline
+passed, its caller gave up, or the server's shutdown grace ran out): a pipeline checks it between
+denoising steps and stops a batch all of whose requests are unwanted.
+
+The queue counts only live requests: one whose deadline passes or whose caller gives up
+(`drop(job, reason)`, or its future cancelled) leaves the queue at once, so `depth()` and the bound
+never count dead requests.
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
-RunBatch = Callable[[Hashable, Sequence[Any]], Sequence[Any]]
+StopCheck = Callable[[], bool]
+RunBatch = Callable[[Hashable, Sequence[Any], Sequence[StopCheck]], Sequence[Any]]
 
 
 class QueueFull(RuntimeError):
@@ -48,6 +54,7 @@ class Job:
     started: float = 0.0  # when its batch began running
     finished: float = 0.0
     future: Future = field(default_factory=Future)
+    abandoned: bool = False  # its caller was answered without it (deadline, hang-up): stop running it
 
 
 @dataclass
@@ -57,7 +64,7 @@ class BatchStats:
     on_depth: Callable[[int], None] = lambda depth: None
     on_batch: Callable[[int, float], None] = lambda size, seconds: None  # size, run seconds
     on_wait: Callable[[float], None] = lambda seconds: None  # per job: queue wait
-    on_dropped: Callable[[str], None] = lambda reason: None  # 'deadline' | 'cancelled'
+    on_dropped: Callable[[str], None] = lambda reason: None  # waiting job dropped: 'deadline' | 'cancelled'
 
 
 class BatchQueue:
@@ -73,6 +80,7 @@ class BatchQueue:
         self._jobs: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._stop_running_at = float("inf")  # monotonic time after which a running batch is stopped
         self._thread = threading.Thread(target=self._work, name="serve-worker", daemon=True)
 
     # -- caller side (any thread) --------------------------------------------------------------
@@ -87,17 +95,38 @@ class BatchQueue:
         with self._cond:
             if self._closed:
                 raise QueueClosed("the server is shutting down: retry on another replica")
+            self._drop_expired(time.monotonic())
             if len(self._jobs) >= self.max_queue:
                 raise QueueFull(f"{len(self._jobs)} requests are already waiting (the queue bound): "
                                 "retry after a short pause, or add replicas")
             self._jobs.append(job)
             self.stats.on_depth(len(self._jobs))
             self._cond.notify()
+        job.future.add_done_callback(lambda future: self._discard(job) if future.cancelled() else None)
         return job
 
-    def depth(self) -> int:
-        """Requests waiting (not counting the batch being run)."""
+    def drop(self, job: Job, reason: str) -> None:
+        """The caller of `job` gives up ('deadline': answered 504; 'cancelled': the client left).
+
+        A waiting job leaves the queue at once (its future fails with DeadlineExceeded, or is
+        cancelled); a running one is marked abandoned, so its batch stops between denoising steps
+        once all of its requests are abandoned."""
         with self._cond:
+            if job in self._jobs:
+                self._jobs.remove(job)
+                if reason != "deadline":
+                    job.future.cancel()
+                elif job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(DeadlineExceeded("its deadline passed while it waited in the queue"))
+                self.stats.on_dropped(reason)
+                self.stats.on_depth(len(self._jobs))
+            else:
+                job.abandoned = True
+
+    def depth(self) -> int:
+        """Requests waiting and still wanted (not counting the batch being run)."""
+        with self._cond:
+            self._drop_expired(time.monotonic())
             return len(self._jobs)
 
     @property
@@ -105,18 +134,48 @@ class BatchQueue:
         """True while the worker thread runs."""
         return self._thread.is_alive()
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Refuse new jobs, fail the waiting ones with QueueClosed, let the running batch finish."""
+    def close(self, timeout_s: float = 5.0, stop_running_after_s: float | None = None) -> None:
+        """Refuse new jobs, fail the waiting ones with QueueClosed, let the running batch finish.
+
+        stop_running_after_s: from now, the running batch's stop checks turn True after this many
+        seconds (a shutdown grace period). timeout_s: how long to wait for the worker (0: return at once).
+        """
         with self._cond:
             self._closed = True
+            if stop_running_after_s is not None:
+                self._stop_running_at = min(self._stop_running_at, time.monotonic() + stop_running_after_s)
             while self._jobs:
                 job = self._jobs.popleft()
                 if job.future.set_running_or_notify_cancel():
-                    job.future.set_exception(QueueClosed("the server shut down before this request ran"))
+                    job.future.set_exception(QueueClosed("the server is shutting down and this request had not "
+                                                         "started: retry on another replica"))
             self.stats.on_depth(0)
             self._cond.notify_all()
-        if self._thread.is_alive():
+        if timeout_s > 0 and self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
+
+    def _discard(self, job: Job) -> None:
+        """A waiting job whose future was cancelled leaves the queue at once."""
+        with self._cond:
+            if job in self._jobs:
+                self._jobs.remove(job)
+                self.stats.on_dropped("cancelled")
+                self.stats.on_depth(len(self._jobs))
+
+    def _drop_expired(self, now: float) -> None:
+        """Fail and remove the waiting jobs whose deadline passed (caller holds the lock)."""
+        expired = [job for job in self._jobs if now > job.deadline]
+        for job in expired:
+            self._jobs.remove(job)
+            self._usable(job, now)  # settles it with DeadlineExceeded (or sees it cancelled)
+        if expired:
+            self.stats.on_depth(len(self._jobs))
+
+    def _should_stop(self, job: Job) -> bool:
+        """True once the running job is no longer wanted: abandoned, past its deadline, or past the
+        shutdown grace period."""
+        now = time.monotonic()
+        return job.abandoned or job.future.cancelled() or now > job.deadline or now > self._stop_running_at
 
     # -- worker side ---------------------------------------------------------------------------
     def _usable(self, job: Job, now: float) -> bool:
@@ -169,7 +228,8 @@ class BatchQueue:
                 job.started = start
             settled = 0
             try:  # results may be a list or a generator: each future is settled as soon as its result exists
-                for job, result in zip(batch, self.run_batch(batch[0].key, [job.payload for job in batch])):
+                stops = [lambda job=job: self._should_stop(job) for job in batch]
+                for job, result in zip(batch, self.run_batch(batch[0].key, [job.payload for job in batch], stops)):
                     job.finished = time.monotonic()
                     _settle(job, result)
                     settled += 1

@@ -45,14 +45,25 @@ class ServedPipeline:
     warmup: Callable[[], None] = lambda: None
     info: dict[str, Any] = field(default_factory=dict)
 
-    def run_batch(self, key, payloads: Sequence[dict]) -> Iterator:
+    def run_batch(self, key, payloads: Sequence[dict], stops: Sequence[Callable[[], bool]] | None = None) -> Iterator:
         """kwargs dicts of one key -> per request, in order: list of PIL images, or the exception it
-        raised. A generator, so the queue answers each request as soon as its images exist."""
+        raised. A generator, so the queue answers each request as soon as its images exist.
+
+        stops: per request, True once nobody waits for it any more (`BatchQueue`): such a request is
+        not prepared, and a stacked loop whose requests all stop ends between two denoising steps
+        (their results are `DenoiseCancelled`)."""
+        from runtime.loop import DenoiseCancelled  # torch: only where pipelines run
+
+        def attempt(i: int, call: Callable[[], Any]) -> Any:
+            if stops is not None and stops[i]():
+                return DenoiseCancelled("skipped: nobody waits for this request any more")
+            return _attempt(call)
+
         if not (hasattr(self.pipe, "prepare") and hasattr(self.pipe, "run")):
-            for kwargs in payloads:
-                yield _attempt(lambda: self.pipe(**kwargs))
+            for i, kwargs in enumerate(payloads):
+                yield attempt(i, lambda: self.pipe(**kwargs))
             return
-        prepared = [_attempt(lambda: self.pipe.prepare(**kwargs)) for kwargs in payloads]
+        prepared = [attempt(i, lambda: self.pipe.prepare(**kwargs)) for i, kwargs in enumerate(payloads)]
         ready = [i for i, p in enumerate(prepared) if not isinstance(p, BaseException)]
         results: dict[int, Any] = {i: p for i, p in enumerate(prepared) if isinstance(p, BaseException)}
         answered = 0
@@ -66,7 +77,9 @@ class ServedPipeline:
         yield from in_order()  # requests that failed to prepare are answered at once
         for chunk in _chunks(ready, [prepared[i].num_images for i in ready],
                              self.pipe.max_images(prepared[ready[0]].settings) if ready else None):
-            outcome = _attempt(lambda: self.pipe.run([prepared[i] for i in chunk]))
+            # the stacked loop stops only when every request in it is unwanted
+            should_stop = None if stops is None else (lambda chunk=chunk: all(stops[i]() for i in chunk))
+            outcome = _attempt(lambda: self.pipe.run([prepared[i] for i in chunk], should_stop=should_stop))
             for n, i in enumerate(chunk):
                 result = outcome if isinstance(outcome, BaseException) else outcome[n]
                 results[i] = result if isinstance(result, BaseException) else result.images
@@ -96,13 +109,13 @@ def _chunks(indices: list[int], sizes: list[int], limit: int | None) -> Iterator
 
 
 def _instantid_warmup(pipe, size: int, steps: int) -> Callable[[], None]:
-    """Generate from a zero identity and a centred kps image: no face photo needed."""
+    """Generate from a real face photo (scikit-image's astronaut, shipped in its wheel): every stage a
+    request runs — face detection, ArcFace embedding, face tokens, the loop, the decoder — so a build
+    whose face models are missing or broken fails here instead of passing as ready."""
     def warmup() -> None:
-        from runtime.face import draw_kps
+        import skimage.data
 
-        dim = pipe.face_proj.input("face_embedding").shape[1]
-        kps = np.array([[0.38, 0.42], [0.62, 0.42], [0.5, 0.55], [0.41, 0.7], [0.59, 0.7]], np.float32) * size
-        pipe.generate(np.zeros(dim, np.float32), draw_kps(size, size, kps), "warm-up", steps=steps, seed=0)
+        pipe(skimage.data.astronaut(), "warm-up", steps=steps, width=size, height=size, seed=0)
     return warmup
 
 

@@ -12,12 +12,15 @@ from typing import Iterator
 
 
 @contextmanager
-def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 30.0) -> Iterator[str]:
-    """Start uvicorn (port 0: a free one), yield the base URL, stop it (lifespan shutdown included)."""
-    import uvicorn
+def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 30.0,
+                    header_timeout_s: float = 10.0, grace_s: float = 5.0) -> Iterator[str]:
+    """Start uvicorn (port 0: a free one) as `python -m runtime.serve` does (header deadline, graceful
+    shutdown that first answers the queue), yield the base URL, stop it (lifespan shutdown included)."""
+    from runtime.serve.server import build_server
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                           lifespan="on", timeout_graceful_shutdown=5))
+    state = getattr(app.state, "serve", None)
+    server = build_server(app, host, port, "warning", header_timeout_s=header_timeout_s, grace_s=grace_s,
+                          before_shutdown=None if state is None else lambda: state.begin_shutdown(grace_s))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout_s
