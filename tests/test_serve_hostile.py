@@ -136,6 +136,8 @@ def test_slow_uploads_and_slow_headers_are_cut_off_while_valid_requests_get_200(
     client.join(60)
     for sock in answers:
         sock.close()
+    print(f"slow connections closed after {min(closed_after.values(), default=0):.2f}-"
+          f"{max(closed_after.values(), default=0):.2f} s; valid requests: {statuses}")
     assert statuses == [200, 200, 200]
     assert len(closed_after) == 10, f"{10 - len(closed_after)} slow connections still open"
     assert max(closed_after.values()) < 2 * SLOW_S + 1.5, closed_after.values()
@@ -158,6 +160,7 @@ def test_requests_that_time_out_or_are_abandoned_free_their_slot_at_once(server)
     start = time.monotonic()
     late = httpx.post(server + "/v1/ip-adapter", json=ip_json(timeout_s=0.5), timeout=10)
     assert late.status_code == 504 and late.json()["error"]["kind"] == "timeout"
+    print(f"timeout_s 0.5: 504 after {time.monotonic() - start:.2f} s, then queue depth {queue_depth(server)}")
     assert time.monotonic() - start < 1.5
     assert queue_depth(server) == 0  # the 504's slot is free at once
 
@@ -173,6 +176,7 @@ def test_requests_that_time_out_or_are_abandoned_free_their_slot_at_once(server)
     deadline = time.monotonic() + 3
     while queue_depth(server) and time.monotonic() < deadline:
         time.sleep(0.1)
+    print(f"two queued clients gave up: queue depth 0 {time.monotonic() - deadline + 3:.2f} s after they left")
     assert queue_depth(server) == 0  # within ~0.5 s of the clients leaving
     answer: list[httpx.Response] = []
     waiting = threading.Thread(target=lambda: answer.append(
@@ -184,6 +188,7 @@ def test_requests_that_time_out_or_are_abandoned_free_their_slot_at_once(server)
     long_run.close()  # its client leaves: the run stops at its next step
     waiting.join(30)
     assert answer and answer[0].status_code == 200, answer
+    print(f"long run's client left: the next request answered {time.monotonic() - left_at:.2f} s later")
     assert time.monotonic() - left_at < 2.5  # not the ~10 s left of the long run
     assert metric(server, 'serve_dropped_total{reason="deadline"}') - before["deadline"] == 1
     assert metric(server, 'serve_dropped_total{reason="cancelled"}') - before["cancelled"] == 2
