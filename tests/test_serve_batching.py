@@ -138,11 +138,13 @@ def test_dropped_and_expired_jobs_leave_the_queue_at_once():
     assert queue.depth() == 0 and dropped[-1] == "deadline"
     with pytest.raises(DeadlineExceeded):
         expiring.future.result(1)
-    assert not seen_stops[0][0]()
+    assert not seen_stops[0][0]() and queue.running() == 1
     queue.drop(running, "deadline")  # running: marked, its batch sees the stop
     assert seen_stops[0][0]() and queue.depth() == 0
     gate.set()
     assert running.future.result(5) == "running"
+    time.sleep(0.05)
+    assert queue.running() == 0
     queue.close()
 
 

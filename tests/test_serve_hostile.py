@@ -84,6 +84,14 @@ def queue_depth(url: str) -> int:
     return httpx.get(url + "/readyz", timeout=5).json()["queue_depth"]
 
 
+def wait_running(url: str, timeout_s: float = 10.0) -> None:
+    """Until the worker runs a request (/readyz 'running')."""
+    deadline = time.monotonic() + timeout_s
+    while not httpx.get(url + "/readyz", timeout=5).json()["running"]:
+        assert time.monotonic() < deadline, "no request started running"
+        time.sleep(0.05)
+
+
 def raw_request(path: str, body: dict) -> bytes:
     data = json.dumps(body).encode()
     return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -155,8 +163,8 @@ def test_requests_that_time_out_or_are_abandoned_free_their_slot_at_once(server)
     before = {reason: metric(server, f'serve_dropped_total{{reason="{reason}"}}') for reason in ("deadline", "cancelled")}
     closed_before = metric(server, 'serve_requests_total{pipeline="ip-adapter",status="499"}')
     long_run = connect(server)
-    long_run.sendall(raw_request("/v1/ip-adapter", ip_json(steps=150, width=512, height=512)))  # ~15 s of work
-    time.sleep(1.0)  # decoded and running
+    long_run.sendall(raw_request("/v1/ip-adapter", ip_json(steps=150, width=512, height=512)))  # 15-35 s of work
+    wait_running(server)
     start = time.monotonic()
     late = httpx.post(server + "/v1/ip-adapter", json=ip_json(timeout_s=0.5), timeout=10)
     assert late.status_code == 504 and late.json()["error"]["kind"] == "timeout"
@@ -306,7 +314,7 @@ def test_sigterm_answers_the_queue_503_and_finishes_the_running_request(build, t
             return thread
 
         threads = [post("running", steps=30, width=512, height=512)]  # a few seconds of work
-        time.sleep(1.0)
+        wait_running(url)
         threads += [post("queued 1"), post("queued 2")]
         deadline = time.monotonic() + 5
         while queue_depth(url) < 2:

@@ -198,7 +198,7 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, ServedPipeline]
         if not state.ready:
             return _error(503, "not_ready", state.not_ready_reason)
         return JSONResponse({"status": "ready", "pipelines": list(state.pipelines),
-                             "queue_depth": state.queue.depth()})
+                             "queue_depth": state.queue.depth(), "running": state.queue.running()})
 
     async def metrics(request: Request) -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -81,6 +81,7 @@ class BatchQueue:
         self._cond = threading.Condition()
         self._closed = False
         self._stop_running_at = float("inf")  # monotonic time after which a running batch is stopped
+        self._running = 0  # requests in the batch being run
         self._thread = threading.Thread(target=self._work, name="serve-worker", daemon=True)
 
     # -- caller side (any thread) --------------------------------------------------------------
@@ -128,6 +129,10 @@ class BatchQueue:
         with self._cond:
             self._drop_expired(time.monotonic())
             return len(self._jobs)
+
+    def running(self) -> int:
+        """Requests in the batch the worker is running now (0 when idle)."""
+        return self._running
 
     @property
     def alive(self) -> bool:
@@ -226,6 +231,7 @@ class BatchQueue:
             start = time.monotonic()
             for job in batch:  # the rows of a batch run together (one stacked loop)
                 job.started = start
+            self._running = len(batch)
             settled = 0
             try:  # results may be a list or a generator: each future is settled as soon as its result exists
                 stops = [lambda job=job: self._should_stop(job) for job in batch]
@@ -239,6 +245,7 @@ class BatchQueue:
                 for job in batch[settled:]:
                     job.finished = time.monotonic()
                     _settle(job, error)
+            self._running = 0
             for job in batch:
                 self.stats.on_wait(job.started - job.enqueued)
             self.stats.on_batch(len(batch), time.monotonic() - start)
