@@ -13,9 +13,20 @@ Every per-request value (conditioning, λ per layer, ControlNet scale, guidance,
 per-step noise) is a tensor in `LoopInputs`, so a captured graph replays with new values copied
 into its static buffers; shapes, step count, scheduler and CFG on/off key the graph.
 
-`DenoiseLoop(unet, controlnet, device).run(plan, inputs)` picks the path: with capturable sessions
-(TensorRT) on CUDA, the whole loop is captured once per key and replayed; if capture fails it falls
-back to per-step graphs, then eager. ONNX Runtime sessions always run eager.
+`DenoiseLoop(unet, controlnet, mode).run(plan, inputs, should_stop)` picks the path: with capturable
+sessions (TensorRT, torch on CUDA), the whole loop is captured once per key and replayed; if capture
+fails it falls back to per-step graphs, then eager. ONNX Runtime sessions always run eager.
+`warm_up(plan, inputs)` prepares (captures) that path before the first request.
+
+On CUDA everything runs on the loop's own stream (it waits for the caller's stream and the caller's
+waits for it), never on the legacy default stream. A graph never calls a session's eager context:
+it calls `session.bind(...)`, which for TensorRT is an execution context of its own, bound once to
+fixed buffers (the graph's static conditioning in place, the ControlNet's residual outputs as the
+UNet's residual inputs, a dedicated aligned buffer for the timestep and the sample), enqueued once
+outside the capture (the warm-up pass) and then captured; `capture_blocker` (TensorRT-RTX's
+is_stream_capturable) can refuse, and the loop then runs eager, saying why (runtime/trt.py).
+The CUDA calls go through `cuda` (runtime.streams.TorchCuda; the sessions' own), a seam that lets
+tests run this code against a TensorRT/CUDA test double on the CPU.
 """
 from __future__ import annotations
 
@@ -28,6 +39,7 @@ import torch
 
 from runtime.schedulers import SchedulePlan, new_state, scale_model_input, step
 from runtime.sessions import Session
+from runtime.streams import aligned_copy
 
 log = logging.getLogger("runtime.loop")
 GRAPH_CACHE_SIZE = 4
@@ -128,21 +140,74 @@ def denoise_eager(unet: Session, controlnet: Session | None, plan: SchedulePlan,
     return latents
 
 
-class _WholeLoopGraph:
-    """The loop captured as ONE CUDA graph over static buffers; `__call__` copies inputs in and replays."""
+class CaptureRefused(RuntimeError):
+    """A session says its context cannot be captured on this stream; the loop runs eager instead."""
 
-    def __init__(self, unet, controlnet, plan, inputs: LoopInputs):
+
+def static_inputs(inputs: LoopInputs, unet: Session, controlnet: Session | None) -> LoopInputs:
+    """A graph's static buffers: a 256-byte aligned copy of `inputs`, the conditioning in the dtypes the
+    sessions take (so their contexts bind it in place and a replay casts once, while copying in)."""
+    def feeds(values, session):
+        return None if values is None else {k: aligned_copy(v, session.input(k).dtype) for k, v in values.items()}
+    return replace(inputs, latents=aligned_copy(inputs.latents),
+                   step_noise=None if inputs.step_noise is None else aligned_copy(inputs.step_noise),
+                   guidance=aligned_copy(inputs.guidance), unet_feeds=feeds(inputs.unet_feeds, unet),
+                   controlnet_feeds=feeds(inputs.controlnet_feeds, controlnet))
+
+
+def bind_step(unet: Session, controlnet: Session | None, plan: SchedulePlan, static: LoopInputs, share=None):
+    """(unet, controlnet) callables of one graph (`Session.bind`): static conditioning bound in place,
+    the UNet's residual inputs bound at the ControlNet's outputs. share: another step's pair whose output
+    buffers these reuse (per-step graphs run one after another)."""
+    model_in = scale_model_input(plan, 0, torch.cat([static.latents] * 2) if static.cfg else static.latents)
+    example = {"sample": model_in, "timestep": plan.timesteps[0].reshape(1)}
+    bound_controlnet = None
+    feeds, in_place = {**example, **static.unet_feeds}, set(static.unet_feeds)
+    if controlnet is not None:
+        bound_controlnet = controlnet.bind({**example, **static.controlnet_feeds}, in_place=set(static.controlnet_feeds),
+                                           outputs=getattr(share and share[1], "output_buffers", None))
+        residuals = {name: tensor for name, tensor in getattr(bound_controlnet, "output_buffers", {}).items()
+                     if name in unet.input_names and tensor.dtype == unet.input(name).dtype}
+        feeds.update(residuals)
+        in_place |= set(residuals)
+    bound_unet = unet.bind(feeds, in_place=in_place, outputs=getattr(share and share[0], "output_buffers", None))
+    return bound_unet, bound_controlnet
+
+
+def _release(pairs) -> None:
+    for pair in pairs:
+        for bound in pair:
+            getattr(bound, "release", lambda: None)()
+
+
+def _check_capturable(pairs, stream) -> None:
+    for pair in pairs:
+        for bound in pair:
+            blocker = getattr(bound, "capture_blocker", None)
+            reason = None if blocker is None else blocker(stream)
+            if reason:
+                raise CaptureRefused(reason)
+
+
+class _WholeLoopGraph:
+    """The loop captured as ONE CUDA graph over static buffers and one bound context per session;
+    `__call__` copies inputs in and replays."""
+
+    def __init__(self, unet, controlnet, plan, inputs: LoopInputs, cuda, stream):
         self.plan = plan  # the graph reads its coefficient tensors: keep them alive
-        self.static = clone_inputs(inputs)
+        self.static = static_inputs(inputs, unet, controlnet)
         self.state = new_state(plan, self.static.latents)
-        side = torch.cuda.Stream(self.static.latents.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: TensorRT needs one enqueue per shape before capture
-            denoise_eager(unet, controlnet, plan, self.static, self.state)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.output = denoise_eager(unet, controlnet, plan, self.static, self.state)
+        self.pairs = [bind_step(unet, controlnet, plan, self.static)]
+        try:
+            bound = self.pairs[0]
+            denoise_eager(*bound, plan, self.static, self.state)  # one enqueue per context before capture
+            _check_capturable(self.pairs, stream)
+            self.graph = cuda.new_graph()
+            self.output = cuda.capture(self.graph, stream, lambda: denoise_eager(*bound, plan, self.static,
+                                                                                 self.state))
+        except BaseException:
+            self.release()
+            raise
 
     def __call__(self, inputs: LoopInputs, should_stop: StopCheck | None = None) -> torch.Tensor:
         _check_stop(should_stop, 0, self.plan.num_steps)  # one launch: the only point to stop at
@@ -152,29 +217,38 @@ class _WholeLoopGraph:
         self.graph.replay()
         return self.output.clone()
 
+    def release(self) -> None:
+        _release(self.pairs)
+
 
 class _StepGraphs:
-    """One CUDA graph per step (fallback when the whole loop cannot be captured)."""
+    """One CUDA graph per step, each with its own bound contexts (fallback when the whole loop cannot be
+    captured); the steps' contexts share their output buffers."""
 
-    def __init__(self, unet, controlnet, plan, inputs: LoopInputs):
+    def __init__(self, unet, controlnet, plan, inputs: LoopInputs, cuda, stream):
         self.plan = plan
-        self.static = clone_inputs(inputs)
+        self.static = static_inputs(inputs, unet, controlnet)
         self.state = new_state(plan, self.static.latents)
-        self.current = self.static.latents  # step i reads `current`, writes its output buffer
-        side = torch.cuda.Stream(self.current.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            denoise_step(unet, controlnet, plan, 0, self.current, self.static, self.state)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graphs, self.outputs = [], []
-        source, pool = self.current, torch.cuda.graph_pool_handle()  # one pool: replayed in capture order
-        for i in range(plan.num_steps):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                out = denoise_step(unet, controlnet, plan, i, source, self.static, self.state)
-            self.graphs.append(graph)
-            self.outputs.append(out)
-            source = out
+        self.pairs = []
+        try:
+            for i in range(plan.num_steps):
+                self.pairs.append(bind_step(unet, controlnet, plan, self.static, self.pairs[0] if i else None))
+            latents = self.static.latents
+            for i, bound in enumerate(self.pairs):  # one enqueue per context before capture
+                latents = denoise_step(*bound, plan, i, latents, self.static, self.state)
+            _check_capturable(self.pairs, stream)
+            self.graphs, self.outputs = [], []
+            source, pool = self.static.latents, cuda.graph_pool()  # one pool: replayed in capture order
+            for i, bound in enumerate(self.pairs):
+                graph = cuda.new_graph()
+                out = cuda.capture(graph, stream, lambda i=i, bound=bound, source=source: denoise_step(
+                    *bound, plan, i, source, self.static, self.state), pool=pool)
+                self.graphs.append(graph)
+                self.outputs.append(out)
+                source = out
+        except BaseException:
+            self.release()
+            raise
 
     def __call__(self, inputs: LoopInputs, should_stop: StopCheck | None = None) -> torch.Tensor:
         _copy_into(self.static, inputs)
@@ -184,6 +258,9 @@ class _StepGraphs:
             _check_stop(should_stop, i, len(self.graphs))
             graph.replay()
         return self.outputs[-1].clone()
+
+    def release(self) -> None:
+        _release(self.pairs)
 
 
 def _copy_into(static: LoopInputs, inputs: LoopInputs) -> None:
@@ -196,19 +273,22 @@ class DenoiseLoop:
 
     mode: 'auto' (graph on CUDA with capturable sessions, else eager), 'graph', 'step-graphs', 'eager'.
     Graphs are cached per (plan name, steps, shapes) key, at most GRAPH_CACHE_SIZE of them.
+    cuda: runtime.streams.TorchCuda (default: the UNet session's `cuda`).
     """
 
-    def __init__(self, unet: Session, controlnet: Session | None = None, mode: str = "auto"):
+    def __init__(self, unet: Session, controlnet: Session | None = None, mode: str = "auto", cuda=None):
         if mode not in ("auto", "graph", "step-graphs", "eager"):
             raise ValueError(f"mode must be 'auto', 'graph', 'step-graphs' or 'eager', got {mode!r}")
         self.unet, self.controlnet, self.mode = unet, controlnet, mode
+        self.cuda = cuda or unet.cuda
         self._graphs: OrderedDict = OrderedDict()
+        self._stream = None
         self.last_path = None  # which path the last run took: 'graph', 'step-graphs' or 'eager'
 
     @property
     def can_capture(self) -> bool:
         sessions = [s for s in (self.unet, self.controlnet) if s is not None]
-        return all(s.capturable and s.device.type == "cuda" for s in sessions) and torch.cuda.is_available()
+        return all(s.capturable for s in sessions) and self.cuda.available(self.unet.device)
 
     def run(self, plan: SchedulePlan, inputs: LoopInputs, should_stop: Callable[[], bool] | None = None
             ) -> torch.Tensor:
@@ -222,6 +302,26 @@ class DenoiseLoop:
             mode = "graph" if self.can_capture else "eager"
         if mode != "eager" and not self.can_capture:
             raise RuntimeError("CUDA graphs need TensorRT (or torch) sessions on a CUDA device; use mode='eager'")
+        device = self.unet.device
+        if not self.cuda.available(device):  # ONNX Runtime / CPU: no streams
+            self.last_path = "eager"
+            return denoise_eager(self.unet, self.controlnet, plan, inputs, should_stop=should_stop)
+        if self._stream is None:
+            self._stream = self.cuda.new_stream(device)
+        caller = self.cuda.current_stream(device)
+        with self.cuda.fork(self._stream, device):
+            latents = self._run(plan, inputs, mode, should_stop)
+        self.cuda.keep_alive(latents, caller)
+        return latents
+
+    def warm_up(self, plan: SchedulePlan, inputs: LoopInputs) -> str:
+        """Prepare the path `run` takes at this plan (step count, scheduler) and these shapes: capture its
+        graphs now (after the one enqueue per context that capture needs), so that the first request at
+        the served step count and size replays. Returns the path taken ('graph', 'step-graphs', 'eager')."""
+        self.run(plan, inputs)
+        return self.last_path
+
+    def _run(self, plan, inputs, mode, should_stop):
         if mode == "eager":
             self.last_path = "eager"
             return denoise_eager(self.unet, self.controlnet, plan, inputs, should_stop=should_stop)
@@ -232,7 +332,8 @@ class DenoiseLoop:
             runner = self._capture(plan, inputs, mode)
             self._graphs[key] = runner
             while len(self._graphs) > GRAPH_CACHE_SIZE:
-                self._graphs.popitem(last=False)
+                _, evicted = self._graphs.popitem(last=False)
+                getattr(evicted, "release", lambda: None)()
         self._graphs.move_to_end(key)
         if runner == "eager":
             self.last_path = "eager"
@@ -244,9 +345,12 @@ class DenoiseLoop:
         order = [_WholeLoopGraph, _StepGraphs] if mode == "graph" else [_StepGraphs]
         for kind in order:
             try:
-                return kind(self.unet, self.controlnet, plan, inputs)
+                return kind(self.unet, self.controlnet, plan, inputs, self.cuda, self._stream)
+            except CaptureRefused as reason:
+                log.warning("CUDA graph capture is not possible (%s); running the loop eager", reason)
+                return "eager"
             except Exception as error:  # capture failures: fall back, say why once
-                torch.cuda.synchronize()
+                self.cuda.synchronize(self.unet.device)
                 log.warning("CUDA graph capture (%s) failed, falling back: %s", kind.__name__, error)
         return "eager"
 

@@ -4,27 +4,31 @@
     outputs = session.run({"sample": latents, ...})        # dict[str, torch.Tensor] both ways
 
 Every session has `inputs` / `outputs` (`TensorInfo`: name, torch dtype, dims, min/max shapes if
-recorded), a `device` (of its outputs) and `capturable` (`run` only enqueues on the current CUDA
-stream, so a loop of calls can be captured in a CUDA graph).
+recorded), a `device` (of its outputs), `capturable` (`run` only enqueues on the current CUDA
+stream, so a loop of calls can be captured in a CUDA graph), `bind(feeds)` (what a CUDA graph calls:
+the session itself, or for TensorRT a context of its own) and `cuda` (runtime.streams.TorchCuda).
 
 - `OrtSession`: CPU, or the CUDA execution provider where onnxruntime-gpu is installed. Tensors
   cross the boundary as numpy arrays; inputs are cast to the graph's dtypes (fp16 graphs take
   fp32 tensors), outputs come back in the graph's dtypes.
 - `TorchSession`: a torch module with the engine's I/O (eager; capturable on CUDA); the `torch`
   backend loads the build's `torch.export` programs (torch/<component>.pt2) into it.
-- `TrtSession`: a checked plan (`EngineCheckError` says how to rebuild); preallocated output buffers
-  per input shapes, valid until the next call with those shapes; one shared `DeviceMemoryPool`.
+- `TrtSession` (runtime/trt.py): a checked plan (`EngineCheckError` says how to rebuild); eager calls
+  on one context with output buffers per input shapes (the last few), valid until the next call with
+  those shapes; `bind` gives each CUDA graph its own context; one shared `DeviceMemoryPool`.
 `NumpyView` gives any session ONNX Runtime's numpy `run(names, feeds)` (for the face models).
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from runtime.streams import TORCH_CUDA
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
           "int64": torch.int64, "int32": torch.int32, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
@@ -63,10 +67,17 @@ class Session:
     outputs: tuple[TensorInfo, ...] = ()
     device: torch.device = torch.device("cpu")
     capturable: bool = False
+    cuda = TORCH_CUDA
 
     def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """feeds: input name -> tensor (any device/dtype; cast as needed) -> output name -> tensor."""
         raise NotImplementedError
+
+    def bind(self, feeds: Mapping[str, torch.Tensor], in_place: Collection[str] = (),
+             outputs: Mapping[str, torch.Tensor] | None = None) -> Session:
+        """What a CUDA graph at feeds' shapes calls `run` on: the session itself (no per-context state);
+        TrtSession returns a context of its own bound to fixed buffers."""
+        return self
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -163,28 +174,7 @@ def _to_numpy(tensor: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     return np.ascontiguousarray(tensor.to(device="cpu", dtype=dtype).numpy())
 
 
-# ---- TensorRT ----------------------------------------------------------------------------------
-
-class DeviceMemoryPool:
-    """One scratch buffer for a pipeline's execution contexts (they run one after another on one stream),
-    sized for the largest. Attach all before the first run: growing re-points every context and would
-    invalidate CUDA graphs captured earlier (`generation` counts reallocations)."""
-
-    def __init__(self, device: torch.device | str = "cuda"):
-        self.device = cuda_device(device)
-        self.buffer: torch.Tensor | None = None
-        self.generation = 0
-        self._contexts: list = []
-
-    def attach(self, context, size: int) -> None:
-        """Give `context` (created with USER_MANAGED memory) this pool; grow it to `size` bytes if needed."""
-        self._contexts.append(context)
-        if self.buffer is None or size > self.buffer.numel():
-            self.buffer = torch.empty(max(int(size), 1), dtype=torch.uint8, device=self.device)
-            self.generation += 1
-        for each in self._contexts:  # TensorRT >= 10.1 / TensorRT-RTX
-            each.set_device_memory(self.buffer.data_ptr(), self.buffer.numel())
-
+# ---- TensorRT: runtime/trt.py (TrtSession, TrtBinding, DeviceMemoryPool) ------------------------
 
 def cuda_device(device: str | torch.device = "cuda") -> torch.device:
     """torch.device with its index ('cuda' -> 'cuda:<current>'), so device comparisons are exact."""
@@ -194,124 +184,14 @@ def cuda_device(device: str | torch.device = "cuda") -> torch.device:
     return device
 
 
-def _trt_dtypes(trt) -> dict:
-    table = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
-             "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8}
-    return {getattr(trt.DataType, key): value for key, value in table.items() if hasattr(trt.DataType, key)}
 
+def __getattr__(name: str):
+    """TrtSession, TrtBinding and DeviceMemoryPool live in runtime.trt (imported on first use)."""
+    if name in ("TrtSession", "TrtBinding", "DeviceMemoryPool"):
+        from runtime import trt
 
-class TrtSession(Session):
-    """A TensorRT plan run with torch device buffers on the current CUDA stream (capturable).
-
-    plan_path / record: the plan and its manifest EngineRecord; backend: an engine.backend.Backend.
-    memory: a DeviceMemoryPool shared with the pipeline's other sessions (None: one of its own).
-    verify_sha256: hash the whole plan against the manifest before loading (False: size only).
-    Raises EngineCheckError (engine.cache) for a plan that cannot run here, SessionError without a GPU.
-    """
-
-    capturable = True
-
-    def __init__(self, plan_path: str | os.PathLike, record, backend, *, name: str | None = None,
-                 device: str | torch.device = "cuda", memory: DeviceMemoryPool | None = None,
-                 verify_sha256: bool = True, model: str | None = None):
-        from engine.backend import detect_gpu
-        from engine.cache import EngineCheckError, build_dir_of, check_engine, rebuild_command
-
-        plan_path = Path(plan_path)
-        self.name = name or plan_path.stem
-        check_engine(record, plan_path, backend, detect_gpu(), verify_sha256=verify_sha256)
-        self.inputs = tuple(_engine_info(t) for t in record.inputs)
-        self.outputs = tuple(_engine_info(t) for t in record.outputs)
-        if not torch.cuda.is_available():
-            raise SessionError(f"{plan_path}: TensorRT engines run only on an NVIDIA GPU and torch sees none "
-                               "(torch.cuda.is_available() is False); use backend='onnxruntime' on this machine")
-        self.device = cuda_device(device)
-        trt = backend.trt
-        logger = backend.logger()
-        self._runtime = trt.Runtime(logger)
-        with torch.cuda.device(self.device):
-            self._engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
-        if self._engine is None:
-            detail = logger.errors[-1] if logger.errors else "no error logged"
-            rebuild = rebuild_command(build_dir_of(record, plan_path), self.name, backend.name, record=record,
-                                      force=True)
-            raise EngineCheckError(f"{plan_path}: {backend.name} {backend.version} could not deserialize the plan "
-                                   f"({detail}). Rebuild it: {rebuild}")
-        self._dtypes = _trt_dtypes(trt)
-        self._check_io(trt)
-        memory = memory or DeviceMemoryPool(self.device)
-        self.cache_path, self._runtime_cache = plan_path.with_suffix(".runtime_cache"), None
-        with torch.cuda.device(self.device):
-            self._context = self._create_context(trt, backend.caps.runtime_cache)
-        if self._context is not None:
-            memory.attach(self._context, self._engine.device_memory_size_v2)
-        if self._context is None:
-            raise SessionError(f"{plan_path}: could not create an execution context (out of GPU memory?)")
-        self.memory = memory
-        self._buffers: dict[tuple, dict[str, torch.Tensor]] = {}
-
-    def _create_context(self, trt, runtime_cache: bool):
-        """A context with user-managed memory; TensorRT-RTX: with the JIT kernel cache of <plan>.runtime_cache."""
-        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
-        if not runtime_cache:
-            return self._engine.create_execution_context(strategy)
-        config = self._engine.create_runtime_config()
-        config.set_execution_context_allocation_strategy(strategy)
-        self._runtime_cache = config.create_runtime_cache()
-        if self.cache_path.is_file() and not self._runtime_cache.deserialize(self.cache_path.read_bytes()):
-            self._runtime_cache.reset()  # another GPU/driver/version wrote it: JIT-compile again
-        config.set_runtime_cache(self._runtime_cache)
-        return self._engine.create_execution_context(config)
-
-    def save_runtime_cache(self) -> None:
-        """TensorRT-RTX: keep the kernels JIT-compiled so far for the next start (no-op elsewhere)."""
-        if self._runtime_cache is not None:
-            from engine.manifest import atomic_write
-
-            atomic_write(self.cache_path, bytes(self._runtime_cache.serialize()))
-
-    def _check_io(self, trt) -> None:
-        """The plan's tensors must be the manifest's (names and dtypes)."""
-        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
-        inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        expected = set(self.input_names) | set(self.output_names)
-        if set(names) != expected or set(inputs) != set(self.input_names):
-            raise SessionError(f"{self.name}: the plan's tensors {sorted(names)} are not the manifest's "
-                               f"{sorted(expected)}; rebuild the engine from the current ONNX")
-        def typed(info):  # the plan's dtype is the truth
-            return replace(info, dtype=self._dtypes[self._engine.get_tensor_dtype(info.name)])
-        self.inputs, self.outputs = tuple(map(typed, self.inputs)), tuple(map(typed, self.outputs))
-
-    def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Enqueue on torch's current stream; returns this shape's output buffers, which the next call with
-        the same shapes overwrites: clone what you keep."""
-        self.check_feeds(feeds)
-        context, shapes, staged = self._context, [], []
-        for info in self.inputs:
-            tensor = feeds[info.name]
-            if tensor.dtype != info.dtype or tensor.device != self.device or not tensor.is_contiguous():
-                tensor = tensor.to(self.device, info.dtype).contiguous()
-            staged.append(tensor)  # alive until enqueued; the caching allocator orders reuse on the stream
-            context.set_input_shape(info.name, tuple(tensor.shape))
-            context.set_tensor_address(info.name, tensor.data_ptr())
-            shapes.append(tuple(tensor.shape))
-        key = tuple(shapes)
-        buffers = self._buffers.get(key)
-        if buffers is None:  # first call with these shapes: allocate, never outside a warm-up run
-            buffers = {o.name: torch.empty(tuple(context.get_tensor_shape(o.name)), dtype=o.dtype, device=self.device)
-                       for o in self.outputs}
-            self._buffers[key] = buffers
-        for name, buffer in buffers.items():
-            context.set_tensor_address(name, buffer.data_ptr())
-        if not context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
-            raise SessionError(f"{self.name}: TensorRT enqueue failed for input shapes {shapes}")
-        return dict(buffers)
-
-
-def _engine_info(tensor) -> TensorInfo:
-    return TensorInfo(tensor.name, DTYPES.get(tensor.dtype, torch.float32), tuple(tensor.shape),
-                      None if tensor.min is None else tuple(tensor.min),
-                      None if tensor.max is None else tuple(tensor.max))
+        return getattr(trt, name)
+    raise AttributeError(f"module 'runtime.sessions' has no attribute '{name}'")
 
 
 # ---- torch ---------------------------------------------------------------------------------------
@@ -409,9 +289,11 @@ def open_session(build_dir: str | os.PathLike, component: str, backend: str = "o
         raise SessionError(f"{build_dir}: '{component}' has no engine; build it: python -m export.build --model "
                            f"{manifest.model} --out {build_dir} --stage engines --backend {backend}")
     from engine.backend import load_backend
+    from runtime.trt import TrtSession
 
-    return TrtSession(build_dir / entry.engine.path, entry.engine, load_backend(backend), name=component,
-                      device=device or "cuda", memory=memory, verify_sha256=verify_sha256, model=manifest.model)
+    return TrtSession.from_plan(build_dir / entry.engine.path, entry.engine, load_backend(backend), name=component,
+                                device=device or "cuda", memory=memory, verify_sha256=verify_sha256,
+                                model=manifest.model)
 
 
 def open_program(build_dir: Path, component: str, manifest, device=None, verify_sha256: bool = True,
