@@ -121,6 +121,7 @@ def _shared_logger(trt: ModuleType):
             self.errors: list[str] = []
             self.warnings: list[str] = []
             self.infos: list[str] = []  # the builder's INFO lines (memory totals, ...)
+            self.verbose: list[str] | None = None  # VERBOSE lines, kept only while a list (engine.fusion)
 
         def log(self, level, message):
             if level in (severity.INTERNAL_ERROR, severity.ERROR):
@@ -133,6 +134,8 @@ def _shared_logger(trt: ModuleType):
             elif level == severity.INFO:
                 self.infos.append(message)
                 log.debug("%s", message)
+            elif level == severity.VERBOSE and self.verbose is not None:
+                self.verbose.append(message)
 
     return _Log()
 
