@@ -1,28 +1,40 @@
-"""Fused decoupled cross-attention: text and image-prompt attention as ONE attention operation.
+"""Decoupled cross-attention as attention that TensorRT fuses: text and image-prompt tokens in one MHA.
 
 The reference (`export.adapters.DecoupledAttnProcessor`, diffusers' `IPAdapterAttnProcessor2_0`)
 computes, per cross-attention (attn2) layer and per head,
 
     out = softmax(Q K_tᵀ · s) V_t + λ · softmax(Q K_iᵀ · s) V_i        s = d^-½
 
-with two separate SDPA calls that each read Q. The exported UNet uses one of two exact,
-branch-free rewrites (λ is a tensor, so λ = 0 is the plain UNet, no `if`):
+with two separate SDPA calls that each read Q. This module has two exact, branch-free rewrites
+(λ is a tensor, so λ = 0 is the plain UNet, no `if`); `python -m export.build --attention
+stacked|unfused|fused` picks the UNet's form (`unfused` is the reference processor itself):
 
-`concat` (the default, "fused"): keys and values of both token sets are concatenated,
-    S = (Q·s) [K_t; K_i]ᵀ                    (B, h, N, T+K)   one MatMul, Q read once
-    P = [softmax(S[..., :T]) | λ·softmax(S[..., T:])]          softmax per segment
-    out = P [V_t; V_i]                       (B, h, N, d)     one MatMul
-  No extra FLOPs; the two normalisations are the only difference to plain attention.
-
-`stacked`: both attentions stacked along the head axis as one standard masked MHA
+`stacked` (`--attention stacked`, the default): both attentions stacked along the head axis as one
+    standard masked MHA
     Q2 = [Q; Q] (2h heads), K2 = [K_t; pad(K_i)], V2 = [V_t; pad(λ V_i)] padded to max(T, K)
     keys, additive mask -inf on the padding, O = softmax((Q2·s) K2ᵀ + mask) V2,
     out = O[:h] + O[h:]
-  The textbook MatMul -> Add(mask) -> Softmax -> MatMul pattern that TensorRT fuses into one
-  MHA kernel, at the cost of attending over the padding.
+  The MatMul -> Add(mask) -> Softmax -> MatMul pattern (the mask is applied inside the fused
+  kernel); the cost is attending over the padding.
 
-Both put the scale on Q before the first MatMul. Which one is faster is for a GPU to say
-(`python -m export.build --attention fused|stacked|unfused`).
+`concat` (`--attention fused`): keys and values of both token sets concatenated,
+    S = (Q·s) [K_t; K_i]ᵀ                    (B, h, N, T+K)   one MatMul, Q read once
+    P = [softmax(S[..., :T]) | λ·softmax(S[..., T:])]          softmax per segment
+    out = P [V_t; V_i]                       (B, h, N, d)
+  Fewest ONNX nodes and FLOPs, but no attention pattern TensorRT knows.
+
+What the TensorRT-RTX 1.7 builder makes of one decoupled layer (its VERBOSE log says "Found <node>
+to be part of self-attention pattern" per fused node; `python -m engine.fusion` counts them, and
+tests/test_engine_fusion.py asserts them on the tiny UNets, whose 17 attn1 self-attentions fuse
+in every form):
+
+    form       Softmax per layer   fused by the builder          tiny UNet: fused/total Softmax
+    stacked    1                   one fused MHA kernel          34/34
+    unfused    2                   two fused MHA kernels         51/51
+    concat     2                   none: 2 GEMMs + 2 softmaxes   17/51
+
+Both rewrites put the scale on Q before the first MatMul. Between the two fusable forms (stacked:
+one kernel over 2h heads and max(T, K) keys; unfused: two kernels over T and K keys) a GPU decides.
 """
 from __future__ import annotations
 
@@ -90,7 +102,7 @@ class FusedDecoupledAttnProcessor(nn.Module):
     computing both attentions as one operation (`variant`: 'concat' or 'stacked')."""
 
     def __init__(self, hidden_size: int, cross_attention_dim: int, num_tokens: int, scale=1.0,
-                 variant: str = "concat", text_tokens: int = 77):
+                 variant: str = "stacked", text_tokens: int = 77):
         super().__init__()
         if variant not in _ATTENTION:
             raise ValueError(f"unknown fused attention variant {variant!r}: choose one of {VARIANTS}")
@@ -121,7 +133,7 @@ class FusedDecoupledAttnProcessor(nn.Module):
         return out / attn.rescale_output_factor
 
 
-def fuse_decoupled_attention(unet, variant: str = "concat", text_tokens: int = 77) -> list[FusedDecoupledAttnProcessor]:
+def fuse_decoupled_attention(unet, variant: str = "stacked", text_tokens: int = 77) -> list[FusedDecoupledAttnProcessor]:
     """Replace every `DecoupledAttnProcessor` of `unet` by a fused one sharing its weights and scale.
 
     Call after `attach_ip_adapter`; the context is then text_tokens text + num_tokens image tokens. Returns the fused processors in attn2 order (what the

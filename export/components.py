@@ -292,11 +292,13 @@ def controlnet_component(controlnet: nn.Module, num_face_tokens: int) -> Compone
     return Component("controlnet", ControlNet(controlnet).eval(), inputs, residual_ios(config, dtype))
 
 
-def unet_component(name: str, unet: nn.Module, num_ip_tokens: int, attention: str = "fused") -> Component:
+def unet_component(name: str, unet: nn.Module, num_ip_tokens: int, attention: str = "stacked") -> Component:
     """UNet with decoupled attention already attached (`attach_ip_adapter`).
 
-    attention: 'fused' (concatenated keys, segment softmax), 'stacked' (head-stacked masked MHA),
-    or 'unfused' (the reference DecoupledAttnProcessor: two SDPA calls).
+    attention (what the TensorRT builder makes of each decoupled layer, see export.attention):
+    'stacked' (default: head-stacked masked MHA, one fused attention kernel), 'unfused' (the
+    reference DecoupledAttnProcessor: two SDPA calls, two fused kernels) or 'fused' (concatenated
+    keys, a softmax per segment: no fused kernel; the name is the ONNX graph's, not TensorRT's).
     """
     from export.adapters import DecoupledAttnProcessor
 

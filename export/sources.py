@@ -51,7 +51,7 @@ class Sources:
     random_init: bool
     dtype: torch.dtype
     assets: Path
-    attention: str = "fused"
+    attention: str = "stacked"
     face_models_dir: Path | None = None
     vae_fp16_fix: bool = False
     _text: object = field(default=None, repr=False)

@@ -3,13 +3,18 @@
 - the two fused formulas equal SDPA(q, k_t, v_t) + λ·SDPA(q, k_i, v_i) on random tensors;
 - a UNet with fused processors equals the same UNet with the reference `DecoupledAttnProcessor`
   and with diffusers' `IPAdapterAttnProcessor2_0`, for λ ∈ {0, 0.5, 1} and a per-layer λ vector;
-- the exported fused UNet has the MHA-friendly shape (scale on Q before the first MatMul, one
-  scores MatMul and one PV MatMul per cross-attention layer, no control flow);
-- `--attention stacked|unfused` export the same I/O and match the diffusers UNet in ONNX Runtime.
+- the default export (`--attention stacked`, what the build records) is one masked MHA per
+  cross-attention layer (scale on Q before the scores MatMul, an additive mask, ONE Softmax, one
+  PV MatMul, no control flow), the shape TensorRT fuses (tests/test_engine_fusion.py);
+- `--attention fused` keeps its concatenated-keys shape (one scores MatMul, two Softmax);
+- the default form (unet_component's default), `fused` and `unfused` export the same I/O as the
+  default build and match the diffusers UNet in ONNX Runtime (the default build itself is checked
+  against diffusers in tests/test_export_parity.py).
 """
 from __future__ import annotations
 
 import copy
+import functools
 import random
 import warnings
 
@@ -138,53 +143,90 @@ def _constant(name: str, producers: dict, initializers: dict) -> float | None:
     return None
 
 
-def test_exported_fused_attention_is_mha_shaped(tiny_onnx_fp32):
-    """Per attn2 layer: Mul(Q, d^-½) -> MatMul with [K_t; K_i]ᵀ -> 2 Softmax -> MatMul; no control flow."""
-    graph = onnx.load(str(tiny_onnx_fp32 / "onnx" / "unet_instantid.onnx")).graph
+def _attn2_layers(path) -> tuple[dict, dict, dict]:
+    """(attn2 nodes by block prefix, output -> producer, initializers) of an exported tiny UNet."""
+    graph = onnx.load(str(path)).graph
     assert not {"If", "Loop", "Scan"} & {node.op_type for node in graph.node}
-    producers, initializers = _producers(graph), {t.name: t for t in graph.initializer}
-    unet = loaders.load_unet(TINY, random_init=True)
     layers = {}
     for node in graph.node:
         if "/attn2/" in node.name and "/to_" not in node.name:
             layers.setdefault(node.name.split("/attn2/")[0], []).append(node)
-    assert len(layers) == len(cross_attention_layers(unet)) == 17
+    assert len(layers) == len(cross_attention_layers(_tiny_unet())) == 17
+    return layers, _producers(graph), {t.name: t for t in graph.initializer}
+
+
+def _check_scaled_query(prefix: str, scores, producers: dict, initializers: dict) -> None:
+    """The scores MatMul reads Mul(Q, d^-½): the layer's scale as one constant, on Q."""
+    scaled_query = producers[scores.input[0]]
+    assert scaled_query.op_type == "Mul", prefix
+    scale = [v for v in (_constant(i, producers, initializers) for i in scaled_query.input) if v is not None]
+    attn = _tiny_unet().get_submodule(prefix.removeprefix("/unet/").replace("/", ".") + ".attn2")
+    assert scale == [pytest.approx(attn.scale)], prefix
+
+
+@functools.cache
+def _tiny_unet():
+    """A tiny UNet (random weights) for the layers' attention scales and count."""
+    return loaders.load_unet(TINY, random_init=True)
+
+
+def test_default_export_is_one_masked_mha_per_layer(tiny_onnx_fp32):
+    """Per attn2 layer: Mul(Q2, d^-½) -> MatMul with K2ᵀ -> Add(mask) -> ONE Softmax -> MatMul."""
+    from engine.manifest import load_manifest
+
+    manifest = load_manifest(tiny_onnx_fp32)
+    for name in ("unet_instantid", "unet_ip_adapter", "unet_ip_adapter_plus"):
+        assert manifest.components[name].onnx.export_flags["attention"] == "stacked", name
+    layers, producers, initializers = _attn2_layers(tiny_onnx_fp32 / "onnx" / "unet_instantid.onnx")
+    for prefix, nodes in layers.items():
+        ops = [n.op_type for n in nodes]
+        assert ops.count("Softmax") == 1 and ops.count("MatMul") == 2, (prefix, ops)
+        scores = next(n for n in nodes if n.op_type == "MatMul")
+        _check_scaled_query(prefix, scores, producers, initializers)
+        assert producers[producers[scores.input[0]].input[0]].op_type == "Concat", prefix  # [Q; Q]
+        softmax = next(n for n in nodes if n.op_type == "Softmax")
+        masked = producers[softmax.input[0]]
+        assert masked.op_type == "Add" and scores.output[0] in masked.input, prefix
+
+
+def test_concat_export_has_one_scores_matmul_and_two_softmax(exported_variants):
+    """`--attention fused`: Mul(Q, d^-½) -> MatMul with [K_t; K_i]ᵀ -> 2 Softmax -> MatMul."""
+    _, paths = exported_variants
+    layers, producers, initializers = _attn2_layers(paths["fused"])
     for prefix, nodes in layers.items():
         ops = [n.op_type for n in nodes]
         assert ops.count("Softmax") == 2 and ops.count("MatMul") == 2, (prefix, ops)
         scores = next(n for n in nodes if n.op_type == "MatMul")
-        scaled_query = producers[scores.input[0]]
-        assert scaled_query.op_type == "Mul", prefix
-        scale = [v for v in (_constant(i, producers, initializers) for i in scaled_query.input) if v is not None]
-        attn = unet.get_submodule(prefix.removeprefix("/unet/").replace("/", ".") + ".attn2")
-        assert scale == [pytest.approx(attn.scale)], prefix  # d^-½ as one constant, on Q
+        _check_scaled_query(prefix, scores, producers, initializers)
         keys = producers[scores.input[1]]
         assert keys.op_type == "Transpose" and producers[keys.input[0]].op_type == "Concat", prefix
 
 
 @pytest.fixture(scope="module")
 def exported_variants(tmp_path_factory):
-    """The tiny InstantID UNet exported with --attention stacked and unfused (fp32), random weights."""
+    """The tiny InstantID UNet exported by unet_component's default and with 'fused' and 'unfused'
+    (fp32), random weights."""
     folder = tmp_path_factory.mktemp("attention_variants")
     unet = loaders.load_unet(TINY, random_init=True)
     _, state = loaders.load_instantid_adapter(TINY, unet, random_init=True)
     attach_ip_adapter(unet, state, 16)
     paths = {}
-    for variant in ("stacked", "unfused"):
-        component = unet_component("unet_instantid", copy.deepcopy(unet), 16, variant)
+    for variant in ("default", "fused", "unfused"):
+        args = () if variant == "default" else (variant,)
+        component = unet_component("unet_instantid", copy.deepcopy(unet), 16, *args)
         paths[variant] = folder / f"{variant}.onnx"
         export_component(component, paths[variant], trace_sizes(TINY.trace_resolution))
     return unet, paths
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["stacked", "unfused"])
-def test_other_attention_exports_match_diffusers(variant, exported_variants, tiny_onnx_fp32):
+@pytest.mark.parametrize("variant", ["default", "fused", "unfused"])
+def test_attention_exports_match_diffusers(variant, exported_variants, tiny_onnx_fp32):
     unet, paths = exported_variants
     session = ort_session(paths[variant])
-    fused = ort_session(tiny_onnx_fp32 / "onnx" / "unet_instantid.onnx")
+    default = ort_session(tiny_onnx_fp32 / "onnx" / "unet_instantid.onnx")
     assert [(i.name, i.shape, i.type) for i in session.get_inputs()] == [
-        (i.name, i.shape, i.type) for i in fused.get_inputs()]
+        (i.name, i.shape, i.type) for i in default.get_inputs()]
     component = unet_component("probe", copy.deepcopy(unet), 16, "unfused")
     feeds = {io.name: t.numpy() for io, t in zip(component.inputs, example_inputs(
         component, {"batch": 1, "height": 64, "width": 192}, seed=random.randrange(2**31)))}

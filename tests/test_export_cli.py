@@ -122,7 +122,7 @@ def test_cli_errors_say_what_to_do(tmp_path, capsys):
         parse_args(["--model", "tiny", "--weights", str(tmp_path / "missing")])
     assert "is not a folder" in capsys.readouterr().err
     options = parse_args(["--model", "sdxl", "--pipeline", "instantid"])
-    assert options.precision == "fp16" and str(options.out) == "build/sdxl" and options.attention == "fused"
+    assert options.precision == "fp16" and str(options.out) == "build/sdxl" and options.attention == "stacked"
     assert parse_args(["--model", "tiny"]).precision == "fp32"
 
 
