@@ -7,7 +7,9 @@
 For each backend (the baseline first): load the pipeline, run one request (cold start = load to
 first image), then time every stage (benchmarks.stages) `--runs` times after `--warmup` untimed
 calls: median and p90 seconds, CUDA events on a GPU, perf_counter on the CPU; peak memory over
-the whole backend (GPU: torch max allocated; CPU: sampled RSS). A backend that cannot load is
+the whole backend (GPU: device-wide total - free from cudaMemGetInfo, sampled after loading, after
+the first request and by a thread, so TensorRT's own allocations count; torch's max allocated only as
+a secondary figure; CPU: sampled RSS, device figures None). A backend that cannot load is
 reported as "unavailable: <reason>", a stage that fails as "error: <reason>": neither stops the
 run. The floor (benchmarks.flops: FLOPs / measured matmul peak) gives measured / floor per stage.
 
@@ -18,8 +20,9 @@ OUT/latency.png (stacked stage bars), plus OUT/sweep.png with a sweep. latency.j
     gpus, cuda, platform, python, versions {torch, onnxruntime, tensorrt*, diffusers, ...}},
     config {pipeline, model, resolution [H, W], batch, steps, runs, warmup, guidance, build,
     weights, baseline_device, baseline_dtype, loop, threads}, stages [names, in order],
-    backends [{name, available, reason, device, load_s, cold_start_s, memory {kind, peak_bytes,
-      start_bytes}, stages {stage: {median, p90, mean, min, max, runs [s]} | null}, stage_errors
+    backends [{name, available, reason, device, load_s, cold_start_s, memory {kind ('cuda_device_used'
+      | 'cpu_rss'), peak_bytes, start_bytes, device_peak_bytes, device_start_bytes (total - free; None on
+      the CPU), torch_max_allocated_bytes (secondary; None on the CPU)}, stages {stage: {median, p90, mean, min, max, runs [s]} | null}, stage_errors
       {stage: message}, latents_rel_to_baseline, notes [..], sweep [{resolution, batch, stage,
       median, p90, ...} | {resolution, batch, error}]}],
     floor {flops {stage: FLOPs}, peak {device, dtype, n, seconds, flops_per_s}, floor_s {stage: s}}
@@ -111,10 +114,12 @@ def measure_backend(name: str, make_runner, work: Workload, runs: int, warmup: i
             return result, None
         result.available, result.device = True, str(runner.device)
         result.load_s = time.perf_counter() - begin
+        memory.sample()  # engines, weights and contexts are resident now
         try:
             stages = runner.stages(work)
             timed(stages["end_to_end"], runner.device)
             result.cold_start_s = time.perf_counter() - begin
+            memory.sample()  # activations, scratch, captured graphs of the first request
         except Exception as error:
             result.available, result.reason = False, f"first request failed: {_error(error)}"
             return result, None

@@ -4,7 +4,10 @@
 
 Each client posts one request, waits for the answer, and posts the next (closed loop). Reports
 throughput, latency percentiles of the successful answers, answers by status, and the server's
-resident memory over time (from /metrics `process_resident_memory_bytes`, or psutil with --pid).
+resident memory over time (from /metrics `process_resident_memory_bytes`, or psutil with --pid)
+and, with --gpu N (a server on this machine), GPU N's device-wide used memory over time (NVML:
+pynvml when importable, else nvidia-smi; no CUDA context is created here), which counts what
+TensorRT allocates outside torch; `gpu_used_mb` is None without --gpu or a readable GPU.
 Exit status 1 when any request failed (a non-200 answer or a transport error).
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ import io
 import json
 import re
 import shlex
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -93,6 +97,46 @@ async def _sample_rss(http, base: str, pid: int | None, until: float, t0: float,
         await asyncio.sleep(every_s)
 
 
+def gpu_memory_used(index: int) -> int | None:
+    """Device-wide used bytes of GPU `index` (NVML's numbering, as nvidia-smi's), read through NVML
+    (pynvml when importable, else `nvidia-smi`); None when neither can read it (no GPU here)."""
+    try:
+        import pynvml
+    except ImportError:
+        pynvml = None
+    if pynvml is not None:
+        try:
+            pynvml.nvmlInit()
+            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used)
+        except Exception:  # noqa: BLE001 - no driver, no such GPU: no figure
+            return None
+    try:
+        answer = subprocess.run(["nvidia-smi", f"--id={index}", "--query-gpu=memory.used",
+                                 "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+        return int(float(answer.stdout.strip().splitlines()[0]) * 2**20) if answer.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return None
+
+
+async def _sample_gpu(index: int, until: float, t0: float, samples: list, every_s: float) -> None:
+    while time.monotonic() < until:
+        used = await asyncio.to_thread(gpu_memory_used, index)
+        if used is not None:
+            samples.append((round(time.monotonic() - t0, 2), round(used / 2**20, 1)))
+        await asyncio.sleep(every_s)
+
+
+def memory_summary(samples: list[tuple[float, float]], seconds: float) -> dict | None:
+    """{start, end, max, growth_after_first_quarter, samples} of (t seconds, MiB) samples; None without any."""
+    if not samples:
+        return None
+    values = [mb for _, mb in samples]
+    settled = [mb for t, mb in samples if t >= seconds * 0.25]  # after warm-up of caches/allocators
+    return {"start": values[0], "end": values[-1], "max": max(values),
+            "growth_after_first_quarter": round(settled[-1] - settled[0], 1) if len(settled) > 1 else None,
+            "samples": samples}
+
+
 async def run(args) -> dict:
     """Drive the load and return the report dict."""
     import httpx
@@ -110,12 +154,13 @@ async def run(args) -> dict:
         samples: list = []
         tasks = [_client(http, url, body, until, records) for _ in range(args.clients)]
         tasks.append(_sample_rss(http, args.url.rstrip("/"), args.pid, until + 0.5, t0, samples, args.sample_s))
+        gpu_samples: list = []
+        if args.gpu is not None:
+            tasks.append(_sample_gpu(args.gpu, until + 0.5, t0, gpu_samples, args.sample_s))
         await asyncio.gather(*tasks)
         elapsed = time.monotonic() - t0
     statuses = Counter(status for _, _, status in records)
     ok = [latency for _, latency, status in records if status == "200"]
-    rss = [mb for _, mb in samples]
-    settled = [mb for t, mb in samples if t >= args.seconds * 0.25]  # after warm-up of caches/allocators
     return {
         "date": datetime.date.today().isoformat(),
         "command": "python -m benchmarks.load " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
@@ -126,10 +171,9 @@ async def run(args) -> dict:
         "latency_ms": {k: round(v, 1) for k, v in percentiles(ok).items()},
         "answers_by_status": dict(statuses),
         "errors": len(records) - len(ok),
-        "rss_mb": {"start": rss[0] if rss else None, "end": rss[-1] if rss else None,
-                   "max": max(rss) if rss else None,
-                   "growth_after_first_quarter": round(settled[-1] - settled[0], 1) if len(settled) > 1 else None,
-                   "samples": samples},
+        "rss_mb": memory_summary(samples, args.seconds) or {"start": None, "end": None, "max": None,
+                                                            "growth_after_first_quarter": None, "samples": []},
+        "gpu_used_mb": memory_summary(gpu_samples, args.seconds),  # device-wide (NVML); None: not measured
     }
 
 
@@ -149,7 +193,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="png", choices=["png", "jpeg", "webp"])
     p.add_argument("--timeout-s", type=float, default=300)
     p.add_argument("--pid", type=int, help="sample this process's RSS with psutil instead of /metrics")
-    p.add_argument("--sample-s", type=float, default=1.0, help="RSS sampling period")
+    p.add_argument("--gpu", type=int, help="also sample this local GPU's device-wide used memory (NVML index)")
+    p.add_argument("--sample-s", type=float, default=1.0, help="RSS / GPU memory sampling period")
     return p
 
 
@@ -162,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
     summary = {k: report[k] for k in ("requests", "ok", "throughput_rps", "latency_ms", "answers_by_status")}
-    print(json.dumps({**summary, "rss_mb": {k: v for k, v in report["rss_mb"].items() if k != "samples"}}))
+    gpu = report["gpu_used_mb"]
+    print(json.dumps({**summary, "rss_mb": {k: v for k, v in report["rss_mb"].items() if k != "samples"},
+                      "gpu_used_mb": None if gpu is None else {k: v for k, v in gpu.items() if k != "samples"}}))
     return 0 if report["errors"] == 0 else 1
 
 

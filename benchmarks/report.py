@@ -34,6 +34,31 @@ def fmt_bytes(value: int | None) -> str:
     return f"{value} B"
 
 
+MEMORY_KINDS = {"cuda_device_used": "GPU, device-wide total − free", "cpu_rss": "host RSS"}
+
+
+def memory_rows() -> list[tuple[str, object]]:
+    """(row label, cell(memory dict | None) -> str) of the memory rows. 'peak memory' is the primary figure
+    labelled with its kind; the device rows are device-wide used (total − free: what TensorRT allocates
+    outside torch counts), '–' on the CPU; torch's max allocated is secondary (torch tensors only)."""
+    def primary(memory):
+        if not memory:
+            return "–"
+        return f"{fmt_bytes(memory['peak_bytes'])} ({MEMORY_KINDS.get(memory['kind'], memory['kind'])})"
+
+    def device(memory):
+        if not memory or memory.get("device_peak_bytes") is None:
+            return "–"
+        added = memory["device_peak_bytes"] - memory["device_start_bytes"]
+        return f"{fmt_bytes(memory['device_peak_bytes'])} (+{fmt_bytes(added)} over start)"
+
+    def torch_allocated(memory):
+        return fmt_bytes(memory.get("torch_max_allocated_bytes")) if memory else "–"
+
+    return [("peak memory", primary), ("peak device memory (total − free)", device),
+            ("torch max allocated (secondary: torch tensors only)", torch_allocated)]
+
+
 def _header(result: dict) -> str:
     config, machine = result["config"], result["machine"]
     gpus = ", ".join(machine["gpus"]) or "no GPU"
@@ -68,9 +93,8 @@ def markdown(result: dict) -> str:
     pad = ["–"] * len(result.get("speedups", {}))
     lines.append("| cold start (load → first image) | " + " | ".join(
         [fmt_seconds(b["cold_start_s"]) for b in backends] + pad) + " |")
-    lines.append("| peak memory | " + " | ".join(
-        [f"{fmt_bytes(b['memory']['peak_bytes'])} ({b['memory']['kind']})" if b.get("memory") else "–"
-         for b in backends] + pad) + " |")
+    for label, cell in memory_rows():
+        lines.append(f"| {label} | " + " | ".join([cell(b.get("memory")) for b in backends] + pad) + " |")
     for backend in result["backends"]:
         if backend["available"] and backend.get("latents_rel_to_baseline") is not None:
             rel = backend["latents_rel_to_baseline"]

@@ -1,5 +1,8 @@
 """Timers, run statistics, peak memory and a description of the machine, for the latency harness.
 
+Peak memory on a GPU is device-wide (total - free, `device_memory_used`), so it includes what
+TensorRT allocates outside torch; torch's max_memory_allocated is kept only as a secondary figure.
+
 Times are seconds. On CUDA a call is bracketed by CUDA events on the current stream (then
 synchronised), so the GPU timeline between the start and the end of the call is measured,
 host gaps included; on the CPU by `time.perf_counter`.
@@ -67,56 +70,87 @@ def time_runs(fn: Callable[[], object], runs: int, warmup: int, device: str | to
     return [timed(fn, device)[0] for _ in range(runs)]
 
 
+def device_memory_used(device: str | torch.device = "cuda") -> int | None:
+    """Bytes in use on a CUDA device, device-wide: total - free (`torch.cuda.mem_get_info`, i.e.
+    cudaMemGetInfo). Unlike `torch.cuda.max_memory_allocated` it counts what TensorRT allocates itself
+    (engine weights, execution contexts, its scratch), ONNX Runtime's CUDA EP, the CUDA context and
+    other processes on the GPU. None on the CPU (or without CUDA)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return int(total - free)
+
+
 class PeakMemory:
     """Peak memory while the `with` block runs.
 
-    CUDA: torch's peak allocated bytes (`torch.cuda.max_memory_allocated`, reset on entry; memory
-    ONNX Runtime's CUDA EP allocates itself is not seen). CPU: the process's peak resident set,
-    sampled every `interval` seconds by a thread (psutil), and its size on entry.
+    CUDA (kind 'cuda_device_used'): peak_bytes is the peak of `device_memory_used` (device-wide total -
+    free), sampled on entry, on exit, at every `sample()` call (the harness calls it after loading and
+    after the first request) and every `interval` seconds by a thread; start_bytes is its value on entry,
+    so peak - start is what the block added. torch_max_allocated_bytes (secondary, labelled as such):
+    torch's own allocator peak, which misses TensorRT's engine weights and activations.
+    CPU (kind 'cpu_rss'): the process's peak resident set, sampled the same way (psutil); the device
+    figures (device_peak_bytes, device_start_bytes, torch_max_allocated_bytes) are None.
     """
 
-    def __init__(self, device: str | torch.device = "cpu", interval: float = 0.005):
+    def __init__(self, device: str | torch.device = "cpu", interval: float = 0.01):
         self.device, self.interval = torch.device(device), interval
-        self.peak_bytes = 0
-        self.start_bytes = 0
-        self.kind = "cuda_max_allocated" if self.device.type == "cuda" else "cpu_rss"
+        self.cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        self.kind = "cuda_device_used" if self.cuda else "cpu_rss"
+        self.peak_bytes = self.start_bytes = 0
+        self.torch_max_allocated_bytes: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._process = None
+
+    def _read(self) -> int:
+        if self.cuda:
+            return device_memory_used(self.device)
+        return self._process.memory_info().rss
+
+    def sample(self) -> int:
+        """Take one sample now (also done by the thread); returns it in bytes."""
+        value = self._read()
+        self.peak_bytes = max(self.peak_bytes, value)
+        return value
 
     def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
+        if self.cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.start_bytes = torch.cuda.memory_allocated(self.device)
-            return self
-        import psutil
+        else:
+            import psutil
 
-        process = psutil.Process()
-        self.start_bytes = self.peak_bytes = process.memory_info().rss
+            self._process = psutil.Process()
+        self.start_bytes = self.peak_bytes = self._read()
 
         def sample():
             while not self._stop.wait(self.interval):
-                self.peak_bytes = max(self.peak_bytes, process.memory_info().rss)
+                self.sample()
 
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
+        if self.cuda:
             torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
-            return
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        import psutil
-
-        self.peak_bytes = max(self.peak_bytes, psutil.Process().memory_info().rss)
+        self.sample()
+        if self.cuda:
+            self.torch_max_allocated_bytes = int(torch.cuda.max_memory_allocated(self.device))
 
     def as_dict(self) -> dict:
-        """{'kind', 'peak_bytes', 'start_bytes'}."""
-        return {"kind": self.kind, "peak_bytes": int(self.peak_bytes), "start_bytes": int(self.start_bytes)}
+        """{'kind', 'peak_bytes', 'start_bytes', 'device_peak_bytes', 'device_start_bytes',
+        'torch_max_allocated_bytes'}: the device figures are None on the CPU."""
+        device = self.kind == "cuda_device_used"
+        return {"kind": self.kind, "peak_bytes": int(self.peak_bytes), "start_bytes": int(self.start_bytes),
+                "device_peak_bytes": int(self.peak_bytes) if device else None,
+                "device_start_bytes": int(self.start_bytes) if device else None,
+                "torch_max_allocated_bytes": self.torch_max_allocated_bytes}
 
 
 def _version(package: str) -> str | None:

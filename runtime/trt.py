@@ -166,6 +166,8 @@ class TrtSession(Session):
         if not hasattr(self._engine, "create_runtime_config"):
             return None
         config = self._engine.create_runtime_config()
+        if not hasattr(config, "set_execution_context_allocation_strategy"):
+            return None
         config.set_execution_context_allocation_strategy(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         specialisation = getattr(trt, "DynamicShapesKernelSpecializationStrategy", None)
         if specialisation is not None and hasattr(config, "dynamic_shapes_kernel_specialization_strategy"):
