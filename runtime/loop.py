@@ -39,7 +39,7 @@ import torch
 
 from runtime.schedulers import SchedulePlan, new_state, scale_model_input, step
 from runtime.sessions import Session
-from runtime.streams import aligned_copy
+from runtime.streams import TORCH_CUDA, aligned_copy
 
 log = logging.getLogger("runtime.loop")
 GRAPH_CACHE_SIZE = 4
@@ -280,7 +280,7 @@ class DenoiseLoop:
         if mode not in ("auto", "graph", "step-graphs", "eager"):
             raise ValueError(f"mode must be 'auto', 'graph', 'step-graphs' or 'eager', got {mode!r}")
         self.unet, self.controlnet, self.mode = unet, controlnet, mode
-        self.cuda = cuda or unet.cuda
+        self.cuda = cuda or getattr(unet, "cuda", TORCH_CUDA)
         self._graphs: OrderedDict = OrderedDict()
         self._stream = None
         self.last_path = None  # which path the last run took: 'graph', 'step-graphs' or 'eager'
