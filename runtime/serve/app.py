@@ -38,7 +38,8 @@ from starlette.routing import Route
 from runtime.serve.batching import BatchQueue, DeadlineExceeded, QueueClosed, QueueFull
 from runtime.serve.inputs import Limits, pipeline_kwargs, read_fields, validate
 from runtime.serve.metrics import CONTENT_TYPE_LATEST, Metrics
-from runtime.serve.schemas import FORMATS, REQUEST_MODELS, BadRequest, GenerateResponse, ImageOut
+from runtime.serve.schemas import (FORMATS, MAX_MESSAGE_CHARS, REQUEST_MODELS, BadRequest, GenerateResponse, ImageOut,
+                                   shorten)
 from runtime.serve.served import ServedPipeline
 
 log = logging.getLogger("runtime.serve")
@@ -80,6 +81,8 @@ class ServerState:
 
 
 def _error(status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
+    """The JSON error body; its message at most MAX_MESSAGE_CHARS, whatever of the request it quotes."""
+    message = shorten(message, MAX_MESSAGE_CHARS)
     return JSONResponse({"error": {"status": status, "kind": kind, "message": message}}, status, headers=headers)
 
 

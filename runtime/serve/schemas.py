@@ -18,6 +18,9 @@ from runtime.schedulers import SCHEDULERS
 PIPELINES = ("instantid", "ip-adapter", "ip-adapter-plus")
 FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 SIDE_MULTIPLE = 64
+MAX_MESSAGE_CHARS = 2000  # an error message, whatever of the request it quotes
+NUMBER_FIELDS = ("steps", "guidance", "ip_scale", "seed", "width", "height", "num_images", "quality", "timeout_s",
+                 "controlnet_scale", "face_index")
 
 Scheduler = Literal[SCHEDULERS]  # type: ignore[valid-type]
 
@@ -26,20 +29,33 @@ class BadRequest(ValueError):
     """A request the client must fix; `status` is the HTTP status, `kind` the metrics label."""
 
     def __init__(self, message: str, status: int = 422, kind: str = "invalid_request"):
-        super().__init__(message)
+        super().__init__(shorten(message, MAX_MESSAGE_CHARS))
         self.status = status
         self.kind = kind
 
 
+def shorten(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    kept = max(0, limit - 48)
+    return f"{text[:kept]}... ({len(text) - kept:,} more characters)"
+
+
 def decode_base64(text: str, field: str) -> bytes:
-    """Standard or URL-safe base64 (a `data:image/...;base64,` prefix is allowed) -> bytes."""
+    """Standard or URL-safe base64 (a `data:image/...;base64,` prefix is allowed; line breaks and
+    spaces, as `base64` wraps it at 76 characters, are ignored) -> bytes."""
     if text.startswith("data:"):
         text = text.partition(",")[2]
     try:
-        return base64.b64decode(text.replace("-", "+").replace("_", "/"), validate=True)
+        text = text.translate(_BASE64_CLEANUP)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise BadRequest(f"{field} is not valid base64: send the file's bytes base64-encoded "
                          "(base64.b64encode(open(path, 'rb').read()).decode())", 400, "bad_base64") from None
+
+
+_BASE64_CLEANUP = str.maketrans({"-": "+", "_": "/", "\n": None, "\r": None, " ": None, "\t": None})
 
 
 class GenerateParams(BaseModel):
@@ -64,6 +80,12 @@ class GenerateParams(BaseModel):
     output: Literal["image", "json"] = Field(
         "image", description="'image': the encoded image as the body (num_images=1); 'json': base64 images")
     timeout_s: Optional[float] = Field(None, gt=0, description="give up (504) after this long; <= server limit")
+
+    @field_validator(*(name for name in NUMBER_FIELDS if name not in ("controlnet_scale", "face_index")),
+                     mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value):
+        return no_booleans(value)
 
     @field_validator("width", "height")
     @classmethod
@@ -98,6 +120,19 @@ class InstantIDRequest(GenerateParams):
     pose_image: Optional[str] = Field(None, description="optional second photo that sets the pose")
     controlnet_scale: float = Field(0.8, ge=0.0, le=4.0)
     face_index: Optional[int] = Field(None, ge=0, description="which face, largest first; default the largest")
+
+    @field_validator("controlnet_scale", "face_index", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value):
+        return no_booleans(value)
+
+
+def no_booleans(value):
+    """A number field's raw value, refused when it is (or holds) a JSON true/false: pydantic would
+    read true as 1, so `"steps": true` would run one step instead of saying what is wrong."""
+    if isinstance(value, bool) or (isinstance(value, list) and any(isinstance(v, bool) for v in value)):
+        raise ValueError("must be a number, not true/false")
+    return value
 
 
 class IPAdapterRequest(GenerateParams):
@@ -141,12 +176,12 @@ def format_validation_errors(errors: list[dict]) -> str:
     parts, seen = [], set()
     for error in errors:
         loc = error.get("loc", ())
-        where = str(loc[0]) if loc else "body"
+        where = shorten(str(loc[0]), 64) if loc else "body"  # an unknown field's name is the client's text
         if where in seen:  # a union field reports once per member type: keep the first
             continue
         seen.add(where)
         if error.get("type") == "extra_forbidden":
             parts.append(f"{where}: unknown field (see GET /v1/schema for the accepted fields)")
         else:
-            parts.append(f"{where}: {error.get('msg', 'invalid')}")
-    return "; ".join(parts)
+            parts.append(f"{where}: {shorten(error.get('msg', 'invalid'), 300)}")
+    return shorten("; ".join(parts), MAX_MESSAGE_CHARS)
