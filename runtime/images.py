@@ -19,6 +19,12 @@ from PIL import Image, ImageOps
 MAX_PIXELS = 50_000_000
 """Default refusal limit (width × height): 50 MP, e.g. 8660 × 5773. Far above any useful
 face photo (InstantID works at ~1.3 MP) and far below what exhausts memory when decoded."""
+MAX_SIDE = 16384
+"""Default refusal limit for either side (px): about WebP's own maximum (16,383), twice an 8K photo's long side."""
+MAX_ASPECT_RATIO = 20.0
+"""Default refusal limit for long side / short side: InstantID's resize keeps a side of 64 px up to
+20:1 (1280 / 64), and every resize of a photo (CLIP's shortest-edge 224, InstantID's) allocates
+in proportion to it, so a 100000 x 1 strip is refused before anything is scaled."""
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
@@ -27,7 +33,8 @@ class ImageError(ValueError):
     """A photo could not be used; the message says why and what to do."""
 
 
-def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE,
+               max_aspect: float = MAX_ASPECT_RATIO) -> np.ndarray:
     """Load a photo as an RGB array.
 
     source: a file path (str / PathLike), the encoded file bytes, a PIL image, or an
@@ -35,20 +42,23 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     max_pixels: refuse images with more than this many pixels (width × height), checked
         from the header before the pixels are decoded (decompression-bomb guard). PIL's own
         hard limit (2 x PIL.Image.MAX_IMAGE_PIXELS, ~179 MP) applies on top of it.
+    max_side, max_aspect: refuse a side longer than max_side px, or long side / short side above
+        max_aspect, checked at the same point (a 92-byte PNG can declare 100000 x 1 pixels).
     Returns: (H, W, 3) uint8 RGB, C-contiguous, EXIF orientation applied.
     Raises ImageError for a missing/empty/corrupt/truncated/non-image file, an image above
-    max_pixels, or an array of the wrong dtype or shape.
+    max_pixels / max_side / max_aspect, or an array of the wrong dtype or shape.
     """
+    bounds = (max_pixels, max_side, max_aspect)
     if isinstance(source, np.ndarray):
-        return _from_array(source, max_pixels)
+        return _from_array(source, bounds)
     if isinstance(source, Image.Image):
-        _check_pixels(source.width, source.height, max_pixels, "the image")
+        _check_pixels(source.width, source.height, bounds, "the image")
         return _from_pil(source, "the image")
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if not data:
             raise ImageError("the image bytes are empty (0 bytes): pass the full contents of a JPEG/PNG/WebP file")
-        return _decode(io.BytesIO(data), "the image data", max_pixels)
+        return _decode(io.BytesIO(data), "the image data", bounds)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
@@ -58,14 +68,16 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         if path.stat().st_size == 0:
             raise ImageError(f"image file is empty (0 bytes): {path}: the upload or copy failed, use the original file")
         with open(path, "rb") as stream:
-            return _decode(stream, str(path), max_pixels)
+            return _decode(stream, str(path), bounds)
     raise ImageError(
         f"cannot load an image from {type(source).__name__}: pass a file path, the file's bytes, "
         "a PIL.Image, or an (H, W, 3) uint8 RGB numpy array"
     )
 
 
-def _check_pixels(width: int, height: int, max_pixels: int, what: str) -> None:
+def _check_pixels(width: int, height: int, bounds: tuple[int, int, float], what: str) -> None:
+    """ImageError unless width x height is within bounds = (max_pixels, max_side, max_aspect)."""
+    max_pixels, max_side, max_aspect = bounds
     if width * height > max_pixels:
         raise ImageError(
             f"{what} is too large: {width}x{height} = {width * height:,} pixels, the limit is "
@@ -74,9 +86,16 @@ def _check_pixels(width: int, height: int, max_pixels: int, what: str) -> None:
         )
     if width == 0 or height == 0:
         raise ImageError(f"{what} has no pixels ({width}x{height}): use a real photo")
+    long, short = max(width, height), min(width, height)
+    if long > max_aspect * short:
+        raise ImageError(f"{what} is {width}x{height}, an aspect ratio of {long / short:,.0f}:1, the limit is "
+                         f"{max_aspect:g}:1: crop it to the part that matters")
+    if long > max_side:
+        raise ImageError(f"{what} is {width}x{height}, a side over the limit of {max_side:,} px: downscale it first "
+                         "(a face photo needs no more than a few megapixels)")
 
 
-def _decode(stream: io.IOBase, what: str, max_pixels: int) -> np.ndarray:
+def _decode(stream: io.IOBase, what: str, bounds: tuple[int, int, float]) -> np.ndarray:
     """Open lazily (header only), check the size, then decode fully."""
     with warnings.catch_warnings():
         # PIL warns above its own limit; the explicit check below decides instead.
@@ -95,7 +114,7 @@ def _decode(stream: io.IOBase, what: str, max_pixels: int) -> np.ndarray:
             ) from None
         except OSError as error:
             raise ImageError(f"{what} could not be read ({error}): re-export the photo as JPEG or PNG") from None
-        _check_pixels(image.width, image.height, max_pixels, what)
+        _check_pixels(image.width, image.height, bounds, what)
         try:
             image.load()
         except (OSError, SyntaxError, ValueError, EOFError) as error:
@@ -121,7 +140,7 @@ def _from_pil(image: Image.Image, what: str) -> np.ndarray:
     return np.ascontiguousarray(rgb)
 
 
-def _from_array(array: np.ndarray, max_pixels: int) -> np.ndarray:
+def _from_array(array: np.ndarray, bounds: tuple[int, int, float]) -> np.ndarray:
     if array.dtype != np.uint8:
         hint = (
             "(array * 255).round().clip(0, 255).astype(np.uint8) for values in [0, 1]"
@@ -140,7 +159,7 @@ def _from_array(array: np.ndarray, max_pixels: int) -> np.ndarray:
             f"image array has shape {array.shape}, expected (H, W, 3) RGB, (H, W, 4) RGBA or (H, W) grey: "
             "for a CHW tensor use array.transpose(1, 2, 0); for a batch pass one image"
         )
-    _check_pixels(array.shape[1], array.shape[0], max_pixels, "the image array")
+    _check_pixels(array.shape[1], array.shape[0], bounds, "the image array")
     return np.ascontiguousarray(array)
 
 
