@@ -33,7 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="on SIGTERM, how long the running batch may take to finish (queued requests get 503)")
     parser.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit (413 beyond)")
     parser.add_argument("--max-image-pixels", type=int, default=25_000_000, help="input photo limit (413 beyond)")
-    parser.add_argument("--max-side", type=int, default=2048, help="largest output side served (422 beyond)")
+    parser.add_argument("--max-side", type=int, default=None,
+                        help="largest output side served (422 beyond); default: the least of 2048, the engines' "
+                        "profile and (ONNX Runtime) what --memory-gb holds for one image")
+    parser.add_argument("--max-cost", type=float, default=200.0,
+                        help="largest request cost in megapixel-steps: width x height / 1024^2 x steps x num_images "
+                        "(422 beyond; 200 = 50 steps of four 1024x1024 images)")
+    parser.add_argument("--memory-gb", type=float, default=None,
+                        help="ONNX Runtime: memory a run may use for its attention (422 for sizes that need more); "
+                        "default: found at start-up (MemAvailable, cgroup, rlimits) less the weights")
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--warmup-size", type=int, default=None, help="default: the model's resolution")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
@@ -53,7 +61,7 @@ def serve(args: argparse.Namespace) -> int:
     """Build the app from parsed flags and run uvicorn until interrupted (SIGTERM: queued requests
     503, the running batch finishes). Returns 1 when the pipelines fail to load or warm up."""
     from runtime.serve.app import ServeConfig, create_app
-    from runtime.serve.inputs import Limits
+    from runtime.serve.capacity import limits_for
     from runtime.serve.served import load_pipelines
     from runtime.serve.server import build_server
 
@@ -62,8 +70,9 @@ def serve(args: argparse.Namespace) -> int:
               f"python -m export.build --model tiny --stage onnx --out {args.build}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels,
-                    max_side=args.max_side)
+    limits = limits_for(args.build, args.backend, [n for n in args.pipelines.split(",") if n], args.max_side,
+                        args.memory_gb, args.max_batch, max_body_bytes=int(args.max_body_mb * 2**20),
+                        max_image_pixels=args.max_image_pixels, max_cost=args.max_cost)
     config = ServeConfig(max_queue=args.max_queue, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                          timeout_s=args.timeout_s, limits=limits, body_timeout_s=args.body_timeout_s,
                          private_paths=(str(args.build), str(args.build.resolve())))

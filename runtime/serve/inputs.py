@@ -2,12 +2,15 @@
 
 Everything here raises `BadRequest(message, status, kind)`; the app turns it into the JSON error.
 Images are decoded here (on a request thread, not the GPU worker), with the pixel count checked
-from the header before decoding (413), and corrupt or truncated files refused (422).
+from the header before decoding (413), sides and aspect ratio too (422), and corrupt or truncated
+files refused (422). A request's output size, cost (megapixel-steps) and, on ONNX Runtime, the
+memory its attention needs are checked before its photos are decoded when it gives its size.
 """
 from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -17,20 +20,38 @@ from PIL import Image
 from pydantic import ValidationError
 from starlette.requests import Request
 
-from runtime.images import ImageError, instantid_size, load_image, model_size
+from runtime.images import MAX_ASPECT_RATIO, MAX_SIDE, ImageError, instantid_size, load_image, model_size
+from runtime.serve.capacity import attention_bytes, largest_square
 from runtime.serve.schemas import (IMAGE_FIELDS, REQUEST_MODELS, BadRequest, GenerateParams, decode_base64,
-                                   format_validation_errors)
+                                   format_validation_errors, shorten)
 from runtime.serve.served import DEFAULT_IP_SCALE
+
+MAX_JSON_SEPARATORS = 50_000  # '[', '{', ',' and ':' in a JSON body: a request has a few hundred at most
+MEGAPIXEL = 2**20  # cost unit: one 1024 x 1024 image for one step
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-request limits. max_side: the served size profile (both sides, pixels)."""
+    """Per-request limits (`python -m runtime serve` derives them with `capacity.limits_for`).
+
+    max_body_bytes: the body (413). max_image_pixels (413), max_image_side, max_image_aspect (422):
+        each input photo, from its header before decoding.
+    max_side, min_side: output side (px, 422 size_out_of_profile); max_side_source: what set max_side.
+    max_cost: width x height / 2^20 x steps x num_images, in megapixel-steps (422 over_budget).
+    memory_bytes: what one request's run may use for ONNX Runtime's attention (422 over_memory;
+        None: not checked, e.g. TensorRT), with attention_heads at latent/2 (`capacity`).
+    """
 
     max_body_bytes: int = 20 * 2**20
     max_image_pixels: int = 25_000_000
+    max_image_side: int = MAX_SIDE
+    max_image_aspect: float = MAX_ASPECT_RATIO
     max_side: int = 2048
     min_side: int = 64
+    max_side_source: str = "--max-side"
+    max_cost: float = 200.0
+    memory_bytes: int | None = None
+    attention_heads: int = 10
 
 
 def parse_fields(content_type: str, body: bytes, form: dict[str, Any] | None) -> dict[str, Any]:
@@ -39,10 +60,22 @@ def parse_fields(content_type: str, body: bytes, form: dict[str, Any] | None) ->
     Multipart file parts arrive as bytes; the caller parsed the form (it needs the ASGI stream).
     """
     if content_type == "application/json":
+        separators = sum(body.count(char) for char in (b"[", b"{", b",", b":"))
+        if separators > MAX_JSON_SEPARATORS:
+            raise BadRequest(f"the JSON body has {separators:,} '[', '{{', ',' and ':', the limit is "
+                             f"{MAX_JSON_SEPARATORS:,}: send one object of the request's fields (images as base64 "
+                             "strings)", 400, "bad_json")
         try:
-            fields = json.loads(body, parse_constant=_reject_constant)
+            fields = json.loads(body, parse_constant=_reject_constant, object_pairs_hook=_object)
+        except DuplicateField as error:
+            raise BadRequest(f"field {shorten(repr(error.args[0]), 80)} is given twice: send each field once", 400,
+                             "duplicate_field") from None
+        except RecursionError:
+            raise BadRequest("the JSON body is nested too deeply (hundreds of levels): send one object whose "
+                             "values are strings, numbers or one list of numbers", 400, "bad_json") from None
         except (ValueError, UnicodeDecodeError) as error:
-            raise BadRequest(f"the body is not valid JSON ({error}): send one JSON object", 400, "bad_json") from None
+            raise BadRequest(f"the body is not valid JSON ({shorten(str(error), 200)}): send one JSON object", 400,
+                             "bad_json") from None
         if not isinstance(fields, dict):
             raise BadRequest("the JSON body must be an object of fields, e.g. {\"prompt\": ..., \"image\": ...}",
                              400, "bad_json")
@@ -55,6 +88,19 @@ def parse_fields(content_type: str, body: bytes, form: dict[str, Any] | None) ->
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not a number: every value must be finite")
+
+
+class DuplicateField(ValueError):
+    """A JSON object names one key twice (json.loads would keep the last silently)."""
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in fields:
+            raise DuplicateField(key)
+        fields[key] = value
+    return fields
 
 
 def validate(pipeline: str, fields: dict[str, Any]) -> tuple[GenerateParams, dict[str, bytes]]:
@@ -83,26 +129,56 @@ def validate(pipeline: str, fields: dict[str, Any]) -> tuple[GenerateParams, dic
 
 
 def decode_image(data: bytes, field: str, limits: Limits) -> np.ndarray:
-    """Encoded bytes -> (H, W, 3) uint8 RGB. 413 above limits.max_image_pixels, 422 if unreadable."""
+    """Encoded bytes -> (H, W, 3) uint8 RGB. 413 above limits.max_image_pixels; 422 beyond
+    max_image_side / max_image_aspect or if unreadable (all from the header, before decoding)."""
     if not data:
         raise BadRequest(f"{field} is empty (0 bytes): send the whole file", 422, "bad_image")
+    size, pixels = "", 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             with Image.open(io.BytesIO(data)) as header:
                 width, height = header.size
-        except Image.DecompressionBombError:
-            width = height = limits.max_image_pixels  # PIL's own limit is far above ours
+                size, pixels = f"{width}x{height} = ", width * height
+        except Image.DecompressionBombError as error:  # PIL's own limit, far above ours: its message has the count
+            found = re.search(r"\((\d+) pixels\)", str(error))
+            size, pixels = ("", int(found.group(1))) if found else ("over ", 2 * Image.MAX_IMAGE_PIXELS)
         except (OSError, ValueError):
-            width = height = 0  # load_image below says what is wrong
-    if width * height > limits.max_image_pixels:
-        raise BadRequest(f"{field} has {width}x{height} = {width * height:,} pixels, the limit is "
-                         f"{limits.max_image_pixels:,}: downscale it (a face photo needs a few megapixels at most)",
-                         413, "image_too_large")
+            pass  # load_image below says what is wrong
+    if pixels > limits.max_image_pixels:
+        raise BadRequest(f"{field} has {size}{pixels:,} pixels, the limit is {limits.max_image_pixels:,}: downscale "
+                         "it (a face photo needs a few megapixels at most)", 413, "image_too_large")
     try:
-        return load_image(data, max_pixels=limits.max_image_pixels)
+        return load_image(data, max_pixels=limits.max_image_pixels, max_side=limits.max_image_side,
+                          max_aspect=limits.max_image_aspect)
     except ImageError as error:
         raise BadRequest(f"{field}: {error}", 422, "bad_image") from None
+
+
+def check_size(width: int, height: int, request: GenerateParams, limits: Limits) -> None:
+    """The output size against the served sides, the cost budget and (ONNX Runtime) the memory its
+    attention needs; raises BadRequest (422) saying the limit, the request's figure, what to lower."""
+    given = "" if request.width is not None else " (give width and height)"
+    if not (limits.min_side <= width <= limits.max_side and limits.min_side <= height <= limits.max_side):
+        raise BadRequest(f"{width}x{height} is outside the served sizes ({limits.min_side}..{limits.max_side} px per "
+                         f"side, set by {limits.max_side_source}): ask for a size inside it{given}",
+                         422, "size_out_of_profile")
+    cost = width * height / MEGAPIXEL * request.steps * request.num_images
+    if cost > limits.max_cost:
+        raise BadRequest(f"this request costs {width}x{height} px x {request.steps} steps x {request.num_images} "
+                         f"image(s) = {cost:,.1f} megapixel-steps (1 MP = 1024x1024 px), the limit is "
+                         f"{limits.max_cost:g} (--max-cost): lower steps, num_images or width/height{given}",
+                         422, "over_budget")
+    if limits.memory_bytes is None:
+        return
+    rows = request.num_images * (2 if request.guidance > 1.0 else 1)
+    need = attention_bytes(width, height, rows, limits.attention_heads)
+    if need > limits.memory_bytes:
+        side = largest_square(limits.memory_bytes, rows, limits.attention_heads)
+        raise BadRequest(f"{width}x{height} with {request.num_images} image(s) needs about {need / 2**30:.1f} GiB "
+                         f"for ONNX Runtime's attention, this server has {limits.memory_bytes / 2**30:.1f} GiB per "
+                         f"request: ask for at most {side}x{side} px at {request.num_images} image(s) (the need grows "
+                         f"with (width x height)^2), or fewer images{given}", 422, "over_memory")
 
 
 def pipeline_kwargs(pipeline: str, request: GenerateParams, images: dict[str, bytes], limits: Limits,
@@ -114,9 +190,13 @@ def pipeline_kwargs(pipeline: str, request: GenerateParams, images: dict[str, by
     output is the pose photo's (else the face photo's) InstantID size at the model's `resolution`.
     A photo too elongated for InstantID's resize is refused here (422).
     """
+    width, height = request.width, request.height
+    if width is None and default_size is not None:
+        width = height = default_size
+    if width is not None:  # known before decoding: refused before any photo is decoded
+        check_size(width, height, request, limits)
     rgb = decode_image(images["image"], "image", limits)
     pose = decode_image(images["pose_image"], "pose_image", limits) if "pose_image" in images else None
-    width, height = request.width, request.height
     if default_size is None:  # InstantID: every photo must survive the detection resize
         try:
             for photo in (rgb, pose) if pose is not None else (rgb,):
@@ -126,13 +206,8 @@ def pipeline_kwargs(pipeline: str, request: GenerateParams, images: dict[str, by
                 width, height = model_size(source.shape[1], source.shape[0], resolution)
         except ImageError as error:
             raise BadRequest(str(error), 422, "bad_image") from None
-    elif width is None:
-        width = height = default_size
-    if not (limits.min_side <= width <= limits.max_side and limits.min_side <= height <= limits.max_side):
-        raise BadRequest(f"{width}x{height} is outside the served profile ({limits.min_side}..{limits.max_side} px "
-                         "per side): ask for a size inside it" + (" (give width and height)" if
-                                                                  request.width is None else ""),
-                         422, "size_out_of_profile")
+        if request.width is None:
+            check_size(width, height, request, limits)
     ip_scale = request.ip_scale if request.ip_scale is not None else DEFAULT_IP_SCALE[pipeline]
     kwargs: dict[str, Any] = dict(image=rgb, prompt=request.prompt, negative_prompt=request.negative_prompt,
                                   steps=request.steps, guidance=request.guidance, ip_scale=ip_scale,
@@ -158,8 +233,9 @@ async def read_fields(request: Request, limits: Limits) -> dict:
     async for chunk in request.stream():
         size += len(chunk)
         if size > limits.max_body_bytes:
-            raise BadRequest(f"the body is over the limit of {limits.max_body_bytes:,} bytes: send a smaller "
-                             "(downscaled, JPEG) photo", 413, "body_too_large")
+            raise BadRequest(f"the body is over the limit: {size:,} bytes received so far, the limit is "
+                             f"{limits.max_body_bytes:,}: send a smaller (downscaled, JPEG) photo", 413,
+                             "body_too_large")
         chunks.append(chunk)
     body = b"".join(chunks)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -194,7 +270,8 @@ async def parse_form(request: Request, body: bytes, limits: Limits) -> dict:
     fields: dict = {}
     for key, value in form.multi_items():
         if key in fields:
-            raise BadRequest(f"field {key!r} is given twice: send each field once", 422, "invalid_request")
+            raise BadRequest(f"field {shorten(repr(key), 80)} is given twice: send each field once", 400,
+                             "duplicate_field")
         fields[key] = await value.read() if isinstance(value, UploadFile) else value
     await form.close()
     return fields

@@ -1,0 +1,154 @@
+"""What output sizes a server can run: the build's engine profiles, and on ONNX Runtime's CPU the
+memory its attention needs.
+
+ONNX Runtime runs the exported attention as MatMul -> Softmax -> MatMul, so it holds the scores of
+the largest self-attention — the UNet's (and ControlNet's) block at latent/2, N = (H/16)·(W/16)
+tokens — as rows × heads × N² float32 values, several times over. Measured on the tiny build
+(peak RSS growth of one run over the size of one score tensor, 512² to 1024², 1 step):
+6.2–6.6×. So a run at W×H with `rows` UNet rows (2 per image with CFG) needs about
+
+    ATTENTION_PEAK_FACTOR · rows · heads · N² · 4 bytes        (SDXL 1024², CFG: ≈ 8.7 GB)
+
+and the server refuses (422) what the memory it found at start-up cannot hold, instead of dying
+mid-run. TensorRT's fused attention never holds the scores: there the engine profile bounds the size.
+"""
+from __future__ import annotations
+
+import math
+import os
+import resource
+from pathlib import Path
+
+ATTENTION_HEADS = {"sdxl": 10, "tiny": 4}  # heads of the largest self-attention (block 1, latent/2)
+ATTENTION_PEAK_FACTOR = 6.5  # peak memory per byte of one score tensor (measured, see above)
+RUNTIME_BYTES = 2 * 2**30  # libraries, arenas, thread stacks, activations beside the weights and scores
+SIDE_MULTIPLE = 64
+
+
+def attention_bytes(width: int, height: int, rows: int, heads: int) -> int:
+    """Estimated peak memory (bytes) of one ONNX Runtime CPU run at width x height px with `rows`
+    UNet rows (num_images, x2 with guidance > 1) and `heads` attention heads at latent/2."""
+    tokens = (width // 16) * (height // 16)
+    return int(ATTENTION_PEAK_FACTOR * rows * heads * tokens * tokens * 4)
+
+
+def largest_square(memory_bytes: int, rows: int, heads: int) -> int:
+    """The largest side (a multiple of 64, at least 64) whose square run fits `memory_bytes`."""
+    tokens = math.sqrt(max(memory_bytes, 0) / (ATTENTION_PEAK_FACTOR * rows * heads * 4))
+    return max(SIDE_MULTIPLE, int(16 * math.sqrt(tokens)) // SIDE_MULTIPLE * SIDE_MULTIPLE)
+
+
+def free_memory() -> tuple[int, str]:
+    """(bytes this process can still allocate, what sets it): the least of /proc/meminfo's
+    MemAvailable, the cgroup's limit minus its usage, and RLIMIT_AS / RLIMIT_DATA minus this
+    process's VmSize / VmData."""
+    found: list[tuple[int, str]] = []
+    meminfo = _read_fields("/proc/meminfo")
+    if "MemAvailable" in meminfo:
+        found.append((meminfo["MemAvailable"], "the machine's available memory (MemAvailable)"))
+    cgroup = _cgroup_free()
+    if cgroup is not None:
+        found.append((cgroup, "the cgroup memory limit"))
+    status = _read_fields("/proc/self/status")
+    for limit, field, name in ((resource.RLIMIT_AS, "VmSize", "RLIMIT_AS"), (resource.RLIMIT_DATA, "VmData",
+                                                                             "RLIMIT_DATA")):
+        soft = resource.getrlimit(limit)[0]
+        if soft != resource.RLIM_INFINITY and field in status:
+            found.append((soft - status[field], f"the process limit {name}"))
+    return min(found) if found else (2**62, "nothing (no limit found)")
+
+
+def _read_fields(path: str) -> dict[str, int]:
+    """'Name:   123 kB' lines -> {name: bytes}."""
+    fields = {}
+    try:
+        for line in Path(path).read_text().splitlines():
+            name, _, value = line.partition(":")
+            parts = value.split()
+            if parts and parts[0].isdigit():
+                fields[name] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    except OSError:
+        pass
+    return fields
+
+
+def _cgroup_free() -> int | None:
+    """The cgroup's memory limit minus its usage (v2, else v1), or None without a limit."""
+    try:
+        relative = next((line.split("::", 1)[1] for line in Path("/proc/self/cgroup").read_text().splitlines()
+                         if line.startswith("0::")), "/")
+    except OSError:
+        relative = "/"
+    candidates = [(Path("/sys/fs/cgroup") / relative.lstrip("/"), "memory.max", "memory.current"),
+                  (Path("/sys/fs/cgroup"), "memory.max", "memory.current"),
+                  (Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes", "memory.usage_in_bytes")]
+    for folder, limit_file, usage_file in candidates:
+        try:
+            limit = (folder / limit_file).read_text().strip()
+            usage = int((folder / usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:
+            return int(limit) - usage
+        return None
+    return None
+
+
+def engine_max_side(build_dir: str | os.PathLike, components: list[str]) -> int | None:
+    """The largest square side (px) every one of `components` has an engine for, or None when
+    none of them has an engine profile (ONNX Runtime / torch builds)."""
+    from engine.manifest import load_manifest
+
+    manifest = load_manifest(Path(build_dir))
+    factor = int(manifest.metadata.get("vae_scale_factor", 8))
+    sides = []
+    for component in components:
+        entry = manifest.components.get(component)
+        tensor = None if entry is None or entry.engine is None else next(
+            (t for t in entry.engine.inputs if t.name == "sample" and t.max is not None), None)
+        if tensor is not None:
+            sides.append(min(tensor.max[2], tensor.max[3]) * factor)
+    return min(sides) if sides else None
+
+
+def limits_for(build_dir: str | os.PathLike, backend: str, pipelines: list[str], max_side: int | None = None,
+               memory_gb: float | None = None, max_batch: int = 1, **fixed):
+    """The `Limits` of a server over `build_dir` (`python -m runtime serve` calls it at start-up).
+
+    max_side: the flag; None derives it: the least of 2048, the served engines' profile (TensorRT)
+    and, on ONNX Runtime, the largest square a request of one image with CFG can run in memory.
+    Memory (ONNX Runtime only): `memory_gb`, else `free_memory()` now, less the served components'
+    ONNX weights and RUNTIME_BYTES; each request may use 1/max_batch of it, since up to max_batch
+    requests of one size share a denoising loop. fixed: the other Limits fields (body, photo, cost).
+    """
+    from engine.manifest import load_manifest
+    from runtime.serve.inputs import Limits
+    from runtime.serve.served import BUILD_PIPELINES, available_pipelines
+
+    manifest = load_manifest(Path(build_dir))
+    names = pipelines or available_pipelines(build_dir)
+    unets = [BUILD_PIPELINES[name] for name in names if name in BUILD_PIPELINES]
+    sides = [(2048, "the default of 2048")] if max_side is None else [(max_side, "--max-side")]
+    engines = engine_max_side(build_dir, unets + (["controlnet"] if "instantid" in names else []))
+    if max_side is None and engines is not None:
+        sides.append((engines, "the build's engine profile"))
+    memory_bytes, heads = None, ATTENTION_HEADS.get(manifest.model, ATTENTION_HEADS["sdxl"])
+    if backend.strip().lower() in ("onnxruntime", "ort"):
+        if memory_gb is not None:
+            total, source = int(memory_gb * 2**30), "--memory-gb"
+        else:
+            free, source = free_memory()
+            used = {c for name in names for c in manifest.metadata.get("pipelines", {}).get(name.replace("-", "_"), [])}
+            weights = sum(manifest.components[c].onnx.size_bytes for c in used
+                          if c in manifest.components and manifest.components[c].onnx is not None)
+            total = free - weights - RUNTIME_BYTES
+        memory_bytes = max(0, total // max(1, max_batch))
+        if max_side is None:
+            sides.append((largest_square(memory_bytes, 2, heads), f"this server's memory ({_gb(memory_bytes)} "
+                          f"per request, from {source}, for ONNX Runtime's attention)"))
+    side, reason = min(sides)
+    return Limits(max_side=side, max_side_source=reason, memory_bytes=memory_bytes, attention_heads=heads, **fixed)
+
+
+def _gb(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB"
