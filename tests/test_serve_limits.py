@@ -1,7 +1,7 @@
 """The HTTP server's inputs cannot exhaust its memory or crash its parser: `python -m runtime serve` over
-the real tiny build on 127.0.0.1, in a subprocess under an address-space cap (RLIMIT_AS 5 GiB; the
-tiny server needs ~2.6 GB of address space, ~0.9 GB resident), so a regression that allocates by
-input geometry fails here with a 500 instead of taking the machine down.
+the real tiny build on 127.0.0.1, in a subprocess under a data cap (RLIMIT_DATA 5 GiB: private writable
+memory; the tiny server holds ~1.2 GB of it, ~0.6 GB resident), so a regression that allocates by
+input geometry fails here with a 500 (MemoryError) instead of taking the machine down.
 
 Each hostile input gets its status and kind; afterwards the server is healthy, still answers a valid
 request, its resident memory stayed bounded, and it runs a request at the largest size it derived
@@ -28,7 +28,7 @@ from PIL import Image
 from runtime.serve.testing import reused_build
 
 REPO = Path(__file__).resolve().parents[1]
-ADDRESS_SPACE_CAP = 5 * 2**30  # the tiny server: VmSize ~2.6 GB after warm-up and requests
+DATA_CAP = 5 * 2**30  # the tiny server: VmData ~1.2 GB after warm-up and requests
 RSS_BOUND_MB = 1000  # measured: 542 MB resident when ready, 619 MB after the hostile inputs and two generations
 MAX_BODY_MB = 1
 MAX_COST = 4.0  # megapixel-steps
@@ -75,19 +75,20 @@ def free_port() -> int:
 
 
 def capped() -> None:  # runs in the child before exec
-    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_CAP, ADDRESS_SPACE_CAP))
+    resource.setrlimit(resource.RLIMIT_DATA, (DATA_CAP, DATA_CAP))
 
 
-def vm_rss_mb(pid: int) -> float:
+def vm_mb(pid: int, field: str = "VmRSS") -> float:
+    """A /proc/<pid>/status memory figure (VmRSS: resident, VmHWM: peak resident, VmData) in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {field}")
 
 
 @pytest.fixture(scope="module")
 def server(request, tmp_path_factory):
-    """(url, pid): `python -m runtime serve` under RLIMIT_AS, max side derived from its memory."""
+    """(url, pid): `python -m runtime serve` under RLIMIT_DATA, max side derived from its memory."""
     build = reused_build() or request.getfixturevalue("tiny_build")
     port = free_port()
     log = tmp_path_factory.mktemp("limits_log") / "server.log"
@@ -170,7 +171,7 @@ def test_hostile_inputs_are_refused_and_the_server_stays_healthy_and_small(serve
     limits = httpx.get(url + "/v1/schema").json()["limits"]
     assert limits["max_cost"] == MAX_COST and limits["memory_bytes"] > 0
     assert 256 <= limits["max_side"] <= 1024 and "memory" in limits["max_side_source"], limits
-    rss_ready = vm_rss_mb(pid)
+    rss_ready = vm_mb(pid)
     rows = []
     with httpx.Client(timeout=60) as http:
         for name, pipeline, request, status, kind, texts in hostile_inputs(limits):
@@ -193,7 +194,7 @@ def test_hostile_inputs_are_refused_and_the_server_stays_healthy_and_small(serve
         assert http.get(url + "/healthz").status_code == 200 and http.get(url + "/readyz").status_code == 200
         face = http.post(url + "/v1/instantid", json=face_json(width=256, height=256, steps=2))
         assert face.status_code == 200, face.text
-        rss = vm_rss_mb(pid)
+        rss = vm_mb(pid)
         print(f"\nserver RSS: {rss_ready:.0f} MB ready, {rss:.0f} MB after the hostile inputs and two generations\n"
               + "\n".join(rows))
         assert rss < RSS_BOUND_MB, rss
@@ -202,8 +203,8 @@ def test_hostile_inputs_are_refused_and_the_server_stays_healthy_and_small(serve
         largest = http.post(url + "/v1/ip-adapter", json=ip_json(width=side, height=side), timeout=120)
         assert largest.status_code == 200, largest.text
         assert Image.open(io.BytesIO(largest.content)).size == (side, side)
-        print(f"{side}x{side}, 1 step: 200 in {time.perf_counter() - start:.1f} s, server RSS {vm_rss_mb(pid):.0f} MB "
-              f"(cap {ADDRESS_SPACE_CAP / 2**30:.0f} GiB of address space)")
+        print(f"{side}x{side}, 1 step: 200 in {time.perf_counter() - start:.1f} s, server RSS {vm_mb(pid):.0f} MB, "
+              f"peak RSS {vm_mb(pid, 'VmHWM'):.0f} MB, VmData {vm_mb(pid, 'VmData'):.0f} MB (cap {DATA_CAP / 2**20:.0f} MB)")
         assert http.get(url + "/healthz").status_code == 200
 
 
