@@ -331,3 +331,13 @@ def test_sigterm_answers_the_queue_503_and_finishes_the_running_request(build, t
     assert answers["running"].status_code == 200, answers["running"].text
     for name in ("queued 1", "queued 2"):
         assert answers[name].status_code == 503 and answers[name].json()["error"]["kind"] == "shutting_down"
+
+
+def test_public_messages_hide_server_paths_but_keep_routes():
+    from runtime.serve.app import public_message
+
+    assert public_message("cannot open /srv/models/build/onnx/unet.onnx: check it", ("/srv/models/build",)) == \
+        "cannot open <build>/onnx/unet.onnx: check it"
+    assert public_message("no such file /home/ops/.cache/x/face.onnx") == "no such file face.onnx"
+    assert public_message("unknown field 'foo': see GET /v1/schema; probe /readyz") == \
+        "unknown field 'foo': see GET /v1/schema; probe /readyz"

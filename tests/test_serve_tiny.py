@@ -271,3 +271,20 @@ def test_pipelines_of_one_build_share_their_common_sessions(serve_build):
     assert pipes[1].image_encoder is pipes[2].image_encoder and pipes[1].unet is not pipes[2].unet
     image = pipes[2](skimage.data.chelsea(), "a cat", steps=1, width=128, height=128)[0]
     assert image.size == (128, 128)
+
+
+@pytest.mark.parametrize("captures, expected", [(False, 2), (True, 30)], ids=["eager", "cuda-graph"])
+def test_warm_up_runs_the_served_step_count_where_the_loop_is_captured(serve_build, monkeypatch, captures, expected):
+    """A captured loop is one CUDA graph per step count and size: warming up at the requests' default
+    (30 steps) makes the first such request replay; an eager loop needs only every stage run once."""
+    from runtime.loop import DenoiseLoop
+    from runtime.serve import served
+
+    monkeypatch.setattr(DenoiseLoop, "can_capture", property(lambda self: captures))
+    seen = []
+    monkeypatch.setattr(served, "_ip_adapter_warmup", lambda pipe, size, steps: seen.append((size, steps)))
+    served.load_pipelines(serve_build, "onnxruntime", ["ip-adapter"], threads=1)
+    assert served.served_steps() == 30 and seen == [(seen[0][0], expected)]
+    seen.clear()
+    served.load_pipelines(serve_build, "onnxruntime", ["ip-adapter"], warmup_steps=5, warmup_size=128, threads=1)
+    assert seen == [(128, 5)]

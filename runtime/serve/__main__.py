@@ -42,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--memory-gb", type=float, default=None,
                         help="ONNX Runtime: memory a run may use for its attention (422 for sizes that need more); "
                         "default: found at start-up (MemAvailable, cgroup, rlimits) less the weights")
-    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="steps of the warm-up generation (default: the requests' default, 30, where the loop "
+                        "is captured in a CUDA graph, so the first request replays it; else 2)")
     parser.add_argument("--warmup-size", type=int, default=None, help="default: the model's resolution")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     parser.add_argument("--trust-torch-programs", action="store_true",

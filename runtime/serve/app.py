@@ -94,6 +94,7 @@ class BodyTimeout(TimeoutError):
     """The request body did not arrive within body_timeout_s: answered 408."""
 
 
+_ROUTES = ("/v1/", "/healthz", "/readyz", "/metrics")
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/<>-])/(?:[^\s/'\"`:,;()\[\]{}<>]+/)*([^\s/'\"`:,;()\[\]{}<>]*)")
 
 
@@ -102,7 +103,13 @@ def public_message(message: str, private_paths: tuple[str, ...] = ()) -> str:
     any other absolute path its last component ('/srv/build/onnx/x.onnx' -> 'x.onnx')."""
     for path in sorted((p for p in private_paths if p), key=len, reverse=True):
         message = message.replace(path, "<build>")
-    return _ABSOLUTE_PATH.sub(lambda match: match.group(1) or ("/" if match.group(0) == "/" else "<path>"), message)
+
+    def public(match: re.Match) -> str:
+        text = match.group(0)
+        if text.startswith(_ROUTES):  # the server's own routes ('see GET /v1/schema') are not paths
+            return text
+        return match.group(1) or ("/" if text == "/" else "<path>")
+    return _ABSOLUTE_PATH.sub(public, message)
 
 
 def classify(error: BaseException) -> tuple[int, str, str]:

@@ -36,7 +36,7 @@ class PipelineDeployment:
     (POST /v1/<pipeline>, GET /healthz, /readyz)."""
 
     def __init__(self, build: str, backend: str = "onnxruntime", pipelines: tuple[str, ...] = (),
-                 limits: Limits | None = None, warmup_steps: int = 2, warmup_size: int | None = None,
+                 limits: Limits | None = None, warmup_steps: int | None = None, warmup_size: int | None = None,
                  threads: int | None = None, max_batch: int = 4, batch_wait_ms: float = 5.0):
         self.run_batch.set_max_batch_size(max_batch)
         self.run_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
@@ -118,7 +118,7 @@ def build_app(args: dict[str, Any]):
     pipelines = tuple(n for n in str(args.get("pipelines", "")).split(",") if n)
     deployment = PipelineDeployment.options(**options)
     app = deployment.bind(str(args["build"]), args.get("backend", "onnxruntime"), pipelines, limits,
-                          int(args.get("warmup_steps", 2)), _int(args.get("warmup_size")), _int(args.get("threads")),
+                          _int(args.get("warmup_steps")), _int(args.get("warmup_size")), _int(args.get("threads")),
                           max_batch, float(args.get("batch_wait_ms", 5.0)))
     return app
 

@@ -26,6 +26,7 @@ BUILD_PIPELINES = {  # served name -> the build's UNet component
     "ip-adapter": "unet_ip_adapter",
     "ip-adapter-plus": "unet_ip_adapter_plus",
 }
+WARMUP_STEPS_EAGER = 2  # nothing is captured: two steps run every stage once
 DEFAULT_IP_SCALE = {"instantid": 0.8, "ip-adapter": 0.6, "ip-adapter-plus": 0.6}
 SHARED_COMPONENTS = ("text_encoder", "text_encoder_2", "vae_decoder", "image_encoder")  # same graph in every pipeline
 
@@ -125,6 +126,13 @@ def _ip_adapter_warmup(pipe, size: int, steps: int) -> Callable[[], None]:
     return warmup
 
 
+def served_steps() -> int:
+    """The step count of a request that does not say (the request schema's default)."""
+    from runtime.serve.schemas import GenerateParams
+
+    return int(GenerateParams.model_fields["steps"].default)
+
+
 def available_pipelines(build_dir: str | os.PathLike) -> list[str]:
     """Served names whose UNet the build's manifest.json lists."""
     from engine.manifest import load_manifest
@@ -134,12 +142,15 @@ def available_pipelines(build_dir: str | os.PathLike) -> list[str]:
 
 
 def load_pipelines(build_dir: str | os.PathLike, backend: str = "onnxruntime", names: Sequence[str] = (),
-                   warmup_steps: int = 2, warmup_size: int | None = None, threads: int | None = None,
+                   warmup_steps: int | None = None, warmup_size: int | None = None, threads: int | None = None,
                    device: str | None = None, trust_programs: bool = False) -> dict[str, ServedPipeline]:
     """Open the runtime pipelines of a build (all it has, or `names`) as ServedPipelines.
 
     device: e.g. 'cuda:1' for TensorRT backends (default: the runtime's); threads: ONNX Runtime;
     trust_programs: backend 'torch' only, load the build's torch.export programs (they unpickle).
+    warmup_steps: steps of the warm-up generation; None: the requests' default step count where the
+        denoising loop captures CUDA graphs (a graph is captured per step count and size, so the first
+        request at the served settings replays instead of capturing), else WARMUP_STEPS_EAGER.
 
     Raises ValueError naming what the build has when a requested pipeline is missing.
     """
@@ -166,7 +177,8 @@ def load_pipelines(build_dir: str | os.PathLike, backend: str = "onnxruntime", n
                 shared[component] = getattr(pipe, component)
         resolution = int(pipe.assets.value("default_resolution", 1024))
         size = warmup_size or resolution
-        warm = (_instantid_warmup if name == "instantid" else _ip_adapter_warmup)(pipe, size, warmup_steps)
+        steps = warmup_steps or (served_steps() if pipe.loop.can_capture else WARMUP_STEPS_EAGER)
+        warm = (_instantid_warmup if name == "instantid" else _ip_adapter_warmup)(pipe, size, steps)
         served[name] = ServedPipeline(name, pipe, None if name == "instantid" else resolution, warm,
                                       {"backend": pipe.backend, "model": pipe.manifest.model,
                                        "default_resolution": resolution})

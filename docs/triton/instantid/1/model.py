@@ -41,7 +41,7 @@ class TritonPythonModel:
         # One pipeline per model instance, on the GPU Triton gave the instance (instance_group KIND_GPU).
         device = f"cuda:{args['model_instance_device_id']}" if backend != "onnxruntime" else None
         served = load_pipelines(params["build_dir"], backend, [self.name], device=device,
-                                warmup_steps=int(params.get("warmup_steps", 2)))
+                                warmup_steps=int(params["warmup_steps"]) if "warmup_steps" in params else None)
         self.served = served[self.name]
         self.served.warmup()
 
