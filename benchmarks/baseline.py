@@ -108,7 +108,7 @@ class SDXLBase:
     def initial_latents(self, num_images: int, height: int, width: int, generator: torch.Generator,
                         init_noise_sigma: float) -> torch.Tensor:
         """Seeded Gaussian latents (num_images, 4, H/8, W/8) drawn on the CPU, scaled by the scheduler."""
-        factor = self.spec.vae_scale_factor
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)  # the loaded VAE's, not the spec's
         if height % factor or width % factor:
             raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
         shape = (num_images, self.unet.config.in_channels, height // factor, width // factor)

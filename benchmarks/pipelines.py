@@ -9,11 +9,16 @@ from PIL import Image
 
 from benchmarks.baseline import Result, SDXLBase, default_device_dtype
 from export import loaders
+from export.sources import PIPELINE_PARTS
 from export.specs import ModelSpec, get_spec
 
 
-def _spec(model: str | ModelSpec) -> ModelSpec:
-    return get_spec(model) if isinstance(model, str) else model
+def _spec(model: str | ModelSpec, weights_dir: Path | None, random_init: bool, parts: tuple[str, ...]) -> ModelSpec:
+    """The model's spec sized from its checkpoint files (export.checkpoint_dims): only `parts` are read."""
+    from export.checkpoint_dims import checkpoint_spec
+
+    spec = get_spec(model) if isinstance(model, str) else model
+    return checkpoint_spec(spec, weights_dir, random_init, parts)
 
 
 def control_tensor(kps_image: np.ndarray) -> torch.Tensor:
@@ -28,12 +33,12 @@ class InstantIDBaseline(SDXLBase):
                  device: str | None = None, dtype: torch.dtype | None = None, face_analyzer=None,
                  vae_fp16_fix: bool = False):
         device, dtype = default_device_dtype(device, dtype)
-        spec = _spec(model)
+        spec = _spec(model, weights_dir, random_init, PIPELINE_PARTS["instantid"])
         super().__init__(spec, weights_dir, random_init, device, dtype, vae_fp16_fix)
         self.controlnet = loaders.load_controlnet(spec, weights_dir, random_init, dtype, device)
         self.resampler, ip_state = loaders.load_instantid_adapter(spec, self.unet, weights_dir, random_init,
                                                                    dtype, device)
-        self.attach_adapter(ip_state, spec.instantid_resampler.num_queries)
+        self.attach_adapter(ip_state, self.resampler.config.num_queries)
         self.face_analyzer = face_analyzer
         self._negative_tokens = None
 
@@ -41,7 +46,7 @@ class InstantIDBaseline(SDXLBase):
     def face_tokens(self, face_embedding: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw ArcFace embedding(s) (512,) or (N, 512) -> (tokens (N,16,C), negative = Resampler(0) (1,16,C))."""
         embedding = torch.as_tensor(np.asarray(face_embedding), dtype=self.dtype, device=self.device).reshape(
-            -1, 1, self.spec.face_embedding_dim)
+            -1, 1, self.resampler.config.embedding_dim)
         if self._negative_tokens is None:  # input-independent: computed once
             self._negative_tokens = self.resampler(torch.zeros_like(embedding[:1]))
         return self.resampler(embedding), self._negative_tokens
@@ -88,13 +93,14 @@ class IPAdapterBaseline(SDXLBase):
         from transformers import CLIPImageProcessor
 
         device, dtype = default_device_dtype(device, dtype)
-        spec = _spec(model)
+        spec = _spec(model, weights_dir, random_init, PIPELINE_PARTS["ip-adapter-plus" if plus else "ip-adapter"])
         super().__init__(spec, weights_dir, random_init, device, dtype, vae_fp16_fix)
         self.plus = plus
         self.image_encoder = loaders.load_image_encoder(spec, weights_dir, random_init, dtype, device)
         self.projector, ip_state = loaders.load_ip_adapter(spec, self.unet, plus, weights_dir, random_init,
                                                            dtype, device)
-        num_tokens = spec.ip_plus_resampler.num_queries if plus else spec.ip_image_proj.num_tokens
+        config = self.projector.config
+        num_tokens = config.num_queries if plus else config.num_tokens
         self.attach_adapter(ip_state, num_tokens)
         self.processor = CLIPImageProcessor()
         self._negative_tokens = None

@@ -10,7 +10,9 @@ manifest, then (optionally) build the engines.
 Writes build/<model>/onnx/<component>.onnx, build/<model>/assets/ (export.assets) and
 build/<model>/manifest.json (engine.manifest). `--model tiny` without `--weights` first writes
 the tiny checkpoints to <out>/weights and loads them through the normal loaders. Precision
-defaults to fp16 for sdxl and fp32 for tiny. I/O names: export/components.py.
+defaults to fp16 for sdxl and fp32 for tiny. I/O names: export/components.py. Every size (widths,
+depths, token counts, the model facts) is read from the checkpoint files (export.checkpoint_dims);
+the spec gives the hub ids, defaults and the `--random-init` architecture.
 
 `--stage torch` writes build/<model>/torch/<component>.pt2 instead of ONNX: `torch.export`
 programs for the runtime's torch backend (GPUs without TensorRT; export/torch_programs.py). The
@@ -32,7 +34,8 @@ from tqdm import tqdm
 from export import components as comps
 from export.assets import model_facts, write_model_facts, write_scheduler_config, write_tokenizers
 from export.onnx_export import OPSET, export_component, trace_sizes
-from export.sources import PIPELINE_COMPONENTS, Sources, count_cross_attn_layers
+from export.checkpoint_dims import PARTS, checkpoint_spec, count_cross_attn_layers
+from export.sources import PIPELINE_COMPONENTS, PIPELINE_PARTS, Sources
 from export.specs import SPECS, get_spec
 
 PIPELINES = tuple(PIPELINE_COMPONENTS)
@@ -108,6 +111,11 @@ def export_onnx(options: Options) -> list[Row]:
         from export.tiny import write_tiny
 
         weights = write_tiny(out / "weights")
+    # sizes from the files, not the spec: a local folder is read whole (cheap: configs and tensor
+    # shapes), the hub only for the selected pipelines' checkpoints
+    parts = PARTS if weights is not None else tuple(
+        dict.fromkeys(part for pipeline in options.pipelines for part in PIPELINE_PARTS[pipeline]))
+    spec = checkpoint_spec(spec, weights, options.random_init, parts)
     dtype = torch.float16 if options.precision == "fp16" else torch.float32
     sources = Sources(spec, weights, options.random_init, dtype, out / "assets", options.attention,
                       options.face_models, options.vae_fp16_fix)

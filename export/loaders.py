@@ -183,24 +183,46 @@ def _projector(module: torch.nn.Module, state: dict | None, dtype, device) -> to
 
 def load_instantid_adapter(spec: ModelSpec, unet, weights_dir: Path | None = None, random_init: bool = False,
                            dtype: torch.dtype = torch.float32, device="cpu", seed: int = 8):
-    """InstantID `ip-adapter.bin` -> (face Resampler module, ip_adapter state dict for `attach_ip_adapter`)."""
+    """InstantID `ip-adapter.bin` -> (face Resampler module, ip_adapter state dict for `attach_ip_adapter`).
+
+    The Resampler is sized from the checkpoint's tensors (the spec's geometry only with `random_init`);
+    its output width must equal `unet`'s cross_attention_dim (CheckpointMismatch otherwise).
+    """
     _seeded(seed)
     if random_init:
         return _projector(Resampler(spec.instantid_resampler), None, dtype, device), random_ip_state(unet, seed)
-    proj_state, ip_state = read_adapter_checkpoint(resolve(spec.instantid_adapter_source, weights_dir))
-    return _projector(Resampler(spec.instantid_resampler), proj_state, dtype, device), ip_state
+    path = resolve(spec.instantid_adapter_source, weights_dir)
+    proj_state, ip_state = read_adapter_checkpoint(path)
+    return _projector(_sized_projector(path, proj_state, unet, resampler=True), proj_state, dtype, device), ip_state
 
 
 def load_ip_adapter(spec: ModelSpec, unet, plus: bool, weights_dir: Path | None = None, random_init: bool = False,
                     dtype: torch.dtype = torch.float32, device="cpu", seed: int = 9):
-    """IP-Adapter SDXL (plain: ImageProj, Plus: Resampler) -> (projector module, ip_adapter state dict)."""
+    """IP-Adapter SDXL (plain: ImageProj, Plus: Resampler) -> (projector module, ip_adapter state dict).
+
+    The projector is sized from the checkpoint's tensors (the spec's geometry only with `random_init`).
+    """
     _seeded(seed)
-    module = Resampler(spec.ip_plus_resampler) if plus else ImageProj(spec.ip_image_proj)
     if random_init:
+        module = Resampler(spec.ip_plus_resampler) if plus else ImageProj(spec.ip_image_proj)
         return _projector(module, None, dtype, device), random_ip_state(unet, seed + 1)
-    source = spec.ip_adapter_plus_source if plus else spec.ip_adapter_source
-    proj_state, ip_state = read_adapter_checkpoint(resolve(source, weights_dir))
-    return _projector(module, proj_state, dtype, device), ip_state
+    path = resolve(spec.ip_adapter_plus_source if plus else spec.ip_adapter_source, weights_dir)
+    proj_state, ip_state = read_adapter_checkpoint(path)
+    return _projector(_sized_projector(path, proj_state, unet, resampler=plus), proj_state, dtype, device), ip_state
+
+
+def _sized_projector(path: Path, proj_state: dict, unet, resampler: bool) -> torch.nn.Module:
+    """Resampler / ImageProj sized from the checkpoint's `image_proj` tensors (export.checkpoint_dims);
+    its token width must be `unet`'s cross_attention_dim (unchecked when `unet` is None)."""
+    from export.checkpoint_dims import check_width, image_proj_config, resampler_config
+
+    shapes = {key: tuple(value.shape) for key, value in proj_state.items()}
+    config = resampler_config(shapes, str(path)) if resampler else image_proj_config(shapes, str(path))
+    if unet is not None:
+        width = config.output_dim if resampler else config.cross_attention_dim
+        check_width(width, unet.config.cross_attention_dim, "image-token width vs the UNet's cross_attention_dim",
+                    path, "the UNet's config.json")
+    return Resampler(config) if resampler else ImageProj(config)
 
 
 def load_scheduler_config(spec: ModelSpec, weights_dir: Path | None = None, random_init: bool = False) -> dict:

@@ -19,9 +19,16 @@ from export import components as comps
 from export import face_models, loaders
 from export.adapters import attach_ip_adapter
 from export.assets import negative_tokens, save_negative_tokens
+from export.checkpoint_dims import checkpoint_spec, count_cross_attn_layers  # noqa: F401 (re-exported)
 from export.specs import ModelSpec
 
 log = logging.getLogger("export")
+
+PIPELINE_PARTS = {  # which checkpoint files size each pipeline (export.checkpoint_dims.PARTS)
+    "instantid": ("unet", "vae", "text", "controlnet", "instantid"),
+    "ip-adapter": ("unet", "vae", "text", "image_encoder", "ip_adapter"),
+    "ip-adapter-plus": ("unet", "vae", "text", "image_encoder", "ip_adapter_plus"),
+}
 
 PIPELINE_COMPONENTS = {
     "instantid": ["text_encoder", "text_encoder_2", "face_detector", "arcface", "face_proj", "controlnet",
@@ -32,19 +39,12 @@ PIPELINE_COMPONENTS = {
 }
 
 
-def count_cross_attn_layers(unet_config: dict) -> int:
-    """Number of attn2 layers (= ip_scale entries) of an SDXL-style UNet config (70 for SDXL)."""
-    layers = unet_config["transformer_layers_per_block"]
-    per_block = unet_config["layers_per_block"]
-    down = sum(per_block * n for kind, n in zip(unet_config["down_block_types"], layers) if "CrossAttn" in kind)
-    up = sum((per_block + 1) * n for kind, n in zip(unet_config["up_block_types"], reversed(layers))
-             if "CrossAttn" in kind)
-    return down + layers[-1] + up
-
-
 @dataclass
 class Sources:
-    """Loads modules for one model at one precision; see the module docstring."""
+    """Loads modules for one model at one precision; see the module docstring.
+
+    `spec` is sized from the checkpoints (export.checkpoint_dims) when `weights_dir` is given.
+    """
 
     spec: ModelSpec
     weights_dir: Path | None
@@ -56,6 +56,10 @@ class Sources:
     vae_fp16_fix: bool = False
     _text: object = field(default=None, repr=False)
     _scratch: list = field(default_factory=list, repr=False)  # temporary folders, removed by release()
+
+    def __post_init__(self) -> None:
+        if self.weights_dir is not None:  # sizes from the files (the hub's are read by export.build per pipeline)
+            self.spec = checkpoint_spec(self.spec, self.weights_dir, self.random_init)
 
     def _kw(self, dtype: torch.dtype | None = None) -> dict:
         return {"weights_dir": self.weights_dir, "random_init": self.random_init, "dtype": dtype or self.dtype}
@@ -116,17 +120,16 @@ class Sources:
                 zero = encoder(torch.zeros(1, 3, size, size), output_hidden_states=True).hidden_states[-2]
             del encoder
             save_negative_tokens(self.assets, "ip_adapter_plus", negative_tokens(projector, zero))
-            config = self.spec.ip_plus_resampler
             return comps.projector_component(name, projector.to(self.dtype), "hidden_states",
-                                             (zero.shape[1], config.embedding_dim), "ip_tokens")
-        embed_dim = self.spec.ip_image_proj.embed_dim
+                                             (zero.shape[1], projector.config.embedding_dim), "ip_tokens")
+        embed_dim = projector.config.embed_dim
         save_negative_tokens(self.assets, "ip_adapter", negative_tokens(projector, torch.zeros(1, embed_dim)))
         return comps.projector_component(name, projector.to(self.dtype), "image_embeds", (embed_dim,), "ip_tokens")
 
     # -- InstantID -------------------------------------------------------------------------------
     def _face_proj(self, name: str) -> comps.Component:
         resampler, _ = loaders.load_instantid_adapter(self.spec, _NoUNet(self.spec), **self._kw(torch.float32))
-        dim = self.spec.face_embedding_dim
+        dim = resampler.config.embedding_dim
         save_negative_tokens(self.assets, "instantid", negative_tokens(resampler, torch.zeros(1, dim)))
         return comps.projector_component(name, resampler.to(self.dtype), "face_embedding", (dim,), "face_tokens")
 

@@ -33,11 +33,14 @@ def write_tiny(folder: Path, seed: int = 0, spec: ModelSpec = TINY) -> Path:
     """Write every tiny component under `folder` (see module docstring); returns `folder`.
 
     Deterministic for a seed: the same seed writes the same weights. Skips the work when `folder`
-    already holds a complete tiny model written with the same seed.
+    already holds a complete model written with the same seed and spec. `spec` may be any variant
+    of TINY (e.g. `dataclasses.replace` with other widths and depths): the files are sized by it,
+    and `--weights folder` builds read those sizes back (export.checkpoint_dims).
     """
     folder = Path(folder)
     marker = folder / MARKER
-    if marker.is_file() and json.loads(marker.read_text()).get("seed") == seed:
+    stamp = {"model": spec.name, "seed": seed, "spec": _fingerprint(spec)}
+    if marker.is_file() and json.loads(marker.read_text()) == stamp:
         return folder
     sdxl = folder / spec.sdxl_source.repo_name
     kwargs = dict(random_init=True)
@@ -69,8 +72,16 @@ def write_tiny(folder: Path, seed: int = 0, spec: ModelSpec = TINY) -> Path:
     from export.tiny_face import write_tiny_face_models
 
     write_tiny_face_models(folder / spec.face_models_dir, seed=seed)
-    marker.write_text(json.dumps({"model": spec.name, "seed": seed}))
+    marker.write_text(json.dumps(stamp))
     return folder
+
+
+def _fingerprint(spec: ModelSpec) -> str:
+    """Short hash of the architecture a folder was written with (its configs and projector geometry)."""
+    import dataclasses
+    import hashlib
+
+    return hashlib.sha256(repr(dataclasses.asdict(spec)).encode()).hexdigest()[:16]
 
 
 def main(argv: list[str] | None = None) -> None:
