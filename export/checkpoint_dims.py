@@ -174,7 +174,8 @@ def checkpoint_spec(spec: ModelSpec, weights_dir: Path | None = None, random_ini
         shapes = projector_shapes(path)
         made = image_proj_config(shapes, str(path)) if part == "ip_adapter" else resampler_config(shapes, str(path))
         width = made.cross_attention_dim if part == "ip_adapter" else made.output_dim
-        check_width(width, cross, "image-token width vs the UNet's cross_attention_dim", path, unet_where)
+        if "unet" in where:
+            check_width(width, cross, "image-token width vs the UNet's cross_attention_dim", path, unet_where)
         changes[field] = made
         where[field] = path
     if "instantid_resampler" in changes:
@@ -189,25 +190,29 @@ def _check_consistent(spec: ModelSpec, where: dict) -> None:
     def at(key: str) -> str:
         return str(where.get(key, f"the {spec.name} spec's {key}"))
 
+    def read(*keys: str) -> bool:  # both sides of a check come from files (a spec default is no evidence)
+        return all(key in where for key in keys)
+
     unet, te1, te2 = spec.unet, spec.text_encoder, spec.text_encoder_2
-    check_width(te1["hidden_size"] + te2["hidden_size"], unet["cross_attention_dim"],
-                "text_encoder + text_encoder_2 hidden sizes vs the UNet's cross_attention_dim",
-                f"{at('text_encoder')} + {at('text_encoder_2')}", at("unet"))
-    if unet.get("addition_embed_type") == "text_time":
+    if read("unet", "text_encoder", "text_encoder_2"):
+        check_width(te1["hidden_size"] + te2["hidden_size"], unet["cross_attention_dim"],
+                    "text_encoder + text_encoder_2 hidden sizes vs the UNet's cross_attention_dim",
+                    f"{at('text_encoder')} + {at('text_encoder_2')}", at("unet"))
+    if read("unet", "text_encoder_2") and unet.get("addition_embed_type") == "text_time":
         text_embeds = text_embeds_dim(unet)
         check_width(te2["projection_dim"], text_embeds, "text_encoder_2 projection_dim vs the UNet's text_embeds "
                     "width (projection_class_embeddings_input_dim - 6 * addition_time_embed_dim)",
                     at("text_encoder_2"), at("unet"))
     control = spec.controlnet
     for key in ("block_out_channels", "layers_per_block", "cross_attention_dim", "in_channels"):
-        if key in control and control[key] != unet[key]:
+        if read("unet", "controlnet") and key in control and control[key] != unet[key]:
             raise CheckpointMismatch(f"ControlNet {key} {control[key]} ({at('controlnet')}) differs from the UNet's "
                                      f"{unet[key]} ({at('unet')}): its residuals cannot feed this UNet")
     image, plus, plain = spec.image_encoder, spec.ip_plus_resampler, spec.ip_image_proj
-    if "image_encoder" in where and "ip_plus_resampler" in where:
+    if read("image_encoder", "ip_plus_resampler"):
         check_width(plus.embedding_dim, image["hidden_size"], "IP-Adapter Plus input width vs the image "
                     "encoder's hidden_size", where["ip_plus_resampler"], at("image_encoder"))
-    if "image_encoder" in where and "ip_image_proj" in where:
+    if read("image_encoder", "ip_image_proj"):
         check_width(plain.embed_dim, image["projection_dim"], "IP-Adapter input width vs the image "
                     "encoder's projection_dim", where["ip_image_proj"], at("image_encoder"))
 

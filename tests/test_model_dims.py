@@ -2,10 +2,12 @@
 
 A tiny SDXL-family InstantID set whose sizes differ from every built-in spec (96-wide cross-attention
 from a 32 + 64 text stack, 48-d pooled text embedding, UNet transformer depths [1, 2, 1], ControlNet
-depths [1, 1, 3], a face Resampler of 8 queries, 128 wide, 2 layers, 2 heads, ff x2) is written in the
-real hub formats by export.tiny's writer, built with the real CLI as `--model sdxl --weights DIR`
-(fp32, ONNX stage: the sdxl spec's fp16 default is CPU-hostile, and engines need a GPU), then run in
-the lean runtime on ONNX Runtime against the PyTorch baseline on the same folder.
+depths [1, 1, 3], a face Resampler of 8 queries, 128 wide, 2 layers, 2 heads, ff x2; IP-Adapter with 6
+tokens, Plus with 12 queries and 3 layers) is written in the real hub formats by export.tiny's writer,
+built with the real CLI as `--model sdxl --weights DIR` (`--precision fp32 --stage onnx`: the sdxl
+spec's fp16 default is meant for GPUs and the engines stage needs TensorRT; the sdxl spec's 256 px
+trace costs nothing at these widths), then run in the lean runtime on ONNX Runtime against the
+PyTorch baseline on the same folder: final latents within 1e-5 relative (measured about 1e-6).
 """
 from __future__ import annotations
 
@@ -84,23 +86,35 @@ def test_resampler_width_disagreeing_with_the_unet_names_both_files(variant_weig
     assert "ip-adapter.bin" in message and str(config) in message and "96" in message and "80" in message
 
 
-def test_sdxl_build_from_files_matches_the_baseline(variant_weights, tmp_path):
-    """`python -m export.build --model sdxl --weights DIR` on the variant: facts from the files, and the
-    ONNX Runtime pipeline's final latents equal the PyTorch baseline's (fp32)."""
-    from benchmarks.pipelines import InstantIDBaseline
-    from runtime.pipelines import InstantIDPipeline
-
-    out = tmp_path / "build"
+@pytest.fixture(scope="module")
+def variant_build(variant_weights, tmp_path_factory) -> Path:
+    """`python -m export.build --model sdxl --weights DIR --precision fp32 --stage onnx` (all pipelines)."""
+    out = tmp_path_factory.mktemp("variant") / "build"
     torch.set_num_threads(1)
     run_export_cli(["--model", "sdxl", "--weights", str(variant_weights), "--precision", "fp32", "--stage", "onnx",
-                    "--pipeline", "instantid", "--out", str(out)])
-    facts = json.loads((out / "assets" / "model.json").read_text())
+                    "--out", str(out)])
+    return out
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((value.float() - reference.float()).norm() / reference.float().norm())
+
+
+def test_build_facts_come_from_the_files(variant_build):
+    facts = json.loads((variant_build / "assets" / "model.json").read_text())
     assert facts["model"] == "sdxl" and facts["cross_attention_dim"] == CROSS
     assert facts["num_cross_attn_layers"] == 16 and facts["text_embeds_dim"] == POOLED
     assert facts["ip_tokens"] == {"instantid": 8, "ip_adapter": 6, "ip_adapter_plus": 12}
-    assert np.load(out / "assets" / "negative_tokens_instantid.npy").shape == (1, 8, CROSS)
+    for pipeline, tokens in facts["ip_tokens"].items():
+        assert np.load(variant_build / "assets" / f"negative_tokens_{pipeline}.npy").shape == (1, tokens, CROSS)
 
-    pipe = InstantIDPipeline.from_build(out, "onnxruntime")
+
+def test_instantid_from_files_matches_the_baseline(variant_weights, variant_build):
+    """The ONNX Runtime InstantID pipeline's final latents equal the PyTorch baseline's (fp32)."""
+    from benchmarks.pipelines import InstantIDBaseline
+    from runtime.pipelines import InstantIDPipeline
+
+    pipe = InstantIDPipeline.from_build(variant_build, "onnxruntime")
     baseline = InstantIDBaseline("sdxl", weights_dir=variant_weights)
     assert baseline.resampler.config.num_queries == 8 and baseline.unet.config.cross_attention_dim == CROSS
     rng = np.random.default_rng(0)
@@ -111,8 +125,28 @@ def test_sdxl_build_from_files_matches_the_baseline(variant_weights, tmp_path):
                   scheduler="dpmpp_2m")
     result = pipe.generate(embedding, kps_image, "a photo of a person", "blurry", **kwargs)
     expected = baseline.generate(embedding, kps_image, "a photo of a person", "blurry", **kwargs)
-    error = float((result.latents.float() - expected.latents.float()).norm() / expected.latents.float().norm())
-    print(f"variant sdxl-from-files build vs baseline: latents {tuple(result.latents.shape)}, rel {error:.2e}")
+    error = relative_error(result.latents, expected.latents)
+    print(f"instantid, sdxl build from the variant's files vs baseline: latents rel {error:.2e}")
     assert result.latents.shape == expected.latents.shape == (2, 4, SIZE // 8, SIZE // 8)
     assert error <= LATENT_TOL
     assert pipe.unet.input("ip_scale").shape[0] == 16
+
+
+@pytest.mark.parametrize("plus", [False, True], ids=["plain", "plus"])
+def test_ip_adapter_from_files_matches_the_baseline(variant_weights, variant_build, plus):
+    """IP-Adapter (6 tokens) and Plus (12 queries, 3 layers) sized from their safetensors."""
+    from skimage import data
+
+    from benchmarks.pipelines import IPAdapterBaseline
+    from runtime.pipelines import IPAdapterPipeline
+
+    pipe = IPAdapterPipeline.from_build(variant_build, "onnxruntime", plus=plus)
+    baseline = IPAdapterBaseline("sdxl", plus=plus, weights_dir=variant_weights)
+    kwargs = dict(steps=2, guidance=5.0, ip_scale=0.6, seed=5, width=SIZE, height=SIZE, num_images=1,
+                  scheduler="euler")
+    result = pipe(data.coffee(), "a cup on a table", None, return_latents=True, **kwargs)
+    expected = baseline(data.coffee(), "a cup on a table", None, **kwargs)
+    error = relative_error(result.latents, expected.latents)
+    print(f"ip-adapter{' plus' if plus else ''}, sdxl build from the variant's files vs baseline: latents rel {error:.2e}")
+    assert result.latents.shape == expected.latents.shape
+    assert error <= LATENT_TOL
