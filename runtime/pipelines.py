@@ -395,16 +395,16 @@ class InstantIDPipeline(_SDXLPipeline):
 
     @property
     def face_analyzer(self):
-        """The face analyzer (unless one was given): on a GPU pipeline (or face_on_device=True) the
-        DeviceFaceAnalyzer — photo uploaded once, letterbox, decoding, NMS, warp and normalisation on the
-        pipeline's device, detector and ArcFace as the backend's engines where built (else ONNX Runtime);
-        otherwise the host FaceAnalyzer (numpy/cv2, equal to insightface) on ONNX Runtime."""
+        """The face analyzer (unless one was given): runtime.face.FaceAnalyzer, photo uploaded once,
+        letterbox, decoding, NMS, warp and normalisation in torch. On a GPU pipeline (or
+        face_on_device=True) on the pipeline's device, detector and ArcFace as the backend's engines
+        where built (else ONNX Runtime); otherwise on the CPU over the build's ONNX in ONNX Runtime."""
         if self._face_analyzer is None:
             if self.face_on_device:
-                from runtime.face.device_analyzer import DeviceFaceAnalyzer
+                from runtime.face import FaceAnalyzer
 
                 sessions = [self._face_session(component) for component in ("face_detector", "arcface")]
-                self._face_analyzer = DeviceFaceAnalyzer.from_sessions(*sessions, device=self.device)
+                self._face_analyzer = FaceAnalyzer.from_sessions(*sessions, device=self.device)
             else:
                 self._face_analyzer = self.assets.face_analyzer(self._open_args["verify_sha256"])
         return self._face_analyzer
@@ -497,7 +497,7 @@ def face_conditioning(analyzer, photo: ImageSource, pose_photo: ImageSource | No
     the detection size itself, so the kps are exactly the reference's). When the output's aspect
     differs from the photo's, the kps are mapped as a cover-resize would map the photo (one scale,
     no squashing), cropped around the pose face (`images.cover_map`).
-    analyzer: FaceAnalyzer / DeviceFaceAnalyzer (`analyze(rgb, face_index)`, `pose_kps(rgb)`).
+    analyzer: FaceAnalyzer (`analyze(rgb, face_index)`, `pose_kps(rgb)`).
     Raises NoFaceError / FaceIndexError, ImageError (unreadable or too elongated photo), ValueError
     when only one of width / height is given.
     """

@@ -16,7 +16,6 @@ the session itself, or for TensorRT a context of its own) and `cuda` (runtime.st
 - `TrtSession` (runtime/trt.py): a checked plan (`EngineCheckError` says how to rebuild); eager calls
   on one context with output buffers per input shapes (the last few), valid until the next call with
   those shapes; `bind` gives each CUDA graph its own context; one shared `DeviceMemoryPool`.
-`NumpyView` gives any session ONNX Runtime's numpy `run(names, feeds)` (for the face models).
 """
 from __future__ import annotations
 
@@ -222,19 +221,6 @@ class TorchSession(Session):
             raise SessionError(f"{self.name}: the module returned {len(result)} tensors, expected "
                                f"{list(self.output_names)}")
         return dict(zip(self.output_names, result))
-
-
-class NumpyView:
-    """ONNX Runtime's `run(output_names, {name: ndarray}) -> [ndarray]` over any Session, for code written
-    against an InferenceSession (the face detectors and ArcFace take it as their `.session`)."""
-
-    def __init__(self, session: Session):
-        self.session = session
-
-    def run(self, output_names, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """Arrays in, host arrays out (copied, so TensorRT's reused buffers are not aliased)."""
-        out = self.session.run({name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in feeds.items()})
-        return [out[name].detach().cpu().numpy().copy() for name in (output_names or self.session.output_names)]
 
 
 # ---- opening a build directory's component ----------------------------------------------------

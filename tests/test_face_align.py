@@ -1,4 +1,5 @@
-"""ArcFace alignment against insightface's face_align (the oracle) and scikit-image."""
+"""ArcFace alignment against insightface's face_align (the oracle) and scikit-image: the runtime's
+fit and torch warp, and the OpenCV warp of tests/face_reference.py."""
 from __future__ import annotations
 
 import warnings
@@ -10,8 +11,10 @@ import pytest
 import skimage.data
 from skimage.transform import SimilarityTransform
 
-from runtime.face import YuNetDetector, estimate_norm, norm_crop
+from face_reference import YuNetDetector, norm_crop
+from runtime.face import estimate_norm
 from runtime.face.align import arcface_template, umeyama_similarity
+from runtime.face.image_ops import norm_crop_tensor, to_device_image
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # skimage's estimate() inside insightface
 T1 = Path(cv2.__file__).parents[1] / "insightface" / "data" / "images" / "t1.jpg"
@@ -68,11 +71,18 @@ def test_estimate_norm_equals_insightface(face_align, photos, size):
         assert np.abs(estimate_norm(kps, size) - _skimage_params(kps.astype(np.float64), template)[:2]).max() < 1e-9
 
 
+def runtime_norm_crop(bgr: np.ndarray, kps: np.ndarray, size: int) -> np.ndarray:
+    """The runtime's crop (torch warp on the CPU) as an (S, S, 3) uint8 array."""
+    return norm_crop_tensor(to_device_image(bgr, "cpu"), [kps], size)[0].permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize("path", ["runtime", "reference"])
 @pytest.mark.parametrize("size", [112, 128])
-def test_norm_crop_within_one_grey_level(face_align, photos, size):
+def test_norm_crop_within_one_grey_level(face_align, photos, size, path):
     worst = 0
+    crop = runtime_norm_crop if path == "runtime" else norm_crop
     for name, image, kps in photos:
-        ours = norm_crop(image, kps, size)
+        ours = crop(image, kps, size)
         reference = face_align.norm_crop(image, kps, size)
         assert ours.shape == (size, size, 3) and ours.dtype == np.uint8
         difference = np.abs(ours.astype(int) - reference.astype(int))

@@ -1,5 +1,6 @@
-"""FaceAnalyzer and ArcFace: the real MobileFaceNet tells people apart through our alignment,
-the antelopev2-style folder loads, faces are picked as InstantID picks them, errors are clear."""
+"""FaceAnalyzer and ArcFace (the runtime's torch face path, on the CPU): the real MobileFaceNet tells
+people apart through our alignment, the antelopev2-style folder loads, faces are picked as InstantID
+picks them, errors are clear."""
 from __future__ import annotations
 
 import io
@@ -12,7 +13,8 @@ import skimage.data
 from PIL import Image
 
 from export.tiny_face import write_tiny_face_models
-from runtime.face import ArcFace, FaceAnalyzer, FaceIndexError, NoFaceError, YuNetDetector, norm_crop
+from runtime.face import ArcFace, FaceAnalyzer, FaceIndexError, NoFaceError, YuNetDetector
+from runtime.face.image_ops import norm_crop_tensor, to_device_image
 from runtime.images import ImageError
 
 T1 = Path(cv2.__file__).parents[1] / "insightface" / "data" / "images" / "t1.jpg"
@@ -20,6 +22,16 @@ T1 = Path(cv2.__file__).parents[1] / "insightface" / "data" / "images" / "t1.jpg
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def bgr_tensor(rgb: np.ndarray):
+    """(H, W, 3) RGB array -> (1, 3, H, W) uint8 BGR CPU tensor, as FaceAnalyzer.upload makes it."""
+    return to_device_image(np.ascontiguousarray(rgb[:, :, ::-1]), "cpu")
+
+
+def aligned_crop(rgb: np.ndarray, kps: np.ndarray) -> np.ndarray:
+    """The runtime's ArcFace crop (112, 112, 3) uint8 BGR of a face in an RGB photo."""
+    return norm_crop_tensor(bgr_tensor(rgb), [kps])[0].permute(1, 2, 0).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +67,7 @@ def test_mobilefacenet_same_person_vs_other_person(real_analyzer):
     camera = np.stack([skimage.data.camera()] * 3, axis=-1)
     with pytest.raises(NoFaceError):
         real_analyzer.analyze(camera)
-    other = real_analyzer.recognizer.embed_face(np.ascontiguousarray(camera[:, :, ::-1]), reference.kps)
+    other = real_analyzer.recognizer.embed_faces(bgr_tensor(camera), [reference.kps])[0]
     assert cosine(reference.embedding, other) < 0.3  # measured -0.143
 
 
@@ -64,7 +76,7 @@ def test_mobilefacenet_embedding_is_raw_and_matches_direct_onnx(real_models, rea
 
     astronaut = skimage.data.astronaut()
     face = real_analyzer.analyze(astronaut)
-    crop_bgr = norm_crop(np.ascontiguousarray(astronaut[:, :, ::-1]), face.kps)
+    crop_bgr = aligned_crop(astronaut, face.kps)
     blob = ((crop_bgr[:, :, ::-1].astype(np.float32) - 127.5) / 128.0).transpose(2, 0, 1)[None]
     session = ort.InferenceSession(str(real_models / "mobilefacenet_128d.onnx"), providers=["CPUExecutionProvider"])
     direct = session.run(None, {"input0": blob})[0][0]
@@ -140,10 +152,10 @@ def test_tiny_folder_with_packaged_yunet_matches_insightface_arcface(tiny_face):
     face = analyzer.analyze(astronaut)
     assert np.abs(face.bbox - [178.0, 62.6, 268.4, 176.4]).max() < 1.0  # the int8 YuNet's box
     insightface_arcface = get_model(str(tiny_face / "glintr100.onnx"), providers=["CPUExecutionProvider"])
-    expected = insightface_arcface.get_feat(norm_crop(np.ascontiguousarray(astronaut[:, :, ::-1]), face.kps))[0]
+    expected = insightface_arcface.get_feat(aligned_crop(astronaut, face.kps))[0]  # its own normalisation
     assert face.embedding.shape == (512,)
     assert np.abs(face.embedding - expected).max() < 1e-5
-    crops = [norm_crop(np.ascontiguousarray(astronaut[:, :, ::-1]), face.kps)] * 3
+    crops = norm_crop_tensor(bgr_tensor(astronaut), [face.kps] * 3)
     assert analyzer.recognizer.embed(crops).shape == (3, 512)  # dynamic batch: one run
 
 

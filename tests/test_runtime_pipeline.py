@@ -161,28 +161,29 @@ def test_face_models_run_through_sessions(tiny_build, instantid):
     """The face detector and ArcFace behind runtime Sessions (how TensorRT engines serve them) find the same face."""
     from skimage import data
 
-    from runtime.sessions import NumpyView, open_session
+    from runtime.sessions import open_session
 
     photo = _resize(data.astronaut(), FACE_SIZE)
     expected = instantid.face_analyzer.analyze(photo)
     analyzer = instantid.assets.face_analyzer()
-    analyzer.detector.session = NumpyView(open_session(tiny_build, "face_detector", "onnxruntime"))
-    analyzer.recognizer.session = NumpyView(open_session(tiny_build, "arcface", "onnxruntime"))
+    analyzer.detector.session = open_session(tiny_build, "face_detector", "onnxruntime")
+    analyzer.recognizer.session = open_session(tiny_build, "arcface", "onnxruntime")
     face = analyzer.analyze(photo)
     np.testing.assert_allclose(face.kps, expected.kps, atol=1e-4)
     np.testing.assert_allclose(face.embedding, expected.embedding, rtol=1e-5, atol=1e-5)
 
 
 def test_face_analysis_on_the_device_path_equals_the_host_path(tiny_build, instantid):
-    """face_on_device=True (what a GPU pipeline does): DeviceFaceAnalyzer over the build's sessions finds the
-    same face as the host (insightface-equal) analyzer, and the request gives the same image."""
+    """face_on_device=True (what a GPU pipeline does): the FaceAnalyzer over the build's sessions on the
+    pipeline's device finds the same face as the one over the build's assets, and the request gives the
+    same image."""
     from skimage import data
 
-    from runtime.face.device_analyzer import DeviceFaceAnalyzer
+    from runtime.face import FaceAnalyzer
     from runtime.pipelines import InstantIDPipeline
 
     pipe = InstantIDPipeline.from_build(tiny_build, "onnxruntime", face_on_device=True)
-    assert isinstance(pipe.face_analyzer, DeviceFaceAnalyzer) and not instantid.face_on_device
+    assert isinstance(pipe.face_analyzer, FaceAnalyzer) and not instantid.face_on_device
     photo = _resize(data.astronaut(), FACE_SIZE)
     face, expected = pipe.face_analyzer.analyze(photo), instantid.face_analyzer.analyze(photo)
     kps_error = float(np.abs(face.kps - expected.kps).max())

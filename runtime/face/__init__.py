@@ -1,13 +1,12 @@
-"""Face analysis for InstantID: detection (SCRFD / YuNet), ArcFace alignment and embedding,
-and the keypoint control image. numpy + OpenCV + ONNX Runtime only.
-
-The same steps on torch tensors (CPU or CUDA, for TensorRT sessions): `runtime.face.device`
-(letterbox, warp, normalisation, decoding) and `runtime.face.device_analyzer.DeviceFaceAnalyzer`,
-imported from there so the host path never loads torch."""
-from runtime.face.align import estimate_norm, norm_crop
-from runtime.face.analyzer import ArcFace, FaceAnalyzer, FaceIndexError, NoFaceError, packaged_yunet
+"""Face analysis for InstantID, one path on torch tensors (CPU or GPU): detection (SCRFD / YuNet),
+ArcFace alignment and embedding (`analyzer`, `detect`, `image_ops`, `align`), where the models come
+from (`models`), and the keypoint control image (`draw`). The numpy/OpenCV path it is checked
+against lives in tests/face_reference.py."""
+from runtime.face.align import estimate_norm
+from runtime.face.analyzer import ArcFace, FaceAnalyzer, FaceIndexError, NoFaceError
 from runtime.face.detect import Face, SCRFDDetector, YuNetDetector
 from runtime.face.draw import draw_kps
+from runtime.face.models import packaged_yunet
 
 __all__ = [
     "ArcFace",
@@ -19,6 +18,5 @@ __all__ = [
     "YuNetDetector",
     "draw_kps",
     "estimate_norm",
-    "norm_crop",
     "packaged_yunet",
 ]

@@ -1,11 +1,11 @@
-"""ArcFace alignment: 5 landmarks -> similarity transform -> 112×112 (or 128×128) crop.
+"""ArcFace alignment: 5 landmarks -> similarity transform to the 112×112 (or 128×128) crop.
 
-Equivalent to insightface's `utils.face_align.estimate_norm` / `norm_crop` (which use
-scikit-image's SimilarityTransform, i.e. Umeyama's least-squares similarity), in numpy only.
+Equivalent to insightface's `utils.face_align.estimate_norm` (scikit-image's SimilarityTransform,
+i.e. Umeyama's least-squares similarity), in numpy on the host: a 5-point fit. The warp itself is
+`runtime.face.image_ops.norm_crop_tensor`.
 """
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
 ARCFACE_DST = np.array(
@@ -70,12 +70,3 @@ def estimate_norm(kps: np.ndarray, image_size: int = 112) -> np.ndarray:
         raise ValueError(f"kps must have shape (5, 2) (eyes, nose, mouth corners), got {kps.shape}")
     return umeyama_similarity(kps, arcface_template(image_size))[:2, :]
 
-
-def norm_crop(bgr: np.ndarray, kps: np.ndarray, image_size: int = 112) -> np.ndarray:
-    """Aligned face crop (image_size, image_size, 3) uint8 from an image (H, W, 3) uint8.
-
-    Bilinear cv2.warpAffine with a black border, as insightface's `norm_crop`. The channel
-    order is the input's (InstantID/insightface feed BGR).
-    """
-    matrix = estimate_norm(kps, image_size)
-    return cv2.warpAffine(bgr, matrix, (image_size, image_size), borderValue=0.0)
