@@ -5,6 +5,10 @@ architecture family at tiny width (3 UNet levels, 9+1 ControlNet residuals, VAE 
 the real 49408-token CLIP vocabulary, 224 px CLIP vision input, 512-d face embedding), so every
 shape contract holds at tiny scale.
 
+The configs and projector geometries here are the architecture for `--random-init` (and what
+export.tiny writes) and defaults only: a build or baseline from checkpoint files takes every size
+from the files' config.json and tensor shapes (export.checkpoint_dims.checkpoint_spec).
+
 A weight location is a `Source`: a hub repository id plus a path inside it. With `--weights DIR`
 the same relative layout is looked up under `DIR/<repo name>/` (e.g. `DIR/InstantID/ip-adapter.bin`).
 """

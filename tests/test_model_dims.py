@@ -86,6 +86,21 @@ def test_resampler_width_disagreeing_with_the_unet_names_both_files(variant_weig
     assert "ip-adapter.bin" in message and str(config) in message and "96" in message and "80" in message
 
 
+def test_loader_sizes_the_resampler_from_the_checkpoint(variant_weights):
+    """The face Resampler is sized by ip-adapter.bin's tensors; against a UNet of another width it is an
+    error with both numbers (not a state-dict size mismatch)."""
+    from export import loaders
+    from export.checkpoint_dims import CheckpointMismatch
+
+    unet = loaders.load_unet(SDXL, variant_weights)
+    resampler, ip_state = loaders.load_instantid_adapter(SDXL, unet, variant_weights)
+    assert resampler.config == variant_spec().instantid_resampler
+    assert resampler(torch.zeros(1, 512)).shape == (1, 8, CROSS) and len(ip_state) == 2 * 16
+    narrow = loaders.load_unet(TINY, random_init=True)  # cross_attention_dim 64
+    with pytest.raises(CheckpointMismatch, match=r"ip-adapter\.bin has 96 .* has 64"):
+        loaders.load_instantid_adapter(SDXL, narrow, variant_weights)
+
+
 @pytest.fixture(scope="module")
 def variant_build(variant_weights, tmp_path_factory) -> Path:
     """`python -m export.build --model sdxl --weights DIR --precision fp32 --stage onnx` (all pipelines)."""
