@@ -2,12 +2,17 @@
 
 A tiny SDXL-family InstantID set whose sizes differ from every built-in spec (96-wide cross-attention
 from a 32 + 64 text stack, 48-d pooled text embedding, UNet transformer depths [1, 2, 1], ControlNet
-depths [1, 1, 3], a face Resampler of 8 queries, 128 wide, 2 layers, 2 heads, ff x2; IP-Adapter with 6
-tokens, Plus with 12 queries and 3 layers) is written in the real hub formats by export.tiny's writer,
+depths [1, 1, 3], a face Resampler of 8 queries, 128 wide with 2 heads; IP-Adapter Plus with 12 queries)
+is written in the real hub formats by export.tiny's writer,
 built with the real CLI as `--model sdxl --weights DIR` (`--precision fp32 --stage onnx`: the sdxl
 spec's fp16 default is meant for GPUs and the engines stage needs TensorRT; the sdxl spec's 256 px
 trace costs nothing at these widths), then run in the lean runtime on ONNX Runtime against the
 PyTorch baseline on the same folder: final latents within 1e-5 relative (measured about 1e-6).
+
+The end-to-end set keeps what diffusers' IP-Adapter converter assumes of every published checkpoint
+(Resampler depth 4, ff x4, 64-wide heads; plain IP-Adapter 4 tokens), so a diffusers-built oracle
+loads it too; depth, ff multiplier and token counts beyond those are read back from the tensors of
+real modules in `test_projector_geometry_is_read_from_tensor_shapes`.
 """
 from __future__ import annotations
 
@@ -38,10 +43,10 @@ def variant_spec():
         controlnet={**TINY.controlnet, "cross_attention_dim": CROSS, "transformer_layers_per_block": [1, 1, 3],
                     "projection_class_embeddings_input_dim": added},
         text_encoder_2={**TINY.text_encoder_2, "hidden_size": 64, "projection_dim": POOLED},
-        instantid_resampler=ResamplerConfig(dim=128, depth=2, dim_head=64, heads=2, num_queries=8,
-                                            embedding_dim=512, output_dim=CROSS, ff_mult=2),
-        ip_plus_resampler=ResamplerConfig(64, 3, 64, 1, 12, 32, CROSS),
-        ip_image_proj=ImageProjConfig(16, CROSS, 6))
+        instantid_resampler=ResamplerConfig(dim=128, depth=4, dim_head=64, heads=2, num_queries=8,
+                                            embedding_dim=512, output_dim=CROSS),
+        ip_plus_resampler=ResamplerConfig(128, 4, 64, 2, 12, 32, CROSS),
+        ip_image_proj=ImageProjConfig(16, CROSS, 4))
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +73,21 @@ def test_sizes_are_read_from_the_files(variant_weights):
     assert count_cross_attn_layers(spec.unet) == 16 != count_cross_attn_layers(TINY.unet)
     assert checkpoint_spec(spec, variant_weights) is spec  # idempotent
     assert checkpoint_spec(SDXL, variant_weights, random_init=True) is SDXL  # the architecture itself
+
+
+@pytest.mark.parametrize("config", [ResamplerConfig(96, 3, 64, 3, 5, 40, 72, 2), ResamplerConfig(128, 1, 64, 1, 7, 512, 80)])
+def test_projector_geometry_is_read_from_tensor_shapes(config):
+    """Depth (layer keys), heads (to_q rows / 64), ff multiplier, queries and widths of a real Resampler's
+    tensors, and the token count of a real ImageProj, come back as the configs they were built with."""
+    from export.adapters import ImageProj, Resampler
+    from export.checkpoint_dims import image_proj_config, resampler_config
+
+    def shapes(module):
+        return {key: tuple(value.shape) for key, value in module.state_dict().items()}
+
+    assert resampler_config(shapes(Resampler(config)), "test") == config
+    plain = ImageProjConfig(embed_dim=24, cross_attention_dim=40, num_tokens=6)
+    assert image_proj_config(shapes(ImageProj(plain)), "test") == plain
 
 
 def test_resampler_width_disagreeing_with_the_unet_names_both_files(variant_weights, tmp_path):
@@ -119,7 +139,7 @@ def test_build_facts_come_from_the_files(variant_build):
     facts = json.loads((variant_build / "assets" / "model.json").read_text())
     assert facts["model"] == "sdxl" and facts["cross_attention_dim"] == CROSS
     assert facts["num_cross_attn_layers"] == 16 and facts["text_embeds_dim"] == POOLED
-    assert facts["ip_tokens"] == {"instantid": 8, "ip_adapter": 6, "ip_adapter_plus": 12}
+    assert facts["ip_tokens"] == {"instantid": 8, "ip_adapter": 4, "ip_adapter_plus": 12}
     for pipeline, tokens in facts["ip_tokens"].items():
         assert np.load(variant_build / "assets" / f"negative_tokens_{pipeline}.npy").shape == (1, tokens, CROSS)
 
@@ -149,7 +169,7 @@ def test_instantid_from_files_matches_the_baseline(variant_weights, variant_buil
 
 @pytest.mark.parametrize("plus", [False, True], ids=["plain", "plus"])
 def test_ip_adapter_from_files_matches_the_baseline(variant_weights, variant_build, plus):
-    """IP-Adapter (6 tokens) and Plus (12 queries, 3 layers) sized from their safetensors."""
+    """IP-Adapter (96-wide tokens) and Plus (12 queries, 2 heads) sized from their safetensors."""
     from skimage import data
 
     from benchmarks.pipelines import IPAdapterBaseline
