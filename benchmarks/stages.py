@@ -76,16 +76,16 @@ def reference_image() -> np.ndarray:
 
 
 def face_analysis_fn(analyzer, image: np.ndarray | None):
-    """detect + embed on `image` (falls back to fixed kps when the detector finds no face)."""
+    """upload + detect + embed on `image` (RGB) with a FaceAnalyzer (fixed kps when the detector finds no face)."""
     if analyzer is None or image is None:
         return None
-    bgr = np.ascontiguousarray(image[:, :, ::-1])
-    fixed = KPS_FRACTIONS * np.array([bgr.shape[1], bgr.shape[0]], np.float32)
+    fixed = KPS_FRACTIONS * np.array([image.shape[1], image.shape[0]], np.float32)
 
     def run():
-        faces = analyzer.detector.detect(bgr)
+        uploaded = analyzer.upload(image)
+        faces = analyzer.detector.detect(uploaded)
         kps = max(faces, key=lambda face: face.area).kps if faces else fixed
-        return analyzer.recognizer.embed_face(bgr, kps)
+        return analyzer.recognizer.embed_faces(uploaded, [kps])[0]
     return run
 
 
