@@ -6,10 +6,13 @@ and the yardstick of every benchmark:
 - prompt -> both CLIP text encoders -> penultimate hidden states concatenated (77 x 2048) and
   the pooled projection; `negative_prompt=None` gives zero negatives (SDXL's
   force_zeros_for_empty_prompt);
-- image tokens appended to the text tokens; negatives: Resampler(0) (InstantID), ImageProj(0)
+- image tokens attended beside the text tokens; negatives: Resampler(0) (InstantID), ImageProj(0)
   (IP-Adapter), encoder(zero image) -> Resampler (IP-Adapter Plus);
 - IdentityNet gets the face tokens only as context, the kps image and the conditioning scale;
-- decoupled attention in every attn2 layer with scale λ (float or per layer);
+- decoupled attention in every attn2 layer with scale λ (float or per layer), and the image-token
+  projectors, built by diffusers' own IP-Adapter loader (`IPAdapterAttnProcessor2_0`,
+  `ImageProjection`, `IPAdapterPlusImageProjection`) from the checkpoints' state dicts, so the
+  oracle shares no adapter code with the exported graphs (export.adapters);
 - Euler (or another diffusers scheduler), CFG [negative, positive], VAE in fp32.
 
 Batch > 1 (`num_images`) repeats every conditioning tensor, unlike upstream InstantID.
@@ -25,7 +28,6 @@ import torch
 from PIL import Image
 
 from export import loaders
-from export.adapters import attach_ip_adapter, set_ip_scale
 from export.specs import ModelSpec
 
 SCHEDULERS = {
@@ -116,9 +118,26 @@ class SDXLBase:
         return (latents * init_noise_sigma).to(self.device, self.dtype)
 
     # -- adapters -----------------------------------------------------------------------------
-    def attach_adapter(self, ip_state: dict, num_tokens: int) -> None:
-        """Install decoupled attention on the UNet from an `ip_adapter` state dict."""
-        self.ip_layers = attach_ip_adapter(self.unet, ip_state, num_tokens)
+    def attach_adapter(self, proj_state: dict, ip_state: dict) -> torch.nn.Module:
+        """Install diffusers' `IPAdapterAttnProcessor2_0` on every attn2 layer from a checkpoint's
+        (`image_proj`, `ip_adapter`) state dicts; returns diffusers' image-token projector.
+
+        The layers are keyed `'{i}.to_k_ip.weight'` with `i` odd, as diffusers' loader reads them.
+        The image tokens are passed to the UNet as diffusers' `(text, [tokens])` tuple, so the
+        processors' own token count (diffusers assumes 4 for plain IP-Adapter) is never used.
+        """
+        from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+        unet = self.unet
+        processors = unet._convert_ip_adapter_attn_to_diffusers([{"image_proj": proj_state, "ip_adapter": ip_state}],
+                                                                low_cpu_mem_usage=False)
+        for processor in processors.values():
+            if isinstance(processor, IPAdapterAttnProcessor2_0):
+                processor.to(self.device, self.dtype)
+        unet.set_attn_processor(processors)
+        self.ip_layers = [unet.attn_processors[name] for name in unet.attn_processors
+                          if name.endswith("attn2.processor")]
+        return diffusers_image_projection(unet, proj_state).to(self.device, self.dtype).eval()
 
     # -- loop ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -137,14 +156,13 @@ class SDXLBase:
         def batch(x):  # repeat (1|N, ...) conditioning to num_images rows
             return x.repeat_interleave(num_images // x.shape[0], dim=0) if x.shape[0] != num_images else x
 
-        context = torch.cat([batch(prompt_embeds), batch(tokens)], dim=1)
-        text_embeds, face = batch(pooled), batch(tokens)
+        text, text_embeds, face = batch(prompt_embeds), batch(pooled), batch(tokens)
         if cfg:
-            negative_context = torch.cat([batch(negative_embeds), batch(negative_tokens)], dim=1)
-            context = torch.cat([negative_context, context])
+            text = torch.cat([batch(negative_embeds), text])
             text_embeds = torch.cat([batch(negative_pooled), text_embeds])
             face = torch.cat([batch(negative_tokens), face])
-        rows = context.shape[0]
+        context = (text, [face])  # diffusers' IP-Adapter form: text tokens, one image-token set
+        rows = text.shape[0]
         time_ids = self.time_ids(height, width, rows)
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
         if controlnet is not None:
@@ -178,3 +196,31 @@ class SDXLBase:
         images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
         images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         return [Image.fromarray(image) for image in (images * 255).round().astype(np.uint8)]
+
+
+def diffusers_image_projection(unet, proj_state: dict) -> torch.nn.Module:
+    """diffusers' projector for an `image_proj` state dict: `IPAdapterPlusImageProjection` (InstantID's
+    face Resampler, IP-Adapter Plus) through the UNet's own converter, or `ImageProjection` (plain).
+
+    diffusers' converter fixes plain IP-Adapter at 4 tokens (the published checkpoint's); the
+    token count is read here from the tensors (`proj` rows / `norm` width) and the keys are renamed
+    as the converter renames them.
+    """
+    if "proj.weight" not in proj_state:
+        return unet._convert_ip_adapter_image_proj_to_diffusers(proj_state, low_cpu_mem_usage=False)
+    from diffusers.models.embeddings import ImageProjection
+
+    rows, embed_dim = proj_state["proj.weight"].shape
+    width = proj_state["norm.weight"].shape[0]
+    module = ImageProjection(image_embed_dim=embed_dim, cross_attention_dim=width, num_image_text_embeds=rows // width)
+    module.load_state_dict({key.replace("proj", "image_embeds"): value for key, value in proj_state.items()})
+    return module
+
+
+def set_ip_scale(layers: list, scale) -> None:
+    """λ on every diffusers IP-Adapter layer (a float) or per layer (a sequence as long as `layers`)."""
+    scales = [float(scale)] * len(layers) if isinstance(scale, (int, float)) else [float(s) for s in scale]
+    if len(scales) != len(layers):
+        raise ValueError(f"ip_scale has {len(scales)} values but the UNet has {len(layers)} cross-attention layers")
+    for layer, value in zip(layers, scales):
+        layer.scale = [value]

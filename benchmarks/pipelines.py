@@ -36,9 +36,9 @@ class InstantIDBaseline(SDXLBase):
         spec = _spec(model, weights_dir, random_init, PIPELINE_PARTS["instantid"])
         super().__init__(spec, weights_dir, random_init, device, dtype, vae_fp16_fix)
         self.controlnet = loaders.load_controlnet(spec, weights_dir, random_init, dtype, device)
-        self.resampler, ip_state = loaders.load_instantid_adapter(spec, self.unet, weights_dir, random_init,
-                                                                   dtype, device)
-        self.attach_adapter(ip_state, self.resampler.config.num_queries)
+        sized, ip_state = loaders.load_instantid_adapter(spec, self.unet, weights_dir, random_init, dtype, device)
+        self.resampler = self.attach_adapter(sized.state_dict(), ip_state)  # diffusers' IPAdapterPlusImageProjection
+        self.resampler.config = sized.config  # the sizes read from the checkpoint
         self.face_analyzer = face_analyzer
         self._negative_tokens = None
 
@@ -97,11 +97,9 @@ class IPAdapterBaseline(SDXLBase):
         super().__init__(spec, weights_dir, random_init, device, dtype, vae_fp16_fix)
         self.plus = plus
         self.image_encoder = loaders.load_image_encoder(spec, weights_dir, random_init, dtype, device)
-        self.projector, ip_state = loaders.load_ip_adapter(spec, self.unet, plus, weights_dir, random_init,
-                                                           dtype, device)
-        config = self.projector.config
-        num_tokens = config.num_queries if plus else config.num_tokens
-        self.attach_adapter(ip_state, num_tokens)
+        sized, ip_state = loaders.load_ip_adapter(spec, self.unet, plus, weights_dir, random_init, dtype, device)
+        self.projector = self.attach_adapter(sized.state_dict(), ip_state)  # diffusers' projector
+        self.projector.config = sized.config  # the sizes read from the checkpoint
         self.processor = CLIPImageProcessor()
         self._negative_tokens = None
 

@@ -162,14 +162,14 @@ class BaselineRunner(_Runner):
         def rep(x):
             return x.repeat(rows // x.shape[0], *([1] * (x.ndim - 1)))
 
-        context = rep(torch.cat([kw["prompt_embeds"], kw["tokens"]], dim=1))
+        face = rep(kw["tokens"])
+        context = (rep(kw["prompt_embeds"]), [face])  # diffusers' IP-Adapter form, as the loop passes it
         added = {"text_embeds": rep(kw["pooled"]), "time_ids": pipe.time_ids(work.height, work.width, rows)}
         sample = torch.randn(rows, pipe.unet.config.in_channels, work.height // factor, work.width // factor,
                              generator=torch.Generator().manual_seed(0)).to(pipe.device, pipe.dtype)
         timestep = torch.tensor(500.0, device=pipe.device)
         controlnet = kw.get("controlnet")
         control = rep(kw["control_image"].to(pipe.device, pipe.dtype)) if controlnet is not None else None
-        face = rep(kw["tokens"])
 
         @torch.no_grad()
         def step():

@@ -114,6 +114,33 @@ def test_negative_face_tokens_are_the_resampler_of_zeros(instantid):
     assert negative.abs().sum() > 0  # not zero tokens
 
 
+def test_diffusers_projectors_equal_the_exported_ones(tiny_weights, instantid):
+    """The baseline's diffusers projectors (IPAdapterPlusImageProjection for InstantID's face Resampler
+    and IP-Adapter Plus, ImageProjection for plain) read from the real files equal export.adapters'
+    Resampler / ImageProj, the modules the exporter traces, to float rounding."""
+    from diffusers.models.embeddings import ImageProjection, IPAdapterPlusImageProjection
+
+    from export import loaders
+    from export.specs import TINY
+
+    generator = torch.Generator().manual_seed(3)
+    exported, _ = loaders.load_instantid_adapter(TINY, None, tiny_weights)
+    face = torch.randn(3, 1, 512, generator=generator) * 20
+    assert isinstance(instantid.resampler, IPAdapterPlusImageProjection)
+    with torch.no_grad():
+        got, want = instantid.resampler(face), exported(face)
+    assert got.shape == (3, 16, TINY.cross_attention_dim) and rel(got, want) < 1e-6
+    for plus, cls, shape in ((False, ImageProjection, (3, TINY.ip_image_proj.embed_dim)),
+                             (True, IPAdapterPlusImageProjection, (3, 257, TINY.ip_plus_resampler.embedding_dim))):
+        baseline = IPAdapterBaseline("tiny", plus=plus, weights_dir=tiny_weights)
+        exported, _ = loaders.load_ip_adapter(TINY, None, plus, tiny_weights)
+        embeds = torch.randn(*shape, generator=generator)
+        assert isinstance(baseline.projector, cls)
+        with torch.no_grad():
+            got, want = baseline.projector(embeds), exported(embeds)
+        assert got.shape == want.shape and rel(got, want) < 1e-6
+
+
 def test_instantid_decodes_images(instantid):
     result = instantid.generate(np.ones(512, np.float32), _kps_image(), "a person", steps=2, num_images=2)
     assert [image.size for image in result.images] == [(128, 128), (128, 128)]
