@@ -69,6 +69,7 @@ class Options:
     attention: str = "stacked"
     vae_fp16_fix: bool = False
     components: tuple[str, ...] | None = None
+    loras: tuple = ()  # export.lora.LoraSpec, fused into the UNet and text encoders
 
     def names(self) -> list[str]:
         """The components to export/build: the pipelines' (or the `components` subset), in build order."""
@@ -118,13 +119,15 @@ def export_onnx(options: Options) -> list[Row]:
     spec = checkpoint_spec(spec, weights, options.random_init, parts)
     dtype = torch.float16 if options.precision == "fp16" else torch.float32
     sources = Sources(spec, weights, options.random_init, dtype, out / "assets", options.attention,
-                      options.face_models, options.vae_fp16_fix)
+                      options.face_models, options.vae_fp16_fix, loras=options.loras)
     names = options.names()
     sizes = trace_sizes(spec.trace_resolution)
     flags = {"precision": options.precision, "attention": options.attention, "opset": OPSET,
              "trace_resolution": spec.trace_resolution, "torch": torch.__version__.split("+")[0],
              "weights": "random-init" if options.random_init else ("tiny" if options.weights is None and
                                                                    spec.name == "tiny" else "checkpoints")}
+    if options.loras:  # a rebuild knows which LoRAs were fused (file, sha256, scale)
+        flags["loras"] = [lora.record() for lora in options.loras]
     rows, programs = [], {}
     programs_only = options.stage == "torch"
     if programs_only:
@@ -240,17 +243,27 @@ def parse_args(argv: list[str] | None = None) -> Options:
                              "(two SDPAs: two fused kernels), 'fused' (concatenated keys, a softmax per "
                              "segment: TensorRT fuses none of it)"),
     parser.add_argument("--vae-fp16-fix", action="store_true", help="use the fp16-safe VAE (decoder in fp16)")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="fuse a LoRA (kohya or diffusers/PEFT .safetensors) into the UNet and text encoders "
+                             "before export; repeatable, scale default 1.0")
     args = parser.parse_args(argv)
     if args.weights is not None and not args.weights.is_dir():
         parser.error(f"--weights {args.weights} is not a folder; omit it to use the hub cache")
     if args.weights is not None and args.random_init:
         parser.error("--weights and --random-init exclude each other")
+    from export.lora import LoraSpec
+
+    loras = tuple(LoraSpec.parse(text) for text in args.lora)
+    for lora in loras:
+        if not lora.path.is_file():
+            parser.error(f"--lora {lora.path} is not a file")
     options = Options(
         model=args.model, pipelines=PIPELINES if args.pipeline == "all" else (args.pipeline,),
         out=args.out or Path("build") / args.model, weights=args.weights, random_init=args.random_init,
         face_models=args.face_models, stage=args.stage, backend=args.backend,
         precision=args.precision or ("fp16" if args.model == "sdxl" else "fp32"), attention=args.attention,
-        vae_fp16_fix=args.vae_fp16_fix, components=tuple(args.components) if args.components else None)
+        vae_fp16_fix=args.vae_fp16_fix, components=tuple(args.components) if args.components else None,
+        loras=loras)
     options.names()  # unknown --components: fail before any work
     return options
 

@@ -54,6 +54,7 @@ class Sources:
     attention: str = "stacked"
     face_models_dir: Path | None = None
     vae_fp16_fix: bool = False
+    loras: tuple = ()  # export.lora.LoraSpec: fused into the UNet and text encoders once loaded
     _text: object = field(default=None, repr=False)
     _scratch: list = field(default_factory=list, repr=False)  # temporary folders, removed by release()
 
@@ -89,6 +90,11 @@ class Sources:
     def _text_stack(self):
         if self._text is None:
             self._text = loaders.load_text_stack(self.spec, **self._kw())
+            if self.loras:
+                from export.lora import fuse_loras
+
+                fuse_loras({"text_encoder": self._text.text_encoder, "text_encoder_2": self._text.text_encoder_2},
+                           self.loras)
         return self._text
 
     def _text_encoder(self, name: str) -> comps.Component:
@@ -160,6 +166,10 @@ class Sources:
     # -- UNet + VAE ------------------------------------------------------------------------------
     def _unet(self, name: str) -> comps.Component:
         unet = loaders.load_unet(self.spec, **self._kw())
+        if self.loras:
+            from export.lora import fuse_loras
+
+            fuse_loras({"unet": unet}, self.loras, unet.config)
         if name == "unet_instantid":
             _, ip_state = loaders.load_instantid_adapter(self.spec, unet, **self._kw())
             tokens = self.spec.instantid_resampler.num_queries
