@@ -3,9 +3,10 @@
 Tiny LoRA files in the kohya (`lora_unet_…lora_down/lora_up/alpha`, `lora_te1_`, `lora_te2_`) and the
 diffusers/PEFT (`unet.….lora_A/lora_B`, alpha in the `lora_adapter_metadata` header) layouts are written
 with safetensors for the tiny model: Linear layers in attention, feed-forward and both text encoders,
-and 3x3 / 1x1 convolutions. peft is not installed here, so the fused weights are compared with an
-independent reference computed from the raw tensors (W + scale * alpha / r * up @ down), and for kohya the
-module names with diffusers' own key conversion. End to end, an IP-Adapter build with `--lora` runs in
+and 3x3 / 1x1 convolutions. The fused weights are compared with an independent reference computed
+from the raw tensors (W + scale * alpha / r * up @ down), and for kohya the module names with
+diffusers' own key conversion (diffusers' `load_lora_weights` needs peft, which the project does not
+install: peft 0.21 with diffusers 0.42 fails on a UNet config without `model_type`). End to end, an IP-Adapter build with `--lora` runs in
 ONNX Runtime against the PyTorch baseline given the same fused modules (fp32 latents within 1e-5
 relative) and differs from the build without the LoRA.
 """
