@@ -337,40 +337,13 @@ def torch_sessions(pipeline: str, model: str, weights: Path | None, device=None,
     for name in PIPELINE_COMPONENTS[pipeline]:
         if name in ("face_detector", "arcface"):
             continue
-        try:
-            component = sources.make(name)
-        except AttributeError:  # export.sources' random-init projectors read a UNet they are not given
-            if name not in ("face_proj", "image_proj", "image_proj_plus"):
-                raise
-            component = _projector_component(get_spec(model), name, weights, dtype)
+        component = sources.make(name)
         module = component.module.to(device)
         sessions[name] = TorchSession(module, [TensorInfo(io.name, io.dtype, io.dims) for io in component.inputs],
                                       [TensorInfo(io.name, io.dtype, io.dims) for io in component.outputs],
                                       name=name, device=device)
     sources.release()
     return sessions
-
-
-def _projector_component(spec, name: str, weights: Path | None, dtype):
-    """face_proj / image_proj / image_proj_plus as an export.components Component (engine I/O)."""
-    from types import SimpleNamespace
-
-    from export import components as comps
-    from export import loaders
-
-    no_unet = SimpleNamespace(attn_processors={}, config=SimpleNamespace(cross_attention_dim=spec.cross_attention_dim))
-    kwargs = dict(weights_dir=weights, random_init=weights is None, dtype=dtype)
-    if name == "face_proj":
-        module, _ = loaders.load_instantid_adapter(spec, no_unet, **kwargs)
-        return comps.projector_component(name, module, "face_embedding", (spec.face_embedding_dim,), "face_tokens")
-    plus = name == "image_proj_plus"
-    module, _ = loaders.load_ip_adapter(spec, no_unet, plus, **kwargs)
-    if plus:
-        image = spec.image_encoder
-        patches = (image["image_size"] // image["patch_size"]) ** 2 + 1
-        return comps.projector_component(name, module, "hidden_states",
-                                         (patches, spec.ip_plus_resampler.embedding_dim), "ip_tokens")
-    return comps.projector_component(name, module, "image_embeds", (spec.ip_image_proj.embed_dim,), "ip_tokens")
 
 
 def build_analyzer(build: Path | None):

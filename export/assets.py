@@ -8,8 +8,10 @@
                                      ip_adapter_plus: Resampler(image_encoder(zero pixel_values).hidden_states[-2])
     model.json                     model facts (`model_facts`)
 
-The negatives are computed once in float32 (exactly as the baseline pipelines compute them);
-the runtime casts them to its engines' input dtype.
+runtime.assets reads these and nothing else. The negatives are computed once in float32 by the
+exported projectors from the inputs the baseline pipelines use for theirs (the baseline runs
+diffusers' projectors, held to these by tests/test_baseline.py); the runtime casts them to its
+engines' input dtype.
 """
 from __future__ import annotations
 

@@ -2,13 +2,12 @@
 
     assets = Assets.open("build/tiny")
     assets.tokenizers()          # (ClipTokenizer, ClipTokenizer) from assets/tokenizer, tokenizer_2
-    assets.scheduler_config()    # diffusers scheduler_config.json dict
-    assets.vae_scaling_factor    # float (0.13025 for SDXL)
-    assets.constant("negative_tokens_instantid")   # cached input-independent tensors, or None
+    assets.scheduler_config()    # assets/scheduler_config.json (diffusers scheduler config dict)
+    assets.vae_scaling_factor    # the model fact vae_scaling_factor (0.13025 for SDXL)
+    assets.constant("negative_tokens_instantid")   # assets/<name>.npy (cached negatives), or None
     assets.value("default_resolution")             # model facts: assets/model.json + manifest metadata
 
-Where a value is looked for is listed in one place per value (`_CANDIDATES`), so a build made by
-an older exporter still opens; a missing file raises AssetError saying how to re-export.
+These are the files export.assets writes; a missing one raises AssetError saying how to re-export.
 """
 from __future__ import annotations
 
@@ -22,15 +21,6 @@ import numpy as np
 import torch
 
 from runtime.text import ClipTokenizer
-
-_CANDIDATES = {
-    "tokenizer": ("tokenizer",),
-    "tokenizer_2": ("tokenizer_2",),
-    "scheduler": ("scheduler_config.json", "scheduler/scheduler_config.json"),
-    "vae": ("vae_config.json", "vae/config.json"),
-}
-SDXL_VAE_SCALING = 0.13025
-
 
 class AssetError(FileNotFoundError):
     """A build directory lacks an asset the runtime needs."""
@@ -59,14 +49,16 @@ class Assets:
     def folder(self) -> Path:
         return self.build_dir / "assets"
 
-    def find(self, what: str, names: tuple[str, ...] | None = None) -> Path:
-        """The first existing assets/<candidate> for `what`; AssetError naming the re-export command."""
-        for name in names or _CANDIDATES[what]:
-            path = self.folder / name
-            if path.exists():
-                return path
-        raise AssetError(f"{self.folder} has no {what} (looked for {list(names or _CANDIDATES[what])}); re-export: "
-                         f"python -m export.build --model {self.model} --stage onnx --out {self.build_dir}")
+    def _missing(self, what: str) -> AssetError:
+        return AssetError(f"{self.build_dir} has no {what}; re-export: "
+                          f"python -m export.build --model {self.model} --stage onnx --out {self.build_dir}")
+
+    def find(self, name: str) -> Path:
+        """assets/<name>; AssetError naming the re-export command when it is absent."""
+        path = self.folder / name
+        if not path.exists():
+            raise self._missing(f"assets/{name}")
+        return path
 
     def tokenizers(self) -> tuple[ClipTokenizer, ClipTokenizer]:
         """The two SDXL CLIP tokenizers (77 tokens; they differ in the pad token)."""
@@ -74,40 +66,24 @@ class Assets:
 
     def scheduler_config(self) -> dict:
         """The diffusers scheduler_config.json dict (for runtime.schedulers.build_scheduler)."""
-        if isinstance(self.metadata.get("scheduler_config"), dict):
-            return dict(self.metadata["scheduler_config"])
-        return json.loads(self.find("scheduler").read_text())
+        return json.loads(self.find("scheduler_config.json").read_text())
 
     @property
     def vae_scaling_factor(self) -> float:
-        """Latents are divided by this before the VAE decoder (SDXL: 0.13025)."""
-        for key in ("vae_scaling_factor", "scaling_factor"):
-            if key in self.metadata:
-                return float(self.metadata[key])
-        vae = self.metadata.get("vae")
-        if isinstance(vae, dict) and "scaling_factor" in vae:
-            return float(vae["scaling_factor"])
-        try:
-            return float(json.loads(self.find("vae").read_text())["scaling_factor"])
-        except AssetError:
-            return SDXL_VAE_SCALING
+        """Latents are divided by this before the VAE decoder (SDXL: 0.13025): the model fact the
+        exporter writes to assets/model.json and the manifest metadata."""
+        if "vae_scaling_factor" not in self.metadata:
+            raise self._missing("vae_scaling_factor in assets/model.json or the manifest metadata")
+        return float(self.metadata["vae_scaling_factor"])
 
     def value(self, key: str, default=None):
         """A metadata value (e.g. 'default_resolution'), or `default`."""
         return self.metadata.get(key, default)
 
     def constant(self, name: str) -> torch.Tensor | None:
-        """A cached tensor assets/<name>.npy or a key of assets/constants.safetensors; None if absent."""
+        """A cached tensor assets/<name>.npy (export.assets.save_negative_tokens); None if absent."""
         path = self.folder / f"{name}.npy"
-        if path.is_file():
-            return torch.from_numpy(np.load(path))
-        for file in sorted(self.folder.glob("*.safetensors")) if self.folder.is_dir() else ():
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt") as handle:
-                if name in handle.keys():
-                    return handle.get_tensor(name)
-        return None
+        return torch.from_numpy(np.load(path)) if path.is_file() else None
 
     def engine_range(self, component: str, input_name: str = "sample") -> tuple[tuple, tuple] | None:
         """(min shape, max shape) of an engine input over its profiles, or None (no engine / no range)."""

@@ -19,7 +19,7 @@ from runtime.face import FaceIndexError, NoFaceError
 from runtime.serve.app import ServeConfig, create_app
 from runtime.serve.inputs import Limits
 from runtime.serve.served import ServedPipeline
-from runtime.serve.testing import serve_in_thread, wait_ready
+from serve_helpers import serve_in_thread, wait_ready
 
 
 class StandInPipeline:

@@ -33,7 +33,7 @@ from PIL import Image
 
 from runtime.serve.app import ServeConfig, create_app
 from runtime.serve.inputs import Limits
-from runtime.serve.testing import reused_build, serve_in_thread, wait_ready
+from serve_helpers import reused_build, serve_in_thread, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW_S = 2.0  # the module server's header and body deadlines

@@ -25,7 +25,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from runtime.serve.testing import reused_build
+from serve_helpers import reused_build
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_CAP = 5 * 2**30  # the tiny server: VmData ~1.2 GB after warm-up and requests

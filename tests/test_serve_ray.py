@@ -13,7 +13,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from runtime.serve.testing import reused_build
+from serve_helpers import reused_build
 
 ray = pytest.importorskip("ray", reason="ray[serve] is not installed: pip install -e '.[serve]' for the Ray Serve test")
 serve = pytest.importorskip("ray.serve", reason="ray is installed without Serve: pip install 'ray[serve]'")

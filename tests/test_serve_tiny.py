@@ -23,7 +23,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from runtime.serve.testing import reused_build
+from serve_helpers import reused_build
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_BODY_MB = 1

@@ -15,7 +15,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from runtime.serve.testing import reused_build
+from serve_helpers import reused_build
 
 MODEL_PY = Path(__file__).resolve().parents[1] / "docs" / "triton" / "instantid" / "1" / "model.py"
 

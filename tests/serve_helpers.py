@@ -1,4 +1,4 @@
-"""Run an ASGI app with uvicorn in a background thread on 127.0.0.1 (tests, benchmarks, notebooks).
+"""HTTP-server test helpers: uvicorn in a thread on 127.0.0.1, readiness polling, a reused tiny build.
 
     with serve_in_thread(app) as url:           # e.g. 'http://127.0.0.1:41235'
         httpx.get(url + "/healthz")
