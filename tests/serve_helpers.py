@@ -60,3 +60,20 @@ def reused_build(env_var: str = "INSTANTRT_TINY_BUILD"):
 
     reuse = os.environ.get(env_var)
     return Path(reuse) if reuse and (Path(reuse) / "manifest.json").is_file() else None
+
+
+def wait_process_ready(url: str, process, log, timeout_s: float, poll_s: float = 0.25) -> None:
+    """Poll GET /readyz of a `python -m runtime serve` subprocess until 200; AssertionError with the
+    tail of its `log` (a Path) if it exits or is not ready within `timeout_s`."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert process.poll() is None, f"server exited {process.returncode}:\n" + log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"server not ready in {timeout_s} s:\n" + log.read_text()[-3000:]
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(poll_s)

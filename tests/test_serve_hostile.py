@@ -33,7 +33,7 @@ from PIL import Image
 
 from runtime.serve.app import ServeConfig, create_app
 from runtime.serve.inputs import Limits
-from serve_helpers import reused_build, serve_in_thread, wait_ready
+from serve_helpers import reused_build, serve_in_thread, wait_process_ready, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW_S = 2.0  # the module server's header and body deadlines
@@ -296,15 +296,7 @@ def test_sigterm_answers_the_queue_503_and_finishes_the_running_request(build, t
                                                  "--max-batch", "1", "--max-side", "512"),
                                    cwd=REPO, stdout=stream, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_process_ready(url, process, log, 90, poll_s=0.2)
         answers: dict[str, httpx.Response] = {}
 
         def post(name: str, **fields) -> threading.Thread:

@@ -25,7 +25,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from serve_helpers import reused_build
+from serve_helpers import reused_build, wait_process_ready
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_CAP = 5 * 2**30  # the tiny server: VmData ~1.2 GB after warm-up and requests
@@ -99,16 +99,7 @@ def server(request, tmp_path_factory):
         process = subprocess.Popen(command, cwd=REPO, stdout=stream, stderr=subprocess.STDOUT, preexec_fn=capped)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "server not ready in 120 s:\n" + log.read_text()[-3000:]
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
+        wait_process_ready(url, process, log, 120)
         yield url, process.pid
     finally:
         process.terminate()

@@ -23,7 +23,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from serve_helpers import reused_build
+from serve_helpers import reused_build, wait_process_ready
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_BODY_MB = 1
@@ -56,16 +56,7 @@ def server(serve_build, tmp_path_factory):
         process = subprocess.Popen(command, cwd=REPO, stdout=stream, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "server not ready in 180 s:\n" + log.read_text()[-3000:]
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
+        wait_process_ready(url, process, log, 180)
         yield url
     finally:
         process.terminate()
