@@ -33,7 +33,8 @@ def to_device_image(image: np.ndarray, device: str | torch.device) -> torch.Tens
         got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
         raise ValueError(f"to_device_image takes an (H, W, 3) uint8 array, got {got}: load it with "
                          "runtime.images.load_image")
-    return torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None]
+    # read-only arrays (e.g. decoded images) are copied once: torch.from_numpy warns on them
+    return torch.from_numpy(np.require(image, requirements=("C", "W"))).to(device).permute(2, 0, 1)[None]
 
 
 def _like(result: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
