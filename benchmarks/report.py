@@ -10,6 +10,9 @@ from pathlib import Path
 
 # stages that add up to one request (denoise_step is inside denoise_loop; end_to_end is the sum)
 STACKED = ("face_analysis", "text_encoding", "image_tokens", "denoise_loop", "vae_decode")
+# what end_to_end runs, each of them also timed alone (face analysis is outside end_to_end)
+IN_END_TO_END = ("text_encoding", "image_tokens", "denoise_loop", "vae_decode")
+MIN_RUNS = 3  # fewer samples per stage: medians and p90s are single samples, said so in the table
 COLORS = {"face_analysis": "#8c8c8c", "text_encoding": "#4c72b0", "image_tokens": "#dd8452",
           "denoise_loop": "#55a868", "vae_decode": "#c44e52"}
 
@@ -59,6 +62,38 @@ def memory_rows() -> list[tuple[str, object]]:
             ("torch max allocated (secondary: torch tensors only)", torch_allocated)]
 
 
+def _median(backend: dict, stage: str) -> float | None:
+    return (backend["stages"].get(stage) or {}).get("median")
+
+
+def unaccounted(backend: dict) -> float | None:
+    """end_to_end median − the sum of the medians of the stages it runs (each timed alone), seconds;
+    None when any of them is missing. Positive: work outside the timed stages (host preparation,
+    tokenisation, copies between stages); negative: the stages share work or overlap when run as one
+    request, or run-to-run noise."""
+    total, parts = _median(backend, "end_to_end"), [_median(backend, s) for s in IN_END_TO_END]
+    if total is None or any(p is None for p in parts):
+        return None
+    return total - sum(parts)
+
+
+def consistency_notes(result: dict) -> list[str]:
+    """Sentences for figures that would read as contradictions: too few runs, a loop median below
+    one step's median."""
+    config, notes = result["config"], []
+    if config["runs"] < MIN_RUNS:
+        notes.append(f"{config['runs']} timed run(s) per stage: too few for a median or a p90 (p90 shown as –), "
+                     f"each figure is one or two samples; use --runs {MIN_RUNS} or more to compare stages.")
+    for backend in result["backends"]:
+        if not backend["available"]:
+            continue
+        step, loop = _median(backend, "denoise_step"), _median(backend, "denoise_loop")
+        if step and loop and loop < step:
+            notes.append(f"{backend['name']}: the {config['steps']}-step loop's median is below one step's: the "
+                         "two are timed apart and the difference is within this machine's noise.")
+    return notes
+
+
 def _header(result: dict) -> str:
     config, machine = result["config"], result["machine"]
     gpus = ", ".join(machine["gpus"]) or "no GPU"
@@ -69,10 +104,10 @@ def _header(result: dict) -> str:
             f"{gpus}; {versions}\n\nCommand: `{result['command']}`")
 
 
-def _cell(backend: dict, stage: str) -> str:
+def _cell(backend: dict, stage: str, single: bool = False) -> str:
     stats = backend["stages"].get(stage)
     if stats:
-        return f"{fmt_seconds(stats['median'])} ({fmt_seconds(stats['p90'])})"
+        return f"{fmt_seconds(stats['median'])} ({'–' if single else fmt_seconds(stats['p90'])})"
     error = backend.get("stage_errors", {}).get(stage)
     return f"error: {error}" if error else "n/a"
 
@@ -86,11 +121,16 @@ def markdown(result: dict) -> str:
     head = ["stage"] + [f"{b['name']} median (p90)" for b in backends]
     head += [f"{name} speedup" for name in result.get("speedups", {})]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    single = result["config"]["runs"] < MIN_RUNS
     for stage in result["stages"]:
-        row = [stage] + [_cell(b, stage) for b in backends]
+        row = [stage] + [_cell(b, stage, single) for b in backends]
         row += [f"{s[stage]:.2f}x" if stage in s else "–" for s in result.get("speedups", {}).values()]
         lines.append("| " + " | ".join(row) + " |")
     pad = ["–"] * len(result.get("speedups", {}))
+    gaps = [unaccounted(b) for b in backends]
+    if any(g is not None for g in gaps):
+        lines.append("| end_to_end − (" + " + ".join(IN_END_TO_END) + ") | " + " | ".join(
+            ["–" if g is None else ("+" if g >= 0 else "−") + fmt_seconds(abs(g)) for g in gaps] + pad) + " |")
     lines.append("| cold start (load → first image) | " + " | ".join(
         [fmt_seconds(b["cold_start_s"]) for b in backends] + pad) + " |")
     for label, cell in memory_rows():
@@ -101,6 +141,11 @@ def markdown(result: dict) -> str:
             lines.append(f"\n{backend['name']}: final latents ‖Δ‖/‖baseline‖ = {rel:.2e}")
         if backend["available"] and backend.get("notes"):
             lines.append(f"\n{backend['name']} notes: " + "; ".join(backend["notes"]))
+    lines += ["", "Each stage is timed alone from ready inputs; end_to_end is one whole request (face analysis "
+              "excluded). Their difference row: positive is work outside the timed stages (host preparation, "
+              "tokenisation, copies between stages), negative is work the stages share or overlap when run "
+              "together, or noise."]
+    lines += [f"\nNote: {note}" for note in consistency_notes(result)]
     unavailable = [b for b in result["backends"] if not b["available"]]
     for backend in unavailable:
         lines.append(f"\n{backend['name']}: unavailable: {backend['reason']}")
@@ -128,45 +173,68 @@ def markdown(result: dict) -> str:
 
 
 def plot_stages(result: dict, path: Path) -> Path:
-    """Stacked per-stage bars (median seconds) for every available backend and the floor; black ticks:
-    the measured end-to-end median (+ face analysis, which end_to_end excludes)."""
-    import matplotlib
+    """Write `stage_figure(result)` to `path` (PNG)."""
+    return _save(stage_figure(result), path)
 
-    matplotlib.use("Agg")
+
+def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    def median(backend, stage):
-        return (backend["stages"].get(stage) or {}).get("median")
-
-    bars = [(b["name"], {s: median(b, s) or 0.0 for s in STACKED},
-             median(b, "end_to_end") and median(b, "end_to_end") + (median(b, "face_analysis") or 0.0))
-            for b in result["backends"] if b["available"]]
-    if result.get("floor"):
-        floor = result["floor"]["floor_s"]
-        bars.append(("floor", {s: floor.get(s, 0.0) for s in STACKED}, floor.get("end_to_end")))
-    fig, ax = plt.subplots(figsize=(1.6 * len(bars) + 3, 4.5))
-    names = [name for name, _, _ in bars]
-    bottoms = [0.0] * len(bars)
-    for stage in STACKED:
-        heights = [parts[stage] for _, parts, _ in bars]
-        ax.bar(names, heights, bottom=bottoms, color=COLORS[stage], label=stage, width=0.6)
-        bottoms = [b + h for b, h in zip(bottoms, heights)]
-    for index, (_, _, total) in enumerate(bars):
-        if total:
-            ax.plot([index - 0.35, index + 0.35], [total, total], color="black", lw=1.5)
-    config = result["config"]
-    ax.set_ylabel("seconds (median)")
-    ax.set_title(f"{config['pipeline']} {config['model']} {config['resolution'][0]}² batch {config['batch']}, "
-                 f"{config['steps']} steps — black: measured face analysis + end-to-end", fontsize=9)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
+def stage_figure(result: dict):
+    """A matplotlib Figure: stacked per-stage bars (median seconds, each stage timed alone) for every
+    available backend and the floor; a hatched segment: end-to-end time outside the timed stages;
+    black ticks: the measured face analysis + end-to-end median (one whole request)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = []
+    for backend in (b for b in result["backends"] if b["available"]):
+        total, gap = _median(backend, "end_to_end"), unaccounted(backend)
+        parts = {s: _median(backend, s) or 0.0 for s in STACKED}
+        parts["outside the timed stages"] = max(gap or 0.0, 0.0)
+        bars.append((backend["name"], parts, total and total + (_median(backend, "face_analysis") or 0.0)))
+    if result.get("floor"):
+        floor = result["floor"]["floor_s"]
+        bars.append(("floor", {s: floor.get(s, 0.0) for s in STACKED}, floor.get("end_to_end")))
+    fig, ax = plt.subplots(figsize=(1.6 * len(bars) + 4, 4.5))
+    names = [name for name, _, _ in bars]
+    bottoms = [0.0] * len(bars)
+    for stage in (*STACKED, "outside the timed stages"):
+        heights = [parts.get(stage, 0.0) for _, parts, _ in bars]
+        if stage not in COLORS and not any(heights):
+            continue
+        ax.bar(names, heights, bottom=bottoms, width=0.6, label=stage,
+               **({"color": COLORS[stage]} if stage in COLORS else {"color": "white", "edgecolor": "#555555",
+                                                                    "hatch": "//"}))
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    ticks = [(index, total) for index, (_, _, total) in enumerate(bars) if total]
+    for number, (index, total) in enumerate(ticks):
+        ax.plot([index - 0.35, index + 0.35], [total, total], color="black", lw=1.5,
+                label="measured: face analysis + end-to-end" if number == 0 else None)
+    config = result["config"]
+    ax.set_ylabel("seconds (median)")
+    ax.set_title(f"{config['pipeline']} · {config['model']} · {config['resolution'][0]}x{config['resolution'][1]} · "
+                 f"batch {config['batch']} · {config['steps']} steps: where one request's time goes", fontsize=9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
 def sweep_plot(result: dict, path: Path) -> Path | None:
-    """End-to-end median vs resolution, one line per backend and batch; None without a sweep."""
+    """Write `sweep_figure(result)` to `path`; None without a sweep."""
+    fig = sweep_figure(result)
+    return None if fig is None else _save(fig, path)
+
+
+def sweep_figure(result: dict):
+    """End-to-end median vs resolution, one line per backend and batch (a Figure); None without a sweep."""
     rows = [(b["name"], r) for b in result["backends"] if b["available"] for r in b.get("sweep", [])
             if r.get("stage") == "end_to_end"]
     if not rows:
@@ -180,13 +248,13 @@ def sweep_plot(result: dict, path: Path) -> Path | None:
     for key in sorted({(name, r["batch"]) for name, r in rows}):
         points = sorted((r["resolution"], r["median"]) for name, r in rows if (name, r["batch"]) == key)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{key[0]} batch {key[1]}")
+    config = result["config"]
     ax.set_xlabel("resolution (px, square)")
     ax.set_ylabel("end-to-end seconds (median)")
+    ax.set_title(f"{config['pipeline']} · {config['model']} · {config['steps']} steps: end-to-end time vs size",
+                 fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def write_outputs(result: dict, out: Path, plot: bool = True) -> dict[str, Path]:
@@ -211,7 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m benchmarks.report OUT/latency.json", file=sys.stderr)
         return 2
     source = Path(argv[0])
-    result = json.loads(source.read_text())
+    try:
+        result = json.loads(source.read_text())
+        result["config"], result["backends"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        print(f"error: {source} is not a latency.json written by python -m benchmarks.latency ({error})",
+              file=sys.stderr)
+        return 2
     for path in write_outputs(result, source.parent).values():
         print(path)
     return 0
