@@ -11,14 +11,14 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
 from engine.backend import Backend, BackendError, detect_gpu, load_backend, refit_build_blocker
-from engine.manifest import BuildFlags, EngineRecord, EngineTensor, atomic_write, sha256_files
+from engine.manifest import BuildFlags, EngineRecord, atomic_write, sha256_files
 from engine.profiles import Profile, ShapeRange, output_range, solve_symbols
+from engine.tensors import TensorSpec, onnx_io, trt_dtype
 
 CPU_BUILD = "cpu (ahead-of-time)"
 log = logging.getLogger("engine")
@@ -35,14 +35,6 @@ class OnnxParseError(RuntimeError):
 
 class EngineBuildError(RuntimeError):
     """The builder could not produce a plan; the message carries the builder's own errors."""
-
-
-@dataclass(frozen=True)
-class OnnxTensor:
-    """An ONNX graph input/output as the build sees it: dims keep their axis names."""
-
-    name: str
-    shape: tuple
 
 
 def build_engine(onnx_path: str | Path, plan_path: str | Path, profiles: Sequence[Profile],
@@ -106,7 +98,8 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, profiles: Sequenc
     if timing_cache is not None:
         atomic_write(Path(timing_cache), memoryview(config.get_timing_cache().serialize()))
 
-    inputs, outputs, onnx_files = _onnx_io(onnx_path)
+    io = onnx_io(onnx_path)
+    onnx_files = [onnx_path] + [onnx_path.parent / name for name in io.external_data]
     gpu = detect_gpu()
     if flags.compute_capabilities:
         targets = flags.compute_capabilities
@@ -118,8 +111,8 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, profiles: Sequenc
         path=os.path.relpath(plan_path, plan_path.parent.parent), onnx_sha256=onnx_sha256 or sha256_files(onnx_files),
         backend=backend.name, backend_version=backend.version, compute_capabilities=tuple(targets),
         build_device=gpu.name if gpu else CPU_BUILD, flags=flags, profiles=tuple(profiles),
-        inputs=tuple(_engine_tensors(network, True, inputs, profiles)),
-        outputs=tuple(_engine_tensors(network, False, outputs, profiles, inputs)),
+        inputs=tuple(_engine_tensors(network, True, io.inputs, profiles)),
+        outputs=tuple(_engine_tensors(network, False, io.outputs, profiles, io.inputs)),
         build_seconds=round(seconds, 3), plan_bytes=plan.nbytes,
         plan_sha256=hashlib.sha256(memoryview(plan)).hexdigest(),
         built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -227,32 +220,10 @@ def _check_shape(name: str, network_shape: tuple, shapes: ShapeRange, onnx_path:
                              f"profile shape {list(shape)} does not fit it")
 
 
-def _onnx_io(onnx_path: Path) -> tuple[list[OnnxTensor], list[OnnxTensor], list[Path]]:
-    """Graph inputs and outputs with axis names, and the files (ONNX + external data) to hash."""
-    import onnx
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    initializers = {t.name for t in graph.initializer}
-    external = sorted({e.value for t in graph.initializer for e in t.external_data if e.key == "location"})
-
-    def spec(value) -> OnnxTensor:
-        dims = value.type.tensor_type.shape.dim
-        return OnnxTensor(value.name, tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims))
-
-    return ([spec(v) for v in graph.input if v.name not in initializers], [spec(v) for v in graph.output],
-            [onnx_path] + [onnx_path.parent / name for name in external])
-
-
-_TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "INT32": "int32",
-               "INT64": "int64", "BOOL": "bool", "UINT8": "uint8", "FP8": "float8_e4m3", "INT4": "int4"}
-
-
-def trt_dtype(dtype) -> str:
-    """numpy-style name of a TensorRT DataType (float16, int64, ...)."""
-    return _TRT_DTYPES.get(dtype.name, dtype.name.lower())
-
-
-def _engine_tensors(network, is_input: bool, onnx_tensors: list[OnnxTensor], profiles: Sequence[Profile],
-                    onnx_inputs: list[OnnxTensor] | None = None):
+def _engine_tensors(network, is_input: bool, onnx_tensors: Sequence[TensorSpec], profiles: Sequence[Profile],
+                    onnx_inputs: Sequence[TensorSpec] = ()):
+    """The network's inputs (or outputs) as TensorSpecs: the plan's dtype, the ONNX dims with their axis
+    names, and the shape range over all profiles (outputs: as far as the axis names determine it)."""
     symbolic = {t.name: t.shape for t in onnx_tensors}
     count = network.num_inputs if is_input else network.num_outputs
     for index in range(count):
@@ -269,6 +240,6 @@ def _engine_tensors(network, is_input: bool, onnx_tensors: list[OnnxTensor], pro
         if ranges and None not in ranges:
             low = tuple(min(r.min[i] for r in ranges) for i in range(len(dims)))
             high = tuple(max(r.max[i] for r in ranges) for i in range(len(dims)))
-            yield EngineTensor(tensor.name, trt_dtype(tensor.dtype), shape, low, ranges[0].opt, high)
+            yield TensorSpec(tensor.name, trt_dtype(tensor.dtype), shape, low, ranges[0].opt, high)
         else:
-            yield EngineTensor(tensor.name, trt_dtype(tensor.dtype), shape)
+            yield TensorSpec(tensor.name, trt_dtype(tensor.dtype), shape)

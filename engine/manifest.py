@@ -19,8 +19,9 @@ that is absolute or leads outside it)::
                    "activation_bytes"} }}}
 
 `onnx` is written by the exporter through `record_onnx`; `engine` by `engine.build_all`.
-Axis names in shapes follow engine/profiles.py. Output min/opt/max are null where an axis
-name does not determine a size; runtimes should still ask the execution context.
+Tensors are engine.tensors.TensorSpec (dtype names from its one dtype map); axis names in shapes
+follow engine/profiles.py. An engine output has no min/opt/max where an axis name does not
+determine a size (older manifests wrote null); runtimes should still ask the execution context.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -35,24 +37,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from engine.profiles import Profile, ShapeRange
+from engine.tensors import TensorSpec, json_fields, onnx_dtype, onnx_io, spec_from_dict
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-
-Shape = tuple  # of int | str (axis names)
+EngineTensor = TensorSpec  # an engine's input/output: a TensorSpec with its shape range
 
 
 class ManifestError(RuntimeError):
     """manifest.json is missing, unreadable or lacks what was asked for."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """An ONNX graph input/output: name, numpy dtype name, dims (ints and axis names)."""
-
-    name: str
-    dtype: str
-    shape: Shape
 
 
 @dataclass
@@ -87,18 +80,6 @@ class BuildFlags:
     user_allocation: bool = False
 
 
-@dataclass(frozen=True)
-class EngineTensor:
-    """An engine input/output: dtype, dims with axis names, and shape range over all profiles."""
-
-    name: str
-    dtype: str
-    shape: Shape
-    min: tuple[int, ...] | None = None
-    opt: tuple[int, ...] | None = None
-    max: tuple[int, ...] | None = None
-
-
 @dataclass
 class EngineRecord:
     """One built plan: what it was built from, with what, for which GPUs, and its checksum.
@@ -115,8 +96,8 @@ class EngineRecord:
     build_device: str
     flags: BuildFlags
     profiles: tuple[Profile, ...]
-    inputs: tuple[EngineTensor, ...]
-    outputs: tuple[EngineTensor, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
     build_seconds: float
     plan_bytes: int
     plan_sha256: str
@@ -144,26 +125,13 @@ class Manifest:
 
 # ---- JSON <-> dataclasses --------------------------------------------------------------------
 
-def _shape(values) -> tuple:
-    return tuple(values) if values is not None else None
-
-
-def _tensor(d: dict) -> TensorSpec:
-    return TensorSpec(d["name"], d["dtype"], _shape(d["shape"]))
-
-
-def _engine_tensor(d: dict) -> EngineTensor:
-    return EngineTensor(d["name"], d["dtype"], _shape(d["shape"]), _shape(d.get("min")),
-                        _shape(d.get("opt")), _shape(d.get("max")))
-
-
 def _profile(d: dict) -> Profile:
     return {name: ShapeRange(tuple(r["min"]), tuple(r["opt"]), tuple(r["max"])) for name, r in d.items()}
 
 
 def _onnx_record(d: dict) -> OnnxRecord:
     return OnnxRecord(d["path"], d["sha256"], d["size_bytes"], d["params"], d["opset"],
-                      tuple(map(_tensor, d["inputs"])), tuple(map(_tensor, d["outputs"])),
+                      tuple(map(spec_from_dict, d["inputs"])), tuple(map(spec_from_dict, d["outputs"])),
                       tuple(d.get("external_data", ())), dict(d.get("export_flags", {})),
                       float(d.get("export_seconds", 0.0)))
 
@@ -178,8 +146,8 @@ def _engine_record(d: dict) -> EngineRecord:
     return EngineRecord(
         d["path"], d["onnx_sha256"], d["backend"], d["backend_version"],
         tuple(d["compute_capabilities"]), d["build_device"], _flags(d["flags"]),
-        tuple(map(_profile, d["profiles"])), tuple(map(_engine_tensor, d["inputs"])),
-        tuple(map(_engine_tensor, d["outputs"])), float(d["build_seconds"]), d["plan_bytes"],
+        tuple(map(_profile, d["profiles"])), tuple(map(spec_from_dict, d["inputs"])),
+        tuple(map(spec_from_dict, d["outputs"])), float(d["build_seconds"]), d["plan_bytes"],
         d["plan_sha256"], d["built_at"], d.get("activation_bytes"))
 
 
@@ -196,8 +164,8 @@ def manifest_from_dict(d: dict) -> Manifest:
 
 
 def manifest_to_dict(manifest: Manifest) -> dict:
-    """JSON-ready dict of a Manifest (tuples become lists)."""
-    return json.loads(json.dumps(asdict(manifest)))
+    """JSON-ready dict of a Manifest (tuples become lists; see engine.tensors.json_fields)."""
+    return json.loads(json.dumps(asdict(manifest, dict_factory=json_fields)))
 
 
 # ---- files ---------------------------------------------------------------------------------
@@ -354,24 +322,6 @@ def sha256_files(paths) -> str:
 
 # ---- ONNX description ----------------------------------------------------------------------
 
-_ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64",
-                9: "bool", 10: "float16", 11: "float64", 16: "bfloat16"}
-
-
-def onnx_dtype(elem_type: int) -> str:
-    """numpy-style dtype name of an ONNX TensorProto element type."""
-    if elem_type in _ONNX_DTYPES:
-        return _ONNX_DTYPES[elem_type]
-    import onnx
-    return onnx.TensorProto.DataType.Name(elem_type).lower()
-
-
-def _value_spec(value) -> TensorSpec:
-    tensor = value.type.tensor_type
-    dims = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor.shape.dim)
-    return TensorSpec(value.name, onnx_dtype(tensor.elem_type), dims)
-
-
 def describe_onnx(onnx_path: str | Path, build_dir: str | Path | None = None, *,
                   export_flags: dict | None = None, export_seconds: float = 0.0) -> OnnxRecord:
     """Read an ONNX file's I/O, parameter count and checksum (external data included).
@@ -385,12 +335,10 @@ def describe_onnx(onnx_path: str | Path, build_dir: str | Path | None = None, *,
         raise FileNotFoundError(f"{onnx_path} does not exist: export the component first")
     root = Path(build_dir) if build_dir is not None else onnx_path.parent.parent
     model = onnx.load(str(onnx_path), load_external_data=False)
-    graph = model.graph
-    initializers = {t.name for t in graph.initializer}
-    external = sorted({entry.value for t in graph.initializer for entry in t.external_data
-                       if entry.key == "location"})
-    params = sum(_count(t.dims) for t in graph.initializer if onnx_dtype(t.data_type).startswith(("float", "bfloat")))
-    files = [onnx_path] + [onnx_path.parent / name for name in external]
+    io = onnx_io(model)
+    params = sum(math.prod(t.dims) for t in model.graph.initializer
+                 if onnx_dtype(t.data_type).startswith(("float", "bfloat")))
+    files = [onnx_path] + [onnx_path.parent / name for name in io.external_data]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"external data {missing} of {onnx_path} is missing: re-export it")
@@ -398,17 +346,8 @@ def describe_onnx(onnx_path: str | Path, build_dir: str | Path | None = None, *,
     return OnnxRecord(
         path=os.path.relpath(onnx_path, root), sha256=sha256_files(files),
         size_bytes=sum(f.stat().st_size for f in files), params=params, opset=opset,
-        inputs=tuple(_value_spec(v) for v in graph.input if v.name not in initializers),
-        outputs=tuple(_value_spec(v) for v in graph.output),
-        external_data=tuple(external), export_flags=dict(export_flags or {}),
+        inputs=io.inputs, outputs=io.outputs, external_data=io.external_data, export_flags=dict(export_flags or {}),
         export_seconds=float(export_seconds))
-
-
-def _count(dims) -> int:
-    total = 1
-    for d in dims:
-        total *= d
-    return total
 
 
 def record_onnx(build_dir: str | Path, model: str, component: str, onnx_path: str | Path | None = None,
