@@ -1,11 +1,14 @@
-"""PyTorch baseline pipelines: InstantID and IP-Adapter (plain and Plus) on SDXL, from diffusers modules.
+"""PyTorch baseline pipelines: InstantID and IP-Adapter (plain and Plus) on SDXL, and IP-Adapter on
+SD1.5, from diffusers modules.
 
 They reproduce the reference data flow (REFERENCE.md) and are the oracle of every parity test
 and the yardstick of every benchmark:
 
-- prompt -> both CLIP text encoders -> penultimate hidden states concatenated (77 x 2048) and
-  the pooled projection; `negative_prompt=None` gives zero negatives (SDXL's
-  force_zeros_for_empty_prompt);
+- SDXL: prompt -> both CLIP text encoders -> penultimate hidden states concatenated (77 x 2048)
+  and the pooled projection, with time_ids as added conditioning; `negative_prompt=None` gives
+  zero negatives (SDXL's force_zeros_for_empty_prompt);
+- SD1.5 (diffusers' StableDiffusionPipeline): prompt -> the one CLIP text encoder's last hidden
+  state (77 x 768), no added conditioning; `negative_prompt=None` encodes the empty prompt "";
 - image tokens attended beside the text tokens; negatives: Resampler(0) (InstantID), ImageProj(0)
   (IP-Adapter), encoder(zero image) -> Resampler (IP-Adapter Plus);
 - IdentityNet gets the face tokens only as context, the kps image and the conditioning scale;
@@ -66,7 +69,8 @@ def default_device_dtype(device: str | None = None, dtype: torch.dtype | None = 
 
 
 class SDXLBase:
-    """Text encoders, UNet (with decoupled attention), VAE and the denoising loop shared by both pipelines."""
+    """Text encoders, UNet (with decoupled attention), VAE and the denoising loop shared by the pipelines
+    (SDXL's two text encoders and added conditioning, or SD1.5's one encoder and none, per the spec)."""
 
     def __init__(self, spec: ModelSpec, weights_dir: Path | None, random_init: bool, device, dtype,
                  vae_fp16_fix: bool = False):
@@ -81,26 +85,29 @@ class SDXLBase:
     # -- conditioning -------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompt(self, prompt: str | list[str], negative_prompt: str | list[str] | None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(prompt_embeds (B,77,C), pooled (B,P), negative_embeds, negative_pooled) for B prompts."""
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """(prompt_embeds (B,77,C), pooled (B,P), negative_embeds, negative_pooled) for B prompts; the
+        pooled pair is None without a second text encoder (SD1.5)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         embeds, pooled = self._encode(prompts)
-        if negative_prompt is None:
-            return embeds, pooled, torch.zeros_like(embeds), torch.zeros_like(pooled)
+        if negative_prompt is None and self.spec.force_zeros_for_empty_prompt:
+            return embeds, pooled, torch.zeros_like(embeds), None if pooled is None else torch.zeros_like(pooled)
+        negative_prompt = "" if negative_prompt is None else negative_prompt
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         negative_embeds, negative_pooled = self._encode(negatives)
         return embeds, pooled, negative_embeds, negative_pooled
 
-    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         hidden, pooled = [], None
-        for tokenizer, encoder in ((self.text.tokenizer, self.text.text_encoder),
-                                   (self.text.tokenizer_2, self.text.text_encoder_2)):
+        penultimate = self.spec.text_context == "penultimate"
+        for tokenizer, encoder in self.text.pairs():
             ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                             return_tensors="pt").input_ids.to(self.device)
-            out = encoder(ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-            pooled = out[0]  # text_encoder_2 runs last: its projected pooled output
-        return torch.cat(hidden, dim=-1).to(self.dtype), pooled.to(self.dtype)
+            out = encoder(ids, output_hidden_states=penultimate)
+            hidden.append(out.hidden_states[-2] if penultimate else out.last_hidden_state)
+            if self.text.text_encoder_2 is not None:
+                pooled = out[0].to(self.dtype)  # text_encoder_2 runs last: its projected pooled output
+        return torch.cat(hidden, dim=-1).to(self.dtype), pooled
 
     def time_ids(self, height: int, width: int, batch: int) -> torch.Tensor:
         """SDXL micro-conditioning (batch, 6): original size, crop (0, 0), target size."""
@@ -156,15 +163,16 @@ class SDXLBase:
         def batch(x):  # repeat (1|N, ...) conditioning to num_images rows
             return x.repeat_interleave(num_images // x.shape[0], dim=0) if x.shape[0] != num_images else x
 
-        text, text_embeds, face = batch(prompt_embeds), batch(pooled), batch(tokens)
+        text, face = batch(prompt_embeds), batch(tokens)
         if cfg:
             text = torch.cat([batch(negative_embeds), text])
-            text_embeds = torch.cat([batch(negative_pooled), text_embeds])
             face = torch.cat([batch(negative_tokens), face])
         context = (text, [face])  # diffusers' IP-Adapter form: text tokens, one image-token set
         rows = text.shape[0]
-        time_ids = self.time_ids(height, width, rows)
-        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        added = None  # SD1.5: no added conditioning
+        if self.unet.config.addition_embed_type == "text_time":
+            text_embeds = torch.cat([batch(negative_pooled), batch(pooled)]) if cfg else batch(pooled)
+            added = {"text_embeds": text_embeds, "time_ids": self.time_ids(height, width, rows)}
         if controlnet is not None:
             control = control_image.to(self.device, self.dtype).repeat(rows, 1, 1, 1)
 

@@ -1,6 +1,7 @@
 """`build/<model>/assets/`: what the runtime needs besides the engines (no checkpoint, no diffusers).
 
-    tokenizer/, tokenizer_2/       CLIP tokenizer folders incl. tokenizer.json (`tokenizers` library)
+    tokenizer/, tokenizer_2/       CLIP tokenizer folders incl. tokenizer.json (`tokenizers` library);
+                                   SD1.5 has tokenizer/ only
     scheduler_config.json          the SDXL scheduler config
     negative_tokens_<pipeline>.npy CFG negative image tokens, float32 (1, K, C), input-independent:
                                      instantid: Resampler(zeros(1, 512))
@@ -29,7 +30,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def write_tokenizers(assets: Path, tokenizers: tuple) -> list[Path]:
-    """Save both CLIP tokenizers as `assets/tokenizer{,_2}/` (tokenizer.json included)."""
+    """Save the CLIP tokenizers (one per text encoder) as `assets/tokenizer{,_2}/` (tokenizer.json included)."""
     folders = []
     for name, tokenizer in zip(("tokenizer", "tokenizer_2"), tokenizers):
         folder = Path(assets) / name
@@ -69,7 +70,9 @@ def save_negative_tokens(assets: Path, pipeline: str, tokens: np.ndarray) -> Pat
 def model_facts(spec: ModelSpec, num_cross_attn_layers: int, precision: str, attention: str,
                 face_detector: str, vae_fp16_fix: bool) -> dict:
     """The model facts the runtime needs (written as assets/model.json and into the manifest metadata)."""
-    text_embeds = spec.unet["projection_class_embeddings_input_dim"] - 6 * spec.unet["addition_time_embed_dim"]
+    added = spec.unet.get("addition_embed_type") == "text_time"  # SDXL's pooled text + time ids; SD1.5: none
+    text_embeds = (spec.unet["projection_class_embeddings_input_dim"] - 6 * spec.unet["addition_time_embed_dim"]
+                   if added else None)
     return {
         "model": spec.name,
         "precision": precision,
@@ -84,8 +87,9 @@ def model_facts(spec: ModelSpec, num_cross_attn_layers: int, precision: str, att
         "text_tokens": spec.text_encoder["max_position_embeddings"],
         "cross_attention_dim": spec.cross_attention_dim,
         "text_embeds_dim": text_embeds,
-        "time_ids_dim": 6,
-        "ip_tokens": {"instantid": spec.instantid_resampler.num_queries,
+        "time_ids_dim": 6 if added else None,
+        "force_zeros_for_empty_prompt": spec.force_zeros_for_empty_prompt,
+        "ip_tokens": {"instantid": spec.instantid_resampler.num_queries if spec.instantid_resampler else None,
                       "ip_adapter": spec.ip_image_proj.num_tokens,
                       "ip_adapter_plus": spec.ip_plus_resampler.num_queries},
         "face_embedding_dim": spec.face_embedding_dim,
@@ -95,7 +99,7 @@ def model_facts(spec: ModelSpec, num_cross_attn_layers: int, precision: str, att
         "image_encoder_size": spec.image_encoder["image_size"],
         "clip_mean": list(CLIP_MEAN),
         "clip_std": list(CLIP_STD),
-        "tokenizers": ["tokenizer", "tokenizer_2"],
+        "tokenizers": [name.replace("text_encoder", "tokenizer") for name in spec.text_encoders],
     }
 
 

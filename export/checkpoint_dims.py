@@ -151,7 +151,8 @@ def checkpoint_spec(spec: ModelSpec, weights_dir: Path | None = None, random_ini
         config("vae", Source(repo, "vae"))
     if "text" in parts:
         config("text_encoder", Source(repo, "text_encoder"))
-        config("text_encoder_2", Source(repo, "text_encoder_2"))
+        if spec.text_encoder_2 is not None:  # SD1.5 has one text encoder
+            config("text_encoder_2", Source(repo, "text_encoder_2"))
     if "image_encoder" in parts:
         config("image_encoder", spec.image_encoder_source)
     changes = dict(found)

@@ -28,7 +28,10 @@ vae_decoder      latents (batch, 4, latent_height, latent_width) [already divide
 face_detector    image float32 (1, 3, 640, 640); SCRFD: score_8/16/32, bbox_*, kps_*; YuNet: cls_*, obj_*, bbox_*, kps_*
 arcface          crops float32 (batch, 3, 112, 112) -> embedding float32 (batch, 512)   [raw, not L2-normalised]
 
-The sizes shown are SDXL's; the tiny model has the same names with its own widths. `2B` rows are
+The sizes shown are SDXL's; the tiny model has the same names with its own widths. SD1.5 (`sd15`,
+`tiny-sd15`): text_encoder only, its `hidden_states` the last (final-layer-normed) hidden state
+(77, 768) = the UNet's text_tokens; the UNet has no text_embeds / time_ids inputs, 12 down
+residuals and 16 cross-attention layers. `2B` rows are
 [negative, positive] pairs for classifier-free guidance. Pipelines: `instantid` uses
 text_encoder(_2), face_detector, arcface, face_proj, controlnet, unet_instantid, vae_decoder;
 `ip-adapter` (`-plus`) uses text_encoder(_2), image_encoder, image_proj(_plus),
@@ -114,15 +117,17 @@ def _token_ids(shape: tuple[int, int], generator: torch.Generator, vocab: int = 
 # ---- wrappers --------------------------------------------------------------------------------
 
 class TextEncoder(nn.Module):
-    """input_ids (batch, 77) -> penultimate hidden states (batch, 77, C) [, text_embeds (batch, P)]."""
+    """input_ids (batch, 77) -> penultimate (SDXL) or last (SD1.5) hidden states (batch, 77, C)
+    [, text_embeds (batch, P)]."""
 
-    def __init__(self, encoder: nn.Module, pooled: bool):
+    def __init__(self, encoder: nn.Module, pooled: bool, penultimate: bool = True):
         super().__init__()
-        self.encoder, self.pooled = encoder, pooled
+        self.encoder, self.pooled, self.penultimate = encoder, pooled, penultimate
 
     def forward(self, input_ids):
-        out = self.encoder(input_ids, output_hidden_states=True)
-        return (out.hidden_states[-2], out.text_embeds) if self.pooled else out.hidden_states[-2]
+        out = self.encoder(input_ids, output_hidden_states=self.penultimate)
+        hidden = out.hidden_states[-2] if self.penultimate else out.last_hidden_state
+        return (hidden, out.text_embeds) if self.pooled else hidden
 
 
 class ImageEncoder(nn.Module):
@@ -164,17 +169,20 @@ class ControlNet(nn.Module):
 
 
 class UNet(nn.Module):
-    """SDXL UNet with decoupled attention: λ per layer and ControlNet residuals are inputs."""
+    """SDXL (or SD1.5) UNet with decoupled attention: λ per layer and ControlNet residuals are inputs;
+    text_embeds and time_ids only where the UNet has added conditioning (SDXL)."""
 
     def __init__(self, unet: nn.Module, ip_layers: list):
         super().__init__()
         self.unet, self.ip_layers = unet, ip_layers
+        self.added = _added_conditioning(unet.config)
 
-    def forward(self, sample, timestep, text_tokens, ip_tokens, ip_scale, text_embeds, time_ids, *residuals):
+    def forward(self, sample, timestep, text_tokens, ip_tokens, ip_scale, *rest):
         set_layer_scales(self.ip_layers, ip_scale.to(sample.dtype))
+        added, residuals = ({"text_embeds": rest[0], "time_ids": rest[1]}, rest[2:]) if self.added else (None, rest)
         try:
             return self.unet(sample, timestep, encoder_hidden_states=torch.cat((text_tokens, ip_tokens), dim=1),
-                             added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+                             added_cond_kwargs=added,
                              down_block_additional_residuals=list(residuals[:-1]),
                              mid_block_additional_residual=residuals[-1], return_dict=False)[0]
         finally:
@@ -206,8 +214,9 @@ def _eager_attention(encoder: nn.Module) -> None:
     encoder.set_attn_implementation("eager")
 
 
-def text_encoder_component(name: str, encoder: nn.Module) -> Component:
-    """text_encoder (CLIPTextModel) or text_encoder_2 (CLIPTextModelWithProjection).
+def text_encoder_component(name: str, encoder: nn.Module, penultimate: bool = True) -> Component:
+    """text_encoder (CLIPTextModel) or text_encoder_2 (CLIPTextModelWithProjection); `hidden_states` is
+    the penultimate layer (SDXL) or, with penultimate=False, the last hidden state (SD1.5).
 
     Switches `encoder` to eager attention (see `_eager_attention`).
     """
@@ -217,7 +226,7 @@ def text_encoder_component(name: str, encoder: nn.Module) -> Component:
     outputs = [TensorIO("hidden_states", ("batch", TEXT_TOKENS, config.hidden_size), dtype)]
     if pooled:
         outputs.append(TensorIO("text_embeds", ("batch", config.projection_dim), dtype))
-    return Component(name, TextEncoder(encoder, pooled).eval(),
+    return Component(name, TextEncoder(encoder, pooled, penultimate).eval(),
                      (TensorIO("input_ids", ("batch", TEXT_TOKENS), torch.int64),), tuple(outputs))
 
 
@@ -270,15 +279,19 @@ def residual_ios(config, dtype: torch.dtype) -> tuple[TensorIO, ...]:
     return tuple(ios)
 
 
+def _added_conditioning(config) -> bool:
+    """SDXL's pooled text_embeds + time_ids (addition_embed_type 'text_time'); SD1.5 has none."""
+    return getattr(config, "addition_embed_type", None) == "text_time"
+
+
 def _conditioning(config, dtype) -> dict[str, TensorIO]:
     latent = ("2B", config.in_channels, "latent_height", "latent_width")
-    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    return {
-        "sample": TensorIO("sample", latent, dtype),
-        "timestep": TensorIO("timestep", (1,), torch.float32),
-        "text_embeds": TensorIO("text_embeds", ("2B", pooled), dtype),
-        "time_ids": TensorIO("time_ids", ("2B", 6), dtype),
-    }
+    ios = {"sample": TensorIO("sample", latent, dtype), "timestep": TensorIO("timestep", (1,), torch.float32)}
+    if _added_conditioning(config):
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        ios.update(text_embeds=TensorIO("text_embeds", ("2B", pooled), dtype),
+                   time_ids=TensorIO("time_ids", ("2B", 6), dtype))
+    return ios
 
 
 def controlnet_component(controlnet: nn.Module, num_face_tokens: int) -> Component:
@@ -316,7 +329,7 @@ def unet_component(name: str, unet: nn.Module, num_ip_tokens: int, attention: st
               TensorIO("text_tokens", ("2B", TEXT_TOKENS, config.cross_attention_dim), dtype),
               TensorIO("ip_tokens", ("2B", num_ip_tokens, config.cross_attention_dim), dtype),
               TensorIO("ip_scale", (len(layers),), torch.float32),
-              c["text_embeds"], c["time_ids"], *residual_ios(config, dtype))
+              *(c[name] for name in ("text_embeds", "time_ids") if name in c), *residual_ios(config, dtype))
     outputs = (TensorIO("noise_pred", ("2B", config.out_channels, "latent_height", "latent_width"), dtype),)
     return Component(name, UNet(unet, layers).eval(), inputs, outputs)
 

@@ -19,12 +19,17 @@ from export.weights import resolve
 
 @dataclass
 class TextStack:
-    """SDXL's two tokenizers and text encoders."""
+    """The tokenizers and text encoders: SDXL's two, or SD1.5's one (`tokenizer_2`, `text_encoder_2` None)."""
 
     tokenizer: object
-    tokenizer_2: object
+    tokenizer_2: object | None
     text_encoder: torch.nn.Module
-    text_encoder_2: torch.nn.Module
+    text_encoder_2: torch.nn.Module | None
+
+    def pairs(self) -> list[tuple[object, torch.nn.Module]]:
+        """(tokenizer, encoder) for every text encoder, in order."""
+        pairs = [(self.tokenizer, self.text_encoder)]
+        return pairs if self.text_encoder_2 is None else [*pairs, (self.tokenizer_2, self.text_encoder_2)]
 
 
 def _seeded(seed: int):
@@ -94,36 +99,43 @@ def _clip_text(cls, config: dict, source: Source, weights_dir, random_init, seed
     return _finish(cls.from_pretrained(resolve(source, weights_dir, folder=True), dtype=dtype), dtype, device)
 
 
-def load_tokenizers(spec: ModelSpec, weights_dir: Path | None = None, random_init: bool = False):
-    """SDXL's two CLIP tokenizers; with `random_init` they are written from open_clip's BPE vocabulary."""
+TOKENIZER_PADS = {"tokenizer": None, "tokenizer_2": "!"}  # SDXL's second tokenizer pads with '!'
+
+
+def load_tokenizers(spec: ModelSpec, weights_dir: Path | None = None, random_init: bool = False) -> tuple:
+    """The CLIP tokenizers, one per text encoder (SDXL: two, SD1.5: one); with `random_init` they
+    are written from open_clip's BPE vocabulary."""
     from transformers import CLIPTokenizer
 
+    names = [encoder.replace("text_encoder", "tokenizer") for encoder in spec.text_encoders]
     if random_init:
         import tempfile
 
-        from export.tokenizer import write_clip_tokenizer
+        from export.tokenizer import EOS, write_clip_tokenizer
 
         with tempfile.TemporaryDirectory(prefix="clip_tokenizer_") as tmp:  # read whole by from_pretrained
-            folder = Path(tmp)
-            return (CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "tokenizer")),
-                    CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "tokenizer_2", pad_token="!")))
+            return tuple(CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / name,
+                                                                            pad_token=TOKENIZER_PADS[name] or EOS))
+                         for name in names)
     repo = spec.sdxl_source.repo_id
-    return tuple(CLIPTokenizer.from_pretrained(resolve(Source(repo, sub), weights_dir, folder=True))
-                 for sub in ("tokenizer", "tokenizer_2"))
+    return tuple(CLIPTokenizer.from_pretrained(resolve(Source(repo, name), weights_dir, folder=True))
+                 for name in names)
 
 
 def load_text_stack(spec: ModelSpec, weights_dir: Path | None = None, random_init: bool = False,
                     dtype: torch.dtype = torch.float32, device="cpu", seed: int = 4) -> TextStack:
-    """Tokenizers + CLIPTextModel + CLIPTextModelWithProjection."""
+    """Tokenizers + CLIPTextModel (+ CLIPTextModelWithProjection when the spec has a second encoder)."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     repo = spec.sdxl_source.repo_id
-    tokenizer, tokenizer_2 = load_tokenizers(spec, weights_dir, random_init)
+    tokenizers = load_tokenizers(spec, weights_dir, random_init)
     text_encoder = _clip_text(CLIPTextModel, spec.text_encoder, Source(repo, "text_encoder"), weights_dir,
                               random_init, seed, dtype, device)
+    if spec.text_encoder_2 is None:
+        return TextStack(tokenizers[0], None, text_encoder, None)
     text_encoder_2 = _clip_text(CLIPTextModelWithProjection, spec.text_encoder_2, Source(repo, "text_encoder_2"),
                                 weights_dir, random_init, seed + 1, dtype, device)
-    return TextStack(tokenizer, tokenizer_2, text_encoder, text_encoder_2)
+    return TextStack(*tokenizers, text_encoder, text_encoder_2)
 
 
 def load_image_encoder(spec: ModelSpec, weights_dir: Path | None = None, random_init: bool = False,
@@ -198,7 +210,7 @@ def load_instantid_adapter(spec: ModelSpec, unet, weights_dir: Path | None = Non
 
 def load_ip_adapter(spec: ModelSpec, unet, plus: bool, weights_dir: Path | None = None, random_init: bool = False,
                     dtype: torch.dtype = torch.float32, device="cpu", seed: int = 9):
-    """IP-Adapter SDXL (plain: ImageProj, Plus: Resampler) -> (projector module, ip_adapter state dict).
+    """IP-Adapter (SDXL or SD1.5; plain: ImageProj, Plus: Resampler) -> (projector module, ip_adapter state dict).
 
     The projector is sized from the checkpoint's tensors (the spec's geometry only with `random_init`).
     """

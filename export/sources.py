@@ -39,6 +39,28 @@ PIPELINE_COMPONENTS = {
 }
 
 
+class UnsupportedComponent(ValueError):
+    """The model family has no such pipeline or component (e.g. InstantID or text_encoder_2 for SD1.5)."""
+
+
+def pipeline_components(spec: ModelSpec, pipeline: str) -> list[str]:
+    """The components of `pipeline` for `spec`'s family: PIPELINE_COMPONENTS less the text encoders it
+    lacks (SD1.5 has no text_encoder_2). UnsupportedComponent when the family has no such pipeline."""
+    if pipeline not in spec.pipelines:
+        raise UnsupportedComponent(f"{spec.name} has no {pipeline} pipeline (it has {', '.join(spec.pipelines)}): "
+                                   f"use --pipeline {spec.pipelines[0]}" + (
+                                       " (InstantID's adapter and IdentityNet are SDXL models)"
+                                       if pipeline == "instantid" else ""))
+    return [name for name in PIPELINE_COMPONENTS[pipeline]
+            if not name.startswith("text_encoder") or name in spec.text_encoders]
+
+
+def model_components(spec: ModelSpec) -> list[str]:
+    """Every component of `spec`'s pipelines, deduplicated, in PIPELINE_COMPONENTS order."""
+    names = [name for pipeline in spec.pipelines for name in pipeline_components(spec, pipeline)]
+    return list(dict.fromkeys(names))
+
+
 @dataclass
 class Sources:
     """Loads modules for one model at one precision; see the module docstring.
@@ -75,6 +97,12 @@ class Sources:
                   "vae_decoder": self._vae_decoder}
         if name not in makers:
             raise ValueError(f"unknown component {name!r}: choose from {sorted(makers)}")
+        supported = model_components(self.spec)
+        if name not in supported:
+            pipelines = [p for p in self.spec.pipelines if name in PIPELINE_COMPONENTS[p]] or self.spec.pipelines
+            raise UnsupportedComponent(
+                f"{self.spec.name} has no {name} (its pipelines: {', '.join(self.spec.pipelines)}): build "
+                f"--pipeline {pipelines[0]} --components {' '.join(pipeline_components(self.spec, pipelines[0]))}")
         return makers[name](name)
 
     def release(self) -> None:
@@ -93,19 +121,19 @@ class Sources:
             if self.loras:
                 from export.lora import fuse_loras
 
-                fuse_loras({"text_encoder": self._text.text_encoder, "text_encoder_2": self._text.text_encoder_2},
-                           self.loras)
+                fuse_loras({name: getattr(self._text, name) for name in self.spec.text_encoders}, self.loras)
         return self._text
 
     def _text_encoder(self, name: str) -> comps.Component:
         stack = self._text_stack()
-        encoder = stack.text_encoder if name == "text_encoder" else stack.text_encoder_2
-        if name == "text_encoder_2":
-            self._text = None  # both are made: let the stack go once this one is exported
-        return comps.text_encoder_component(name, encoder)
+        encoder = getattr(stack, name)
+        if name == self.spec.text_encoders[-1]:
+            self._text = None  # all are made: let the stack go once this one is exported
+        return comps.text_encoder_component(name, encoder, penultimate=self.spec.text_context == "penultimate")
 
     def tokenizers(self) -> tuple:
-        """(tokenizer, tokenizer_2) as loaded from the weights (or written from open_clip's vocabulary)."""
+        """One tokenizer per text encoder ((tokenizer, tokenizer_2) for SDXL) as loaded from the weights
+        (or written from open_clip's vocabulary)."""
         return loaders.load_tokenizers(self.spec, self.weights_dir, self.random_init)
 
     def scheduler_config(self) -> dict:

@@ -3,7 +3,10 @@
 `sdxl` is the real SDXL base + InstantID + IP-Adapter (ViT-H) set; `tiny` is the same
 architecture family at tiny width (3 UNet levels, 9+1 ControlNet residuals, VAE factor 8,
 the real 49408-token CLIP vocabulary, 224 px CLIP vision input, 512-d face embedding), so every
-shape contract holds at tiny scale.
+shape contract holds at tiny scale. `sd15` is Stable Diffusion 1.5 + IP-Adapter (plain and Plus,
+ViT-H): one text encoder (its last hidden state, 768 wide, is the context), no added
+conditioning, no InstantID; `tiny-sd15` is that family at tiny width (4 UNet levels, 12+1
+residuals, 16 cross-attention layers).
 
 The configs and projector geometries here are the architecture for `--random-init` (and what
 export.tiny writes) and defaults only: a build or baseline from checkpoint files takes every size
@@ -55,21 +58,32 @@ class ImageProjConfig:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything needed to build or load one model family (configs are diffusers/transformers dicts)."""
+    """Everything needed to build or load one model family (configs are diffusers/transformers dicts).
+
+    A family without a second text encoder or InstantID (SD1.5) has `text_encoder_2`,
+    `controlnet` and `instantid_resampler` None and lists only its pipelines in `pipelines`.
+    """
 
     name: str
     unet: dict
-    controlnet: dict
+    controlnet: dict | None
     vae: dict
     text_encoder: dict
-    text_encoder_2: dict
+    text_encoder_2: dict | None
     image_encoder: dict
     scheduler: dict
-    instantid_resampler: ResamplerConfig
+    instantid_resampler: ResamplerConfig | None
     ip_plus_resampler: ResamplerConfig
     ip_image_proj: ImageProjConfig
     face_embedding_dim: int = 512
-    # where the weights come from (hub id + path); `face_models` comes from a user-given folder
+    pipelines: tuple[str, ...] = ("instantid", "ip-adapter", "ip-adapter-plus")
+    # SDXL: a missing negative prompt gives zero text negatives; SD1.5 encodes the empty prompt ""
+    force_zeros_for_empty_prompt: bool = True
+    # the text encoders' output the UNet attends to: SDXL "penultimate" hidden states, SD1.5 the "last"
+    # (final-layer-normed) hidden state
+    text_context: str = "penultimate"
+    # where the weights come from (hub id + path); `face_models` comes from a user-given folder;
+    # `sdxl_source` is the base model's repository (unet/, vae/, text_encoder/, tokenizer/, scheduler/)
     sdxl_source: Source = Source("stabilityai/stable-diffusion-xl-base-1.0")
     vae_fp16_fix_source: Source = Source("madebyollin/sdxl-vae-fp16-fix")
     controlnet_source: Source = Source("InstantX/InstantID", "ControlNetModel")
@@ -93,8 +107,18 @@ class ModelSpec:
 
     @property
     def cross_attention_dim(self) -> int:
-        """Width of the UNet context tokens (text 1 + text 2 hidden sizes; 2048 for SDXL)."""
+        """Width of the UNet context tokens (text 1 + text 2 hidden sizes; 2048 for SDXL, 768 for SD1.5)."""
         return self.unet["cross_attention_dim"]
+
+    @property
+    def text_encoders(self) -> tuple[str, ...]:
+        """The text encoder components: ('text_encoder', 'text_encoder_2') for SDXL, ('text_encoder',) for SD1.5."""
+        return ("text_encoder",) if self.text_encoder_2 is None else ("text_encoder", "text_encoder_2")
+
+    @property
+    def added_conditioning(self) -> bool:
+        """True when the UNet takes SDXL's pooled text_embeds and time_ids (addition_embed_type 'text_time')."""
+        return self.unet.get("addition_embed_type") == "text_time"
 
 
 SCHEDULER_CONFIG = {
@@ -255,11 +279,89 @@ TINY = ModelSpec(
     trace_resolution=128,
 )
 
-SPECS = {spec.name: spec for spec in (SDXL, TINY)}
+SD15_SCHEDULER_CONFIG = {  # stable-diffusion-v1-5's scheduler/scheduler_config.json
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+_SD15_UNET = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,  # diffusers' historical name: 8 heads in every layer
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+
+_SD15_IP_ADAPTER = {  # h94/IP-Adapter's SD1.5 adapters use the ViT-H encoder of models/image_encoder
+    "ip_adapter_source": Source("h94/IP-Adapter", "models/ip-adapter_sd15.safetensors"),
+    "ip_adapter_plus_source": Source("h94/IP-Adapter", "models/ip-adapter-plus_sd15.safetensors"),
+    "sdxl_source": Source("stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    "pipelines": ("ip-adapter", "ip-adapter-plus"),
+    "force_zeros_for_empty_prompt": False,
+    "text_context": "last",
+}
+
+SD15 = ModelSpec(
+    name="sd15",
+    unet=_SD15_UNET,
+    controlnet=None,
+    vae={**SDXL.vae, "scaling_factor": 0.18215, "sample_size": 512},
+    text_encoder=SDXL.text_encoder,  # CLIP ViT-L/14's text tower, as SDXL's first encoder
+    text_encoder_2=None,
+    image_encoder=SDXL.image_encoder,
+    scheduler=SD15_SCHEDULER_CONFIG,
+    instantid_resampler=None,
+    ip_plus_resampler=ResamplerConfig(768, 4, 64, 12, 16, 1280, 768),
+    ip_image_proj=ImageProjConfig(1024, 768, 4),
+    default_resolution=512,
+    trace_resolution=256,
+    **_SD15_IP_ADAPTER,
+)
+
+TINY_SD15 = ModelSpec(
+    name="tiny-sd15",
+    unet={**_SD15_UNET, "attention_head_dim": 2, "block_out_channels": [16, 32, 32, 32], "cross_attention_dim": 32,
+          "norm_num_groups": 8, "sample_size": 16},
+    controlnet=None,
+    vae={**TINY.vae, "scaling_factor": 0.18215},
+    text_encoder=TINY.text_encoder,
+    text_encoder_2=None,
+    image_encoder=TINY.image_encoder,
+    scheduler=SD15_SCHEDULER_CONFIG,
+    instantid_resampler=None,
+    # 64-d heads, depth 4, ff x4 and 4 plain tokens as the published checkpoints (diffusers' converter assumes them)
+    ip_plus_resampler=ResamplerConfig(64, 4, 64, 1, 16, 32, 32),
+    ip_image_proj=ImageProjConfig(16, 32, 4),
+    default_resolution=128,
+    trace_resolution=128,
+    **_SD15_IP_ADAPTER,
+)
+
+SPECS = {spec.name: spec for spec in (SDXL, TINY, SD15, TINY_SD15)}
 
 
 def get_spec(name: str) -> ModelSpec:
-    """Spec by name ('sdxl' or 'tiny'); a clear error lists the valid names."""
+    """Spec by name ('sdxl', 'tiny', 'sd15', 'tiny-sd15'); a clear error lists the valid names."""
     try:
         return SPECS[name]
     except KeyError:

@@ -84,8 +84,8 @@ def test_offline_hub_gives_a_clear_error(monkeypatch, tmp_path):
 
 
 def test_unknown_model_lists_the_choices():
-    with pytest.raises(ValueError, match=r"\['sdxl', 'tiny'\]"):
-        get_spec("sd15")
+    with pytest.raises(ValueError, match=r"\['sd15', 'sdxl', 'tiny', 'tiny-sd15'\]"):
+        get_spec("sd3")
 
 
 def test_sdxl_spec_has_the_published_geometry():

@@ -1,0 +1,180 @@
+"""SD1.5 + IP-Adapter (plain and Plus): the tiny-sd15 files in the real formats, their export, the PyTorch
+baseline and the runtime against diffusers' own StableDiffusionPipeline + load_ip_adapter on the same
+files (fp32, CPU), and the TensorRT-RTX build of every SD1.5 component on the CPU."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from export.checkpoint_dims import count_cross_attn_layers
+from export.specs import SD15, TINY_SD15
+
+STEPS = 3
+ADAPTER_FILES = {False: "ip-adapter_sd15.safetensors", True: "ip-adapter-plus_sd15.safetensors"}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖."""
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def diffusers_sd15_pipeline(weights: Path, weight_name: str, scheduler_config: dict, ip_scale: float):
+    """diffusers' StableDiffusionPipeline + load_ip_adapter on the tiny-sd15 files, Euler from `scheduler_config`,
+    λ = ip_scale."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from export import loaders
+
+    text = loaders.load_text_stack(TINY_SD15, weights)
+    pipe = StableDiffusionPipeline(
+        vae=loaders.load_vae(TINY_SD15, weights), text_encoder=text.text_encoder, tokenizer=text.tokenizer,
+        unet=loaders.load_unet(TINY_SD15, weights), scheduler=EulerDiscreteScheduler.from_config(scheduler_config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.load_ip_adapter(str(weights / "IP-Adapter"), subfolder="models", weight_name=weight_name,
+                         image_encoder_folder="image_encoder")
+    pipe.set_ip_adapter_scale(ip_scale)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def tiny_sd15_weights(tmp_path_factory) -> Path:
+    """The tiny SD1.5 model in the real checkpoint formats (export.tiny_sd15)."""
+    from export.tiny_sd15 import write_tiny_sd15
+
+    return write_tiny_sd15(tmp_path_factory.mktemp("tiny_sd15_weights"))
+
+
+@pytest.fixture(scope="module")
+def tiny_sd15_build(tiny_sd15_weights, tmp_path_factory) -> Path:
+    """`python -m export.build --model tiny-sd15 --stage onnx --precision fp32` of both IP-Adapter pipelines."""
+    from export.build import main
+    from export.sources import pipeline_components
+
+    out = tmp_path_factory.mktemp("tiny_sd15_build")
+    for pipeline in ("ip-adapter", "ip-adapter-plus"):
+        names = pipeline_components(TINY_SD15, pipeline)
+        assert main(["--model", "tiny-sd15", "--pipeline", pipeline, "--weights", str(tiny_sd15_weights),
+                     "--stage", "onnx", "--precision", "fp32", "--out", str(out), "--components", *names]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_image() -> Image.Image:
+    from skimage import data
+
+    return Image.fromarray(data.astronaut()).resize((160, 160))
+
+
+def test_sd15_spec_is_sd15_with_its_22m_adapter():
+    """16 cross-attention layers (the adapter's odd keys 1..31); plain adapter = 22.3M parameters."""
+    from diffusers import UNet2DConditionModel
+
+    from export.adapters import ImageProj, cross_attention_layers
+
+    assert count_cross_attn_layers(SD15.unet) == count_cross_attn_layers(TINY_SD15.unet) == 16
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(SD15.unet)
+        projector = ImageProj(SD15.ip_image_proj)
+    widths = [unet.get_submodule(name.removesuffix(".processor")).to_q.out_features
+              for name in cross_attention_layers(unet)]
+    kv = sum(2 * width * SD15.cross_attention_dim for width in widths)
+    total = kv + sum(p.numel() for p in projector.parameters())
+    print(f"SD1.5 IP-Adapter: {kv / 1e6:.2f}M K/V + projector = {total / 1e6:.2f}M parameters")
+    assert 22.0e6 < total < 22.5e6
+    assert SD15.text_encoders == ("text_encoder",) and not SD15.added_conditioning
+
+
+def test_tiny_sd15_files_are_sd15_adapters(tiny_sd15_weights):
+    from export.checkpoint_dims import tensor_shapes
+
+    for plus, name in ((False, "ip-adapter_sd15.safetensors"), (True, "ip-adapter-plus_sd15.safetensors")):
+        shapes = tensor_shapes(tiny_sd15_weights / "IP-Adapter" / "models" / name)
+        layers = sorted({int(k.split(".")[1]) for k in shapes if k.startswith("ip_adapter.")})
+        assert layers == list(range(1, 32, 2))
+        assert ("image_proj.latents" in shapes) == plus and ("image_proj.proj.weight" in shapes) != plus
+    assert not (tiny_sd15_weights / "stable-diffusion-v1-5" / "text_encoder_2").exists()
+
+
+def test_instantid_is_refused_for_sd15():
+    from export.sources import UnsupportedComponent, pipeline_components
+
+    with pytest.raises(UnsupportedComponent, match="sd15 has no instantid pipeline.*--pipeline ip-adapter"):
+        pipeline_components(SD15, "instantid")
+    assert pipeline_components(SD15, "ip-adapter-plus") == ["text_encoder", "image_encoder", "image_proj_plus",
+                                                            "unet_ip_adapter_plus", "vae_decoder"]
+
+
+@pytest.mark.parametrize("plus", [False, True], ids=["plain", "plus"])
+def test_sd15_baseline_equals_diffusers_pipeline(tiny_sd15_weights, reference_image, plus):
+    from benchmarks.pipelines import IPAdapterBaseline
+
+    baseline = IPAdapterBaseline("tiny-sd15", plus=plus, weights_dir=tiny_sd15_weights)
+    kwargs = dict(steps=STEPS, guidance=5.0, ip_scale=0.6, seed=7, width=128, height=128, num_images=2)
+    for negative in (None, "blurry"):
+        ours = baseline(reference_image, "a portrait, oil painting", negative_prompt=negative, decode=False, **kwargs)
+        pipe = diffusers_sd15_pipeline(tiny_sd15_weights, ADAPTER_FILES[plus], baseline.scheduler_config, 0.6)
+        want = pipe("a portrait, oil painting", negative_prompt=negative, ip_adapter_image=reference_image,
+                    num_inference_steps=STEPS, guidance_scale=5.0, height=128, width=128, num_images_per_prompt=2,
+                    generator=torch.Generator().manual_seed(7), output_type="latent").images
+        error = rel(ours.latents, want)
+        print(f"baseline vs diffusers, {'plus' if plus else 'plain'}, negative {negative!r}: latents rel {error:.1e}")
+        assert ours.latents.shape == (2, 4, 16, 16)
+        assert error < 1e-5
+
+
+def test_tiny_sd15_export_is_sd15_shaped(tiny_sd15_build, tiny_sd15_weights):
+    """One text encoder whose ONNX output is the last hidden state; a UNet without text_embeds / time_ids."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from engine.manifest import load_manifest
+    from export import loaders
+
+    manifest = load_manifest(tiny_sd15_build)
+    assert "text_encoder_2" not in manifest.components and manifest.metadata["force_zeros_for_empty_prompt"] is False
+    assert not (tiny_sd15_build / "assets" / "tokenizer_2").exists()
+    for name in ("unet_ip_adapter", "unet_ip_adapter_plus"):
+        inputs = {t.name: t for t in manifest.components[name].onnx.inputs}
+        assert "text_embeds" not in inputs and "time_ids" not in inputs
+        assert tuple(inputs["ip_scale"].shape) == (16,)
+        assert len([n for n in inputs if n.startswith("down_residual_")]) == 12
+    session = ort.InferenceSession(str(tiny_sd15_build / "onnx" / "text_encoder.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    stack = loaders.load_text_stack(TINY_SD15, tiny_sd15_weights)
+    ids = stack.tokenizer(["a portrait, oil painting", ""], padding="max_length", max_length=77,
+                          return_tensors="pt").input_ids
+    hidden = session.run(["hidden_states"], {"input_ids": ids.numpy()})[0]
+    with torch.no_grad():
+        want = stack.text_encoder(ids).last_hidden_state.numpy()
+    error = float(np.linalg.norm(hidden - want) / np.linalg.norm(want))
+    print(f"text_encoder ONNX vs CLIPTextModel last_hidden_state: rel {error:.1e}")
+    assert error < 1e-5
+
+
+@pytest.mark.slow
+def test_tiny_sd15_components_build_with_tensorrt_rtx(tiny_sd15_build, tmp_path):
+    """Every SD1.5 ONNX builds ahead of time on the CPU, and the builder fuses all 32 UNet attentions."""
+    import shutil
+
+    from engine.backend import load_backend
+    from engine.build_all import build_all
+    from engine.fusion import build_report
+    from engine.profiles import Geometry, Range
+    from export.sources import model_components
+
+    backend = load_backend("tensorrt-rtx")
+    build = tmp_path / "build"
+    shutil.copytree(tiny_sd15_build, build)
+    names = model_components(TINY_SD15)
+    sizes = Range(128, 128, 256)
+    results = build_all(build, names, backend, geometry=Geometry(height=sizes, width=sizes), progress=False)
+    assert sorted(r.component for r in results) == sorted(names)
+    assert all(r.status == "built" and (build / "engines" / f"{r.component}.plan").stat().st_size > 0
+               for r in results)
+    report = build_report(build / "onnx" / "unet_ip_adapter.onnx", backend, size=128)
+    print(report.line())
+    assert (report.fused, report.total, report.unfused) == (32, 32, ())  # 16 attn1 + 16 attn2
