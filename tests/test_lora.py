@@ -5,10 +5,10 @@ diffusers/PEFT (`unet.….lora_A/lora_B`, alpha in the `lora_adapter_metadata` h
 with safetensors for the tiny model: Linear layers in attention, feed-forward and both text encoders,
 and 3x3 / 1x1 convolutions. The fused weights are compared with an independent reference computed
 from the raw tensors (W + scale * alpha / r * up @ down), and for kohya the module names with
-diffusers' own key conversion (diffusers' `load_lora_weights` needs peft, which the project does not
-install: peft 0.21 with diffusers 0.42 fails on a UNet config without `model_type`). End to end, an IP-Adapter build with `--lora` runs in
-ONNX Runtime against the PyTorch baseline given the same fused modules (fp32 latents within 1e-5
-relative) and differs from the build without the LoRA.
+diffusers' own key conversion. End to end, an IP-Adapter build with `--lora` runs in ONNX Runtime
+against the PyTorch baseline given the same fused modules (fp32 latents within 1e-5 relative) and
+differs from the build without the LoRA. tests/test_lora_diffusers.py compares builds with diffusers'
+own `load_lora_weights` (peft) on files in the layouts published LoRAs use.
 """
 from __future__ import annotations
 
@@ -72,8 +72,9 @@ def write_lora(path: Path, layers, kind: str) -> Path:
         else:
             tensors |= {f"{target}.{name}.lora_A.weight": down, f"{target}.{name}.lora_B.weight": up}
     if kind == "peft":
-        metadata = {"lora_adapter_metadata": json.dumps(
-            {f"{target}.{field}": value for target in KOHYA for field, value in (("r", RANK), ("lora_alpha", ALPHA))})}
+        metadata = {"lora_adapter_metadata": json.dumps(  # as diffusers writes a LoraConfig per component
+            {f"{target}.{field}": value for target in KOHYA for field, value in
+             (("r", RANK), ("lora_alpha", ALPHA), ("target_modules", [n for t, n in layers if t == target]))})}
     save_file({key: value.contiguous() for key, value in tensors.items()}, str(path), metadata=metadata)
     return path
 

@@ -1,0 +1,233 @@
+"""Builds exported with `--lora` against diffusers' own LoRA loading, on the same files.
+
+Two tiny LoRA files cover what published SDXL LoRAs touch: every attention projection of the UNet
+(to_q/to_k/to_v/to_out.0 of attn1 and attn2) and of both text encoders (q/k/v/out_proj, plus
+mlp fc1/fc2), a feed-forward, a proj_in, a 3x3 and a 1x1 convolution. One is written in the kohya
+layout (`lora_unet_…lora_down/lora_up/alpha`, `lora_te1_`, `lora_te2_`); the other by diffusers'
+own `StableDiffusionXLPipeline.save_lora_weights`, with peft `LoraConfig` metadata (rank, alpha,
+target modules) as diffusers' training scripts write it.
+
+The IP-Adapter build with `--lora FILE:SCALE`, run by the runtime with ONNX Runtime, is compared with
+diffusers' `StableDiffusionXLPipeline` + `load_ip_adapter` + `load_lora_weights` on the same tiny
+files (needs peft), the scale applied unfused (`cross_attention_kwargs={"scale": …}`, which also
+scales the text encoders' LoRA layers) and fused (`fuse_lora(lora_scale=…)`): fp32 latents within
+1e-5 relative, the same seeded noise.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fixtures_tiny import run_export_cli
+from safetensors.torch import save_file
+
+from export.specs import TINY
+
+pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (the dev extra installs it)")
+
+RANK, ALPHA, SCALE = 4, 3.0, 0.7
+SIZE, STEPS, SEED, IP_SCALE, GUIDANCE = 64, 3, 5, 0.6, 5.0
+PROMPT, NEGATIVE = "a cup on a table", "blurry"
+LATENT_TOL = 1e-5
+UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+UNET_EXTRA = ["down_blocks.1.attentions.1.transformer_blocks.0.ff.net.0.proj",
+              "down_blocks.1.attentions.0.proj_in", "down_blocks.1.resnets.0.conv1",
+              "down_blocks.1.resnets.0.conv_shortcut"]
+TEXT_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+KOHYA = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+
+def _modules(weights: Path) -> dict[str, torch.nn.Module]:
+    """{'unet', 'text_encoder', 'text_encoder_2'} of the tiny model, freshly loaded."""
+    from export import loaders
+
+    text = loaders.load_text_stack(TINY, weights)
+    return {"unet": loaders.load_unet(TINY, weights), "text_encoder": text.text_encoder,
+            "text_encoder_2": text.text_encoder_2}
+
+
+def _targets(modules) -> dict[str, list[str]]:
+    """Module paths per target, text encoders named 'text_model.…' as LoRA files trained on them are."""
+    def linear_or_conv(model, wanted):
+        return [name for name, module in model.named_modules()
+                if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and name.endswith(wanted)]
+
+    unet = [name for name in linear_or_conv(modules["unet"], UNET_ATTENTION) if ".attn" in name] + UNET_EXTRA
+    text = {target: ["text_model." + name.removeprefix("text_model.")
+                     for name in linear_or_conv(modules[target], tuple("." + m for m in TEXT_MODULES))]
+            for target in ("text_encoder", "text_encoder_2")}
+    return {"unet": unet, **text}
+
+
+def _weight(model: torch.nn.Module, name: str) -> torch.Tensor:
+    return model.get_submodule(name if hasattr(model, "text_model") else name.removeprefix("text_model.")).weight
+
+
+def lora_layers(modules, seed: int = 0) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
+    """(target, module) -> (down (r, in[, k, k]), up (out, r[, 1, 1])), small seeded values."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = {}
+    for target, names in _targets(modules).items():
+        for name in names:
+            weight = _weight(modules[target], name)
+            down = torch.randn(RANK, *weight.shape[1:], generator=generator) * 0.3
+            up = torch.randn(weight.shape[0], RANK, *([1, 1] if weight.dim() == 4 else []), generator=generator) * 0.3
+            layers[(target, name)] = (down, up)
+    return layers
+
+
+def write_kohya(path: Path, layers) -> Path:
+    """kohya layout: '<prefix><module with _>.lora_down.weight' / '.lora_up.weight' / '.alpha'."""
+    tensors = {}
+    for (target, name), (down, up) in layers.items():
+        key = KOHYA[target] + name.replace(".", "_")
+        tensors |= {f"{key}.lora_down.weight": down.contiguous(), f"{key}.lora_up.weight": up.contiguous(),
+                    f"{key}.alpha": torch.tensor(ALPHA)}
+    save_file(tensors, str(path))
+    return path
+
+
+def write_diffusers(folder: Path, layers) -> Path:
+    """The diffusers/PEFT layout written by diffusers itself, with LoraConfig metadata per component."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+
+    state = {target: {} for target in KOHYA}
+    for (target, name), (down, up) in layers.items():
+        state[target] |= {f"{name}.lora_A.weight": down.contiguous(), f"{name}.lora_B.weight": up.contiguous()}
+    unet_targets = list(UNET_ATTENTION) + UNET_EXTRA
+    config = {target: LoraConfig(r=RANK, lora_alpha=ALPHA,
+                                 target_modules=unet_targets if target == "unet" else list(TEXT_MODULES)).to_dict()
+              for target in KOHYA}
+    StableDiffusionXLPipeline.save_lora_weights(
+        str(folder), unet_lora_layers=state["unet"], text_encoder_lora_layers=state["text_encoder"],
+        text_encoder_2_lora_layers=state["text_encoder_2"], unet_lora_adapter_metadata=config["unet"],
+        text_encoder_lora_adapter_metadata=config["text_encoder"],
+        text_encoder_2_lora_adapter_metadata=config["text_encoder_2"])
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def lora_files(tiny_weights, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("loras_diffusers")
+    layers = lora_layers(_modules(tiny_weights))
+    return {"kohya": write_kohya(folder / "kohya.safetensors", layers),
+            "peft": write_diffusers(folder / "peft", layers), "layers": layers}
+
+
+def test_files_are_the_formats_diffusers_reads(lora_files):
+    """The kohya file is detected as kohya, the diffusers one carries peft's LoraConfig metadata."""
+    from safetensors import safe_open
+
+    from export.lora import parse_lora
+
+    kohya, layers = parse_lora(lora_files["kohya"])
+    peft, peft_layers = parse_lora(lora_files["peft"])
+    assert (kohya, peft) == ("kohya", "peft") and len(layers) == len(peft_layers) == len(lora_files["layers"])
+    assert {layer.alpha for layer in layers + peft_layers} == {ALPHA}
+    with safe_open(str(lora_files["peft"]), framework="pt") as handle:
+        metadata = json.loads(handle.metadata()["lora_adapter_metadata"])
+    assert metadata["unet.r"] == RANK and metadata["text_encoder_2.lora_alpha"] == ALPHA
+    assert "to_out.0" in metadata["unet.target_modules"]
+
+
+def _diffusers_pipeline(weights: Path, lora: Path, fuse: bool):
+    """diffusers' SDXL pipeline on the tiny files + load_ip_adapter + load_lora_weights (fused at SCALE if asked)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from export import loaders
+
+    text = loaders.load_text_stack(TINY, weights)
+    pipe = StableDiffusionXLPipeline(
+        vae=loaders.load_vae(TINY, weights), text_encoder=text.text_encoder, text_encoder_2=text.text_encoder_2,
+        tokenizer=text.tokenizer, tokenizer_2=text.tokenizer_2, unet=loaders.load_unet(TINY, weights),
+        scheduler=EulerDiscreteScheduler.from_config(loaders.load_scheduler_config(TINY, weights)),
+        add_watermarker=False)
+    pipe.load_ip_adapter(str(weights / "IP-Adapter"), subfolder="sdxl_models",
+                         weight_name="ip-adapter_sdxl_vit-h.safetensors", image_encoder_folder="models/image_encoder")
+    pipe.set_ip_adapter_scale(IP_SCALE)
+    pipe.load_lora_weights(str(lora))
+    if fuse:
+        pipe.fuse_lora(lora_scale=SCALE)
+    return pipe
+
+
+def _diffusers_latents(pipe, fuse: bool) -> torch.Tensor:
+    from PIL import Image
+    from skimage import data
+
+    kwargs = {} if fuse else {"cross_attention_kwargs": {"scale": SCALE}}
+    with torch.no_grad():
+        return pipe(PROMPT, negative_prompt=NEGATIVE, ip_adapter_image=Image.fromarray(data.coffee()),
+                    num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE, width=SIZE,
+                    generator=torch.Generator().manual_seed(SEED), output_type="latent", **kwargs).images
+
+
+def _runtime_latents(weights: Path, out: Path, loras: list[str]) -> torch.Tensor:
+    """Export the tiny IP-Adapter build (fp32 ONNX) with these --lora arguments and run it in ONNX Runtime."""
+    from skimage import data
+
+    from runtime.pipelines import IPAdapterPipeline
+
+    args = ["--model", "tiny", "--weights", str(weights), "--pipeline", "ip-adapter", "--stage", "onnx",
+            "--precision", "fp32", "--out", str(out)]
+    for lora in loras:
+        args += ["--lora", lora]
+    run_export_cli(args)
+    pipe = IPAdapterPipeline.from_build(out, "onnxruntime")
+    return pipe(data.coffee(), PROMPT, NEGATIVE, return_latents=True, steps=STEPS, guidance=GUIDANCE,
+                ip_scale=IP_SCALE, seed=SEED, width=SIZE, height=SIZE, num_images=1, scheduler="euler").latents
+
+
+def _relative_error(value, reference) -> float:
+    return float((value.float() - reference.float()).norm() / reference.float().norm())
+
+
+@pytest.fixture(scope="module")
+def plain_latents(tiny_weights, tmp_path_factory) -> torch.Tensor:
+    torch.set_num_threads(1)
+    return _runtime_latents(tiny_weights, tmp_path_factory.mktemp("plain_build") / "build", [])
+
+
+@pytest.mark.parametrize("kind", ["kohya", "peft"])
+def test_lora_build_equals_diffusers_load_lora_weights(tiny_weights, lora_files, plain_latents, tmp_path, kind):
+    """Runtime latents of the `--lora FILE:SCALE` build equal diffusers' pipeline with the same file loaded
+    by load_lora_weights, unfused (scale per call) and fused (fuse_lora), and differ from the build without it."""
+    path = lora_files[kind]
+    latents = _runtime_latents(tiny_weights, tmp_path / "build", [f"{path}:{SCALE}"])
+    change = _relative_error(latents, plain_latents)
+    errors = {}
+    for fuse in (False, True):
+        pipe = _diffusers_pipeline(tiny_weights, path, fuse)
+        errors["fuse_lora" if fuse else "cross_attention_kwargs"] = _relative_error(latents,
+                                                                                    _diffusers_latents(pipe, fuse))
+    print(f"{kind} LoRA build vs diffusers load_lora_weights: latents rel "
+          + ", ".join(f"{mode} {error:.2e}" for mode, error in errors.items()) + f"; vs no-LoRA build {change:.2e}")
+    assert max(errors.values()) <= LATENT_TOL, errors
+    assert change > 100 * LATENT_TOL
+
+
+@pytest.mark.parametrize("kind", ["kohya", "peft"])
+def test_fused_modules_equal_diffusers_fuse_lora(tiny_weights, lora_files, kind):
+    """Every UNet and text-encoder weight the exporter fuses equals diffusers' fuse_lora (within fp32 rounding of
+    one product), and every LoRA layer of the file changed its weight in both."""
+    from export.lora import LoraSpec, fuse_loras
+
+    pipe = _diffusers_pipeline(tiny_weights, lora_files[kind], fuse=True)
+    pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
+    ours, base = _modules(tiny_weights), _modules(tiny_weights)
+    assert fuse_loras(ours, [LoraSpec(lora_files[kind], SCALE)]) == len(lora_files["layers"])
+    theirs = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    worst = 0.0
+    for target, model in ours.items():
+        reference, mine = theirs[target].state_dict(), model.state_dict()  # theirs also holds the IP-Adapter
+        assert set(mine) <= set(reference), sorted(set(mine) - set(reference))[:5]
+        for key, value in mine.items():
+            worst = max(worst, float((value - reference[key]).abs().max()))
+    for target, name in lora_files["layers"]:
+        assert not torch.equal(_weight(ours[target], name), _weight(base[target], name)), (target, name)
+    print(f"{kind}: exporter's fused weights vs diffusers fuse_lora: max abs difference {worst:.2e}")
+    assert worst <= 1e-6
