@@ -1,16 +1,23 @@
-"""`python -m engine BUILD_DIR [...]`: build the engines of an exported build directory.
+"""`python -m engine BUILD_DIR [...]`: build the engines of an exported build directory;
+`python -m engine refit BUILD_DIR --component NAME (--from NEW_BUILD_DIR | --onnx NEW.onnx)`: put the
+weights of another export of the same model (a new base, a LoRA fused with --lora) into a plan built
+with --refittable, without rebuilding it.
 
 Examples: python -m engine build/tiny --backend tensorrt-rtx --static 1x1024x1024
           python -m engine build/sdxl --components unet_instantid --height 768:1024:1280 --force
+          python -m engine refit build/sdxl --component unet_instantid --from build/sdxl-lora
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from engine.build_all import build_all
 from engine.profiles import Geometry, ProfileError, parse_range
+
+SHOW_CHANGED = 12  # changed weights listed by `refit`
 
 
 def parse_static(text: str) -> Geometry:
@@ -42,8 +49,64 @@ def geometry_from(args) -> Geometry:
     return Geometry(**ranges)
 
 
+def new_onnx_of(args) -> tuple[Path, dict | None]:
+    """(the new ONNX, its export flags or None) from --onnx, or from --from's manifest for --component."""
+    from engine.manifest import load_manifest
+    from engine.refit import RefitError
+
+    if args.onnx is not None:
+        return args.onnx, None
+    entry = load_manifest(args.from_build).components.get(args.component)
+    if entry is None or entry.onnx is None:
+        raise RefitError(f"{args.from_build} has no ONNX of '{args.component}': export it there first "
+                         f"(python -m export.build ... --components {args.component} --stage onnx "
+                         f"--out {args.from_build})")
+    return args.from_build / entry.onnx.path, entry.onnx.export_flags
+
+
+def refit_main(argv: list[str]) -> int:
+    """`python -m engine refit ...`: prove the refit plan on any machine, refit on a GPU; the exit code
+    is 0 when refitted, 1 when the new weights cannot be refitted, 2 when only a GPU is missing."""
+    from engine.backend import detect_gpu
+    from engine.manifest import ManifestError
+    from engine.refit import RefitError, prove_refit, refit_component
+
+    parser = argparse.ArgumentParser(prog="python -m engine refit",
+                                     description="refit a --refittable plan with another export's weights")
+    parser.add_argument("build_dir", type=Path, help="build/<model> whose engine is refitted")
+    parser.add_argument("--component", required=True, help="e.g. unet_instantid, unet_ip_adapter")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from", dest="from_build", type=Path, metavar="NEW_BUILD_DIR",
+                        help="a build directory exported from the new weights (same model and settings)")
+    source.add_argument("--onnx", type=Path, metavar="NEW.onnx", help="the component's new ONNX file")
+    parser.add_argument("--backend", choices=["tensorrt", "tensorrt-rtx"], help="default: detect")
+    args = parser.parse_args(argv)
+    try:
+        new_onnx, export_flags = new_onnx_of(args)
+        plan = prove_refit(args.build_dir, args.component, new_onnx, args.backend)
+        print(f"refit plan for {args.component}: {plan.summary()}")
+        for name in plan.changed[:SHOW_CHANGED]:
+            print(f"  changed: {name}")
+        if len(plan.changed) > SHOW_CHANGED:
+            print(f"  ... and {len(plan.changed) - SHOW_CHANGED} more")
+        if detect_gpu() is None:
+            print("error: the plan checks out, but refitting needs an NVIDIA GPU (engines are deserialized on the "
+                  "device): run this command on the GPU machine", file=sys.stderr)
+            return 2
+        result = refit_component(args.build_dir, args.component, new_onnx, args.backend, export_flags)
+    except (RefitError, ManifestError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"refitted {result.weights_set} weights in {result.seconds} s: {result.plan_bytes} bytes, "
+          f"sha256 {result.plan_sha256[:12]}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, run build_all, return the exit code."""
+    """Parse arguments, run build_all (or `refit`), return the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["refit"]:
+        return refit_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
     parser.add_argument("build_dir", help="build/<model> with manifest.json and onnx/")
     parser.add_argument("--components", nargs="+", help="only these components (default: all)")
