@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.manifest import load_manifest, verify_onnx
 from runtime.text import ClipTokenizer
+
 
 class AssetError(FileNotFoundError):
     """A build directory lacks an asset the runtime needs."""
@@ -38,8 +40,6 @@ class Assets:
     @classmethod
     def open(cls, build_dir: str | os.PathLike, manifest=None) -> Assets:
         """Assets of a build directory (reads manifest.json unless a Manifest is given)."""
-        from engine.manifest import load_manifest
-
         manifest = manifest or load_manifest(build_dir)
         facts_file = Path(build_dir) / "assets" / "model.json"
         facts = json.loads(facts_file.read_text()) if facts_file.is_file() else {}
@@ -100,7 +100,6 @@ class Assets:
         onnx/arcface.onnx, on ONNX Runtime (CPU), each checked against its manifest sha256 first
         (verify_sha256=False: skip the hashing). FileNotFoundError saying how to export them;
         ManifestError for a file that does not match."""
-        from engine.manifest import verify_onnx
         from runtime.face import ArcFace, FaceAnalyzer, SCRFDDetector, YuNetDetector
 
         paths = {}

@@ -47,7 +47,11 @@ from pathlib import Path
 
 import torch
 
-from runtime.sessions import DTYPES, Session, SessionError, TensorInfo, cuda_device
+from engine.backend import detect_gpu
+from engine.cache import EngineCheckError, build_dir_of, check_engine, rebuild_command
+from engine.manifest import atomic_write
+from engine.tensors import TensorSpec, torch_dtype, trt_dtype
+from runtime.session_base import Session, SessionError, cuda_device
 from runtime.streams import ALIGNMENT, TORCH_CUDA, aligned_copy, aligned_empty, is_aligned
 
 OUTPUT_CACHE_SIZE = 4
@@ -81,12 +85,6 @@ class DeviceMemoryPool:
         self._contexts = [each for each in self._contexts if each is not context]
 
 
-def _trt_dtypes(trt) -> dict:
-    table = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
-             "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8}
-    return {getattr(trt.DataType, key): value for key, value in table.items() if hasattr(trt.DataType, key)}
-
-
 def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
@@ -102,8 +100,8 @@ class _Slot:
 class TrtSession(Session):
     """A deserialised TensorRT engine with torch buffers; `run` eager, `bind` for CUDA graphs.
 
-    engine: an ICudaEngine; trt: its module (`tensorrt` / `tensorrt_rtx`); inputs / outputs: TensorInfo
-    (names, shape ranges) whose dtypes are replaced by the plan's. memory: the DeviceMemoryPool shared
+    engine: an ICudaEngine; trt: its module (`tensorrt` / `tensorrt_rtx`); inputs / outputs: TensorSpec
+    (names, shape ranges: the manifest's) whose dtypes are replaced by the plan's, as torch dtypes. memory: the DeviceMemoryPool shared
     with the pipeline's other sessions (None: one of its own). cuda: runtime.streams.TorchCuda (or a test
     double). cache_path: TensorRT-RTX runtime cache file (None: none). See the module docstring.
     """
@@ -115,7 +113,6 @@ class TrtSession(Session):
         self.name, self._engine, self._trt, self.cuda = name, engine, trt, cuda
         self.inputs, self.outputs = tuple(inputs), tuple(outputs)
         self.device = cuda_device(device)
-        self._dtypes = _trt_dtypes(trt)
         self._check_io()
         self.memory = memory or DeviceMemoryPool(self.device)
         self.cache_path, self._runtime_cache = cache_path, None
@@ -133,9 +130,6 @@ class TrtSession(Session):
         verify_sha256: hash the whole plan against the manifest before loading (False: size only).
         Raises EngineCheckError (engine.cache) for a plan that cannot run here, SessionError without a GPU.
         """
-        from engine.backend import detect_gpu
-        from engine.cache import EngineCheckError, build_dir_of, check_engine, rebuild_command
-
         plan_path = Path(plan_path)
         name = name or plan_path.stem
         check_engine(record, plan_path, backend, detect_gpu(), verify_sha256=verify_sha256)
@@ -152,8 +146,7 @@ class TrtSession(Session):
             rebuild = rebuild_command(build_dir_of(record, plan_path), name, backend.name, record=record, force=True)
             raise EngineCheckError(f"{plan_path}: {backend.name} {backend.version} could not deserialize the plan "
                                    f"({detail}). Rebuild it: {rebuild}")
-        session = cls(engine, backend.trt, [_engine_info(t) for t in record.inputs],
-                      [_engine_info(t) for t in record.outputs], name=name, device=device, memory=memory,
+        session = cls(engine, backend.trt, record.inputs, record.outputs, name=name, device=device, memory=memory,
                       cache_path=plan_path.with_suffix(".runtime_cache") if backend.caps.runtime_cache else None)
         session._runtime = runtime  # outlives the engine it deserialised
         return session
@@ -199,8 +192,6 @@ class TrtSession(Session):
     def save_runtime_cache(self) -> None:
         """TensorRT-RTX: keep the kernels JIT-compiled so far for the next start (no-op elsewhere)."""
         if self._runtime_cache is not None:
-            from engine.manifest import atomic_write
-
             atomic_write(self.cache_path, bytes(self._runtime_cache.serialize()))
 
     def _check_io(self) -> None:
@@ -213,12 +204,17 @@ class TrtSession(Session):
             raise SessionError(f"{self.name}: the plan's tensors {sorted(names)} are not the manifest's "
                                f"{sorted(expected)}; rebuild the engine from the current ONNX")
 
-        def typed(info):
-            return replace(info, dtype=self._dtypes[engine.get_tensor_dtype(info.name)])
+        def typed(info: TensorSpec) -> TensorSpec:
+            dtype = trt_dtype(engine.get_tensor_dtype(info.name))
+            try:
+                return replace(info, dtype=torch_dtype(dtype))
+            except TypeError:
+                raise SessionError(f"{self.name}: tensor '{info.name}' is {dtype} in the plan, which torch cannot "
+                                   "hold; re-export the component with another I/O dtype") from None
         self.inputs, self.outputs = tuple(map(typed, self.inputs)), tuple(map(typed, self.outputs))
 
     # -- binding (every boolean checked) -------------------------------------------------------
-    def _set_shape(self, context, info: TensorInfo, shape: tuple[int, ...]) -> None:
+    def _set_shape(self, context, info: TensorSpec, shape: tuple[int, ...]) -> None:
         if not context.set_input_shape(info.name, shape):
             raise SessionError(f"{self.name}: TensorRT refused shape {list(shape)} for input '{info.name}' "
                                f"(manifest range {info.min}..{info.max}): the plan's optimization profile "
@@ -375,8 +371,3 @@ class TrtBinding:
         """Its graph is gone: the scratch pool stops tracking the context."""
         self.session.memory.detach(self.context)
 
-
-def _engine_info(tensor) -> TensorInfo:
-    return TensorInfo(tensor.name, DTYPES.get(tensor.dtype, torch.float32), tuple(tensor.shape),
-                      None if tensor.min is None else tuple(tensor.min),
-                      None if tensor.max is None else tuple(tensor.max))

@@ -14,11 +14,11 @@ import onnx.helper as oh
 import pytest
 import torch
 
+from engine.tensors import TensorSpec
 from runtime.sessions import (
     OrtSession,
     SessionError,
     ShapeRangeError,
-    TensorInfo,
     TorchSession,
     check_shape,
     normalize_backend,
@@ -50,7 +50,8 @@ def _affine_onnx(path: Path, dtype: int = onnx.TensorProto.FLOAT) -> Path:
 def test_ort_session_fp32(tmp_path):
     session = OrtSession(_affine_onnx(tmp_path / "affine.onnx"))
     assert session.input_names == ("x", "ids") and session.output_names == ("y", "ids_out")
-    assert session.input("x") == TensorInfo("x", torch.float32, ("batch", 4))
+    assert session.input("x") == TensorSpec("x", "float32", ("batch", 4))
+    assert session.input("x").dtype is torch.float32  # sessions hold torch dtypes
     assert not session.capturable and session.device.type == "cpu"
     x = torch.arange(8, dtype=torch.float32).reshape(2, 4)
     out = session.run({"x": x, "ids": torch.ones(2, 3, dtype=torch.int64)})
@@ -65,6 +66,84 @@ def test_ort_session_fp16_graph_takes_fp32_tensors(tmp_path):
     out = session.run({"x": x, "ids": torch.zeros(3, 3, dtype=torch.int64)})
     assert out["y"].dtype == torch.float16
     torch.testing.assert_close(out["y"].float(), (x.half() * 2 + torch.tensor([0.5, -1.0, 0.0, 3.0]).half()).float())
+
+
+def test_ort_binds_feeds_in_place_and_hands_over_outputs(tmp_path):
+    """No host round trip: ORT reads the feed's own memory when it runs (a write after binding shows in
+    the result), and the returned tensors are the buffers ORT wrote (same addresses)."""
+    session = OrtSession(_affine_onnx(tmp_path / "affine.onnx"))
+    x = torch.arange(8, dtype=torch.float32).reshape(2, 4)
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    binding, bound = session.io_binding({"x": x, "ids": ids})
+    # contiguous, of the graph's dtype, on ORT's device: bound where they lie
+    assert bound["x"].data_ptr() == x.data_ptr() and bound["ids"].data_ptr() == ids.data_ptr()
+    x.mul_(10)
+    out = session.run_bound(binding)
+    assert torch.equal(out["y"], x * 2 + torch.tensor([0.5, -1.0, 0.0, 3.0])) and torch.equal(out["ids_out"], ids)
+    written = binding.get_outputs()
+    assert [value.data_ptr() for value in written] == [out[name].data_ptr() for name in session.output_names]
+    strided = torch.arange(16, dtype=torch.float32).reshape(2, 8)[:, ::2]  # a view: torch makes it contiguous
+    _, bound = session.io_binding({"x": strided, "ids": ids})
+    assert bound["x"].is_contiguous() and torch.equal(bound["x"], strided)
+
+
+def _feeds(session, sizes: dict[str, int], seed: int) -> dict[str, torch.Tensor]:
+    """Random feeds at base sizes {'batch', 'height', 'width'} (token ids < 1000, floats N(0, 1))."""
+    from engine.profiles import parse_dim
+
+    generator = torch.Generator().manual_seed(seed)
+    feeds = {}
+    for info in session.inputs:
+        shape = [d if isinstance(d, int) else parse_dim(d).value(sizes[parse_dim(d).base], d) for d in info.shape]
+        feeds[info.name] = (torch.randn(shape, generator=generator).to(info.dtype) if info.dtype.is_floating_point
+                            else torch.randint(0, 1000, shape, generator=generator).to(info.dtype))
+    return feeds
+
+
+def test_ort_binding_matches_plain_runs_bit_for_bit(tiny_build):
+    """Every ONNX component of the tiny build: the bound path gives exactly ONNX Runtime's numpy results."""
+    from engine.manifest import load_manifest
+
+    manifest = load_manifest(tiny_build)
+    components = [name for name, entry in manifest.components.items() if entry.onnx is not None]
+    compared = []
+    for index, name in enumerate(components):
+        session = open_session(tiny_build, name, "onnxruntime", manifest=manifest, threads=1)
+        if any(d is None for info in session.inputs for d in info.shape):
+            continue  # an unnamed dynamic axis (no contract graph has one)
+        feeds = _feeds(session, {"batch": 1, "height": 64, "width": 64}, seed=index)
+        out = session.run(feeds)
+        plain = session._session.run(list(session.output_names), {k: v.numpy() for k, v in feeds.items()})
+        for output, expected in zip(session.output_names, plain):
+            assert out[output].dtype == torch.from_numpy(expected).dtype
+            assert torch.equal(out[output], torch.from_numpy(expected)), f"{name}.{output}"
+        compared.append(name)
+    assert {"unet_instantid", "controlnet", "vae_decoder", "text_encoder_2", "arcface"} <= set(compared)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU and onnxruntime-gpu")
+def test_ort_cuda_binding_stays_on_the_gpu(tmp_path):
+    """CUDA execution provider: feeds bound at their device addresses, outputs ORT's device buffers; a feed
+    written on a side stream right before the call is complete when ORT reads it."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime without the CUDA execution provider")
+    session = OrtSession(_affine_onnx(tmp_path / "affine.onnx"))
+    assert session.ort_device.type == "cuda" and session.device == session.ort_device
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        x = torch.ones(4096, 4, device=session.device)
+        for _ in range(50):  # keep the stream busy so a missing sync would read unfinished values
+            x = x * 1.0001
+        ids = torch.arange(4096 * 3, device=session.device).reshape(4096, 3)
+        binding, bound = session.io_binding({"x": x, "ids": ids})
+        out = session.run_bound(binding)
+    assert bound["x"].data_ptr() == x.data_ptr() and out["y"].device == x.device
+    assert [v.data_ptr() for v in binding.get_outputs()] == [out[n].data_ptr() for n in session.output_names]
+    torch.cuda.synchronize()
+    reference = x.cpu() * 2 + torch.tensor([0.5, -1.0, 0.0, 3.0])
+    assert torch.equal(out["y"].cpu(), reference) and torch.equal(out["ids_out"].cpu(), ids.cpu())
 
 
 def test_feed_errors_name_what_is_expected(tmp_path):
@@ -83,8 +162,8 @@ def test_feed_errors_name_what_is_expected(tmp_path):
 
 
 def test_check_shape_against_a_range():
-    info = TensorInfo("sample", torch.float16, ("2B", 4, "latent_height", "latent_width"), (2, 4, 64, 64),
-                      (8, 4, 192, 192))
+    info = TensorSpec("sample", torch.float16, ("2B", 4, "latent_height", "latent_width"), min=(2, 4, 64, 64),
+                      max=(8, 4, 192, 192))
     check_shape("unet", info, (2, 4, 128, 96))
     with pytest.raises(ShapeRangeError, match=r"outside the engine's range \[2, 4, 64, 64\]..\[8, 4, 192, 192\]"):
         check_shape("unet", info, (2, 4, 32, 32))
@@ -94,8 +173,8 @@ def test_check_shape_against_a_range():
 
 def test_torch_session_runs_a_module_with_engine_io():
     module = torch.nn.Linear(4, 2)
-    session = TorchSession(module, [TensorInfo("x", torch.float32, ("batch", 4))],
-                           [TensorInfo("y", torch.float32, ("batch", 2))], name="linear")
+    session = TorchSession(module, [TensorSpec("x", "float32", ("batch", 4))],
+                           [TensorSpec("y", torch.float32, ("batch", 2))], name="linear")
     x = torch.rand(3, 4, dtype=torch.float64)
     out = session.run({"x": x})
     torch.testing.assert_close(out["y"], module(x.float()).detach())

@@ -12,7 +12,8 @@ import torch
 from export.specs import SCHEDULER_CONFIG
 from runtime.loop import DenoiseCancelled, DenoiseLoop, LoopInputs
 from runtime.schedulers import build_scheduler, draw_noise
-from runtime.sessions import SessionError, TensorInfo
+from engine.tensors import TensorSpec
+from runtime.sessions import SessionError
 from runtime.trt import OUTPUT_CACHE_SIZE, DeviceMemoryPool, TrtSession
 from tests.trt_double import (
     ALIGNMENT,
@@ -69,13 +70,13 @@ def controlnet_spec(**extra) -> EngineSpec:
 
 
 def _infos(spec: EngineSpec, widen: int = 0):
-    """The manifest's TensorInfo of an engine double (widen: a manifest range wider than the plan's)."""
+    """The manifest's TensorSpecs of an engine double (widen: a manifest range wider than the plan's)."""
     def info(name, dtype, low, high):
         dims = tuple(lo if lo == hi else f"d{axis}" for axis, (lo, hi) in enumerate(zip(low, high)))
         high = tuple(hi + widen if lo != hi else hi for lo, hi in zip(low, high))
-        return TensorInfo(name, torch.float32, dims, tuple(low), high)
+        return TensorSpec(name, "float32", dims, min=tuple(low), max=high)
     inputs = [info(name, *value) for name, value in spec.inputs.items()]
-    outputs = [TensorInfo(name, torch.float32, ()) for name in spec.outputs]
+    outputs = [TensorSpec(name, "float32", ()) for name in spec.outputs]
     return inputs, outputs
 
 

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.tensors import torch_dtype, trt_dtype
 from runtime.streams import TorchCuda
 
 ALIGNMENT = 256
@@ -64,10 +65,6 @@ class DataType(enum.Enum):
     HALF = "float16"
     INT32 = "int32"
     INT64 = "int64"
-
-
-TORCH_DTYPES = {DataType.FLOAT: torch.float32, DataType.HALF: torch.float16, DataType.INT32: torch.int32,
-                DataType.INT64: torch.int64}
 
 
 class TensorIOMode(enum.Enum):
@@ -398,11 +395,11 @@ class ContextDouble:
 
     def _run(self) -> None:
         spec = self.engine.spec
-        feeds = {name: _memory(self.addresses[name], self.shapes[name], TORCH_DTYPES[spec.inputs[name][0]]).float()
+        feeds = {name: _memory(self.addresses[name], self.shapes[name], torch_dtype(trt_dtype(spec.inputs[name][0]))).float()
                  for name in spec.inputs}
         results = spec.compute(feeds)
         for name, (dtype, shape_of) in spec.outputs.items():
-            target = _memory(self.addresses[name], tuple(shape_of(dict(self.shapes))), TORCH_DTYPES[dtype])
+            target = _memory(self.addresses[name], tuple(shape_of(dict(self.shapes))), torch_dtype(trt_dtype(dtype)))
             target.copy_(results[name])
 
 
