@@ -2,7 +2,8 @@
 manifest, then (optionally) build the engines.
 
     python -m export.build --model tiny|sdxl [--pipeline instantid|ip-adapter|ip-adapter-plus|all]
-        [--weights DIR] [--random-init] [--face-models DIR] [--out DIR] [--components NAME ...]
+        [--weights DIR] [--base HUB_ID|FOLDER|FILE.safetensors] [--instantid HUB_ID|FOLDER]
+        [--ip-adapter HUB_ID|FOLDER|FILE] [--random-init] [--face-models DIR] [--out DIR] [--components NAME ...]
         [--stage onnx|torch|engines|all]
         [--backend tensorrt|tensorrt-rtx] [--precision fp16|fp32] [--attention stacked|unfused|fused]
         [--vae-fp16-fix]
@@ -13,6 +14,12 @@ the tiny checkpoints to <out>/weights and loads them through the normal loaders.
 defaults to fp16 for sdxl and fp32 for tiny. I/O names: export/components.py. Every size (widths,
 depths, token counts, the model facts) is read from the checkpoint files (export.checkpoint_dims);
 the spec gives the hub ids, defaults and the `--random-init` architecture.
+
+`--base`, `--instantid` and `--ip-adapter` replace the spec's sources (export.weights.with_sources):
+a hub id, a local folder laid out as that hub repository, or (`--base`) one `.safetensors` in the
+original SGM/A1111 layout read with the shipped configs (export.single_file) or (`--ip-adapter`) one
+adapter file; the rest still comes from `--weights` or the hub. Each value's files and sha256 go into
+the manifest's export flags.
 
 `--stage torch` writes build/<model>/torch/<component>.pt2 instead of ONNX: `torch.export`
 programs for the runtime's torch backend (GPUs without TensorRT; export/torch_programs.py). The
@@ -70,6 +77,22 @@ class Options:
     vae_fp16_fix: bool = False
     components: tuple[str, ...] | None = None
     loras: tuple = ()  # export.lora.LoraSpec, fused into the UNet and text encoders
+    base: str | None = None        # --base: hub id, diffusers folder or single .safetensors
+    instantid: str | None = None   # --instantid: hub id or folder (ControlNetModel/, ip-adapter.bin)
+    ip_adapter: str | None = None  # --ip-adapter: hub id, folder (h94/IP-Adapter layout) or adapter file
+
+    def model_spec(self):
+        """The model's spec with the sources --base / --instantid / --ip-adapter name."""
+        from export.weights import with_sources
+
+        return with_sources(get_spec(self.model), self.base, self.instantid, self.ip_adapter)
+
+    def source_records(self) -> dict:
+        """{'base' | 'instantid' | 'ip_adapter': what was given (file + sha256, folder files, or hub id)}."""
+        from export.weights import source_record
+
+        given = {"base": self.base, "instantid": self.instantid, "ip_adapter": self.ip_adapter}
+        return {key: source_record(value, "--" + key.replace("_", "-")) for key, value in given.items() if value}
 
     def names(self) -> list[str]:
         """The components to export/build: the pipelines' (or the `components` subset), in build order."""
@@ -105,7 +128,7 @@ def export_onnx(options: Options) -> list[Row]:
     from engine.manifest import record_onnx, sha256_files, update_manifest
     from export.torch_programs import export_program, io_specs
 
-    spec = get_spec(options.model)
+    spec = options.model_spec()
     out = Path(options.out)
     weights = options.weights
     if spec.name == "tiny" and weights is None and not options.random_init:
@@ -128,6 +151,7 @@ def export_onnx(options: Options) -> list[Row]:
                                                                    spec.name == "tiny" else "checkpoints")}
     if options.loras:  # a rebuild knows which LoRAs were fused (file, sha256, scale)
         flags["loras"] = [lora.record() for lora in options.loras]
+    flags.update(options.source_records())  # and which base / adapter files were used
     rows, programs = [], {}
     programs_only = options.stage == "torch"
     if programs_only:
@@ -227,6 +251,14 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--pipeline", default="all", choices=[*PIPELINES, "all"])
     parser.add_argument("--weights", type=Path, help="folder laid out as the hub repositories (default: the "
                                                      "hub cache; for tiny: write the tiny model to <out>/weights)")
+    parser.add_argument("--base", metavar="HUB_ID|FOLDER|FILE",
+                        help="the SDXL base: a hub id, a diffusers folder, or one .safetensors in the original "
+                             "(SGM / A1111 / ComfyUI) layout, read offline with the shipped configs")
+    parser.add_argument("--instantid", metavar="HUB_ID|FOLDER",
+                        help="InstantID: a hub id or folder holding ControlNetModel/ and ip-adapter.bin")
+    parser.add_argument("--ip-adapter", metavar="HUB_ID|FOLDER|FILE",
+                        help="IP-Adapter: a hub id or folder laid out as h94/IP-Adapter, or one adapter file "
+                             "(plain or Plus, told by its tensors)")
     parser.add_argument("--random-init", action="store_true", help="real architecture, random weights")
     parser.add_argument("--face-models", type=Path, help="antelopev2 folder (scrfd_10g_bnkps.onnx, glintr100.onnx)")
     parser.add_argument("--out", type=Path, help="build directory (default build/<model>)")
@@ -263,9 +295,31 @@ def parse_args(argv: list[str] | None = None) -> Options:
         face_models=args.face_models, stage=args.stage, backend=args.backend,
         precision=args.precision or ("fp16" if args.model == "sdxl" else "fp32"), attention=args.attention,
         vae_fp16_fix=args.vae_fp16_fix, components=tuple(args.components) if args.components else None,
-        loras=loras)
+        loras=loras, base=args.base, instantid=args.instantid, ip_adapter=args.ip_adapter)
     options.names()  # unknown --components: fail before any work
+    _check_sources(parser, options, args.random_init)
     return options
+
+
+def _check_sources(parser, options: Options, random_init: bool) -> None:
+    """Fail before any work on a --base / --instantid / --ip-adapter that cannot be used."""
+    from export.single_file import SingleFileError
+    from export.weights import SourceError, WeightsNotFound
+
+    given = [flag for flag, value in (("--base", options.base), ("--instantid", options.instantid),
+                                      ("--ip-adapter", options.ip_adapter)) if value]
+    if given and random_init:
+        parser.error(f"{' and '.join(given)} and --random-init exclude each other")
+    try:
+        spec = options.model_spec()
+    except (SourceError, SingleFileError, WeightsNotFound) as error:
+        parser.error(str(error))
+    if options.ip_adapter and Path(options.ip_adapter).is_file():  # one adapter file: plain or Plus
+        plus = spec.ip_adapter_plus_source != get_spec(options.model).ip_adapter_plus_source
+        pipeline = "ip-adapter-plus" if plus else "ip-adapter"
+        if pipeline not in options.pipelines:
+            parser.error(f"--ip-adapter {options.ip_adapter} is {'an IP-Adapter Plus' if plus else 'a plain IP-Adapter'}"
+                         f" checkpoint, used by --pipeline {pipeline} (or all), not by {list(options.pipelines)}")
 
 
 def main(argv: list[str] | None = None) -> int:

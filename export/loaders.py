@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from export.adapters import ImageProj, Resampler
+from export.single_file import load_part, weights_file
 from export.specs import ModelSpec, Source
 from export.weights import resolve
 
@@ -56,6 +57,8 @@ def _diffusers_model(cls, config: dict, source: Source, weights_dir, random_init
         _seeded(seed)
         return _finish(_fill_zero_init(cls.from_config(config), seed), dtype, device)
     path = resolve(source, weights_dir, folder=True)
+    if weights_file(path) is not None:  # a part of a single-file base (export.single_file)
+        return _finish(load_part(path, dtype), dtype, device)
     variant = "fp16" if dtype == torch.float16 and any(path.glob("*.fp16.safetensors")) else None
     return _finish(cls.from_pretrained(path, variant=variant, torch_dtype=dtype), dtype, device)
 
@@ -96,7 +99,10 @@ def _clip_text(cls, config: dict, source: Source, weights_dir, random_init, seed
     if random_init:
         _seeded(seed)
         return _finish(cls(CLIPTextConfig(**config)), dtype, device)
-    return _finish(cls.from_pretrained(resolve(source, weights_dir, folder=True), dtype=dtype), dtype, device)
+    path = resolve(source, weights_dir, folder=True)
+    if weights_file(path) is not None:  # a part of a single-file base (export.single_file)
+        return _finish(load_part(path, dtype), dtype, device)
+    return _finish(cls.from_pretrained(path, dtype=dtype), dtype, device)
 
 
 TOKENIZER_PADS = {"tokenizer": None, "tokenizer_2": "!"}  # SDXL's second tokenizer pads with '!'
