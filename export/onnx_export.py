@@ -22,13 +22,11 @@ from pathlib import Path
 import onnx_ir as ir
 import torch
 
+from engine.tensors import dtype_name, onnx_enum
 from export.components import Component, example_inputs
 
 OPSET = 17
 EXTERNAL_DATA_BYTES = int(1.8 * 2**30)
-
-_IR_DTYPES = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16,
-              torch.int64: ir.DataType.INT64, torch.int32: ir.DataType.INT32}
 
 
 class ExportError(RuntimeError):
@@ -100,8 +98,9 @@ def finish_graph(model: ir.Model, component: Component) -> None:
             raise ExportError(f"{component.name}: traced graph {kind}s {names} differ from the contract {expected}; "
                               "an unused input was dropped by the tracer or the wrapper returns another order")
         for value, io in zip(values, ios):
-            if value.dtype != _IR_DTYPES[io.dtype]:
-                raise ExportError(f"{component.name}: {kind} {io.name} is {value.dtype}, the contract says {io.dtype}")
+            if value.dtype != ir.DataType(onnx_enum(io.dtype)):
+                raise ExportError(f"{component.name}: {kind} {io.name} is {value.dtype}, the contract says "
+                                  f"{dtype_name(io.dtype)}")
             value.shape = ir.Shape(io.dims)
     for node in graph:  # the tracer's doc strings hold source lines of this machine: not deterministic
         node.doc_string = None

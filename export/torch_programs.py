@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from engine.profiles import parse_dim
+from engine.tensors import dtype_name
 from export.components import Component, example_inputs
 
 PIXEL_UNIT = 64          # sizes are multiples of 64 px (runtime.pipelines.PIXEL_MULTIPLE)
@@ -86,5 +87,5 @@ def export_program(component: Component, path: Path) -> float:
 def io_specs(component: Component) -> dict:
     """The I/O contract recorded with the program: {'inputs': [[name, dtype, dims]], 'outputs': ...}."""
     def spec(io):
-        return [io.name, str(io.dtype).removeprefix("torch."), list(io.dims)]
+        return [io.name, dtype_name(io.dtype), list(io.dims)]
     return {"inputs": [spec(io) for io in component.inputs], "outputs": [spec(io) for io in component.outputs]}
