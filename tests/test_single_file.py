@@ -7,7 +7,9 @@ diffusers names -> `model.diffusion_model.input_blocks…`, `first_stage_model.e
 `conditioner.embedders.0.transformer.text_model…`, OpenCLIP `conditioner.embedders.1.model.transformer.
 resblocks…` with fused in_proj and a transposed text_projection), from tiny modules of another seed than
 the tiny folder's, so a build that ignored the file would not pass. The oracle is diffusers' own
-`StableDiffusionXLPipeline.from_single_file(FILE, config=<folder>, local_files_only=True)`.
+`StableDiffusionXLPipeline.from_single_file(FILE, config=<folder>, local_files_only=True)`. End to end,
+IP-Adapter and InstantID builds from the file run in ONNX Runtime against the PyTorch baseline given the
+same sources (fp32 latents within 1e-5 relative); the full-size SDXL layout is checked on meta tensors.
 """
 from __future__ import annotations
 
@@ -101,8 +103,8 @@ def open_clip_state(encoder) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_original_layout(path: Path, unet, vae, text_encoder, text_encoder_2, extra: dict | None = None) -> Path:
-    """Save the four SDXL base modules as one safetensors file in the original (SGM) key layout."""
+def original_layout(unet, vae, text_encoder, text_encoder_2) -> dict[str, torch.Tensor]:
+    """The four SDXL base modules' tensors under their original (SGM) names."""
     tensors = {f"model.diffusion_model.{unet_key(k, unet.config)}": v for k, v in unet.state_dict().items()}
     levels = len(vae.config.block_out_channels)
     for key, value in vae.state_dict().items():
@@ -112,7 +114,12 @@ def write_original_layout(path: Path, unet, vae, text_encoder, text_encoder_2, e
     for key, value in text_encoder.state_dict().items():
         tensors[f"conditioner.embedders.0.transformer.text_model.{key.removeprefix('text_model.')}"] = value
     tensors.update({f"conditioner.embedders.1.model.{k}": v for k, v in open_clip_state(text_encoder_2).items()})
-    tensors.update(extra or {})
+    return tensors
+
+
+def write_original_layout(path: Path, unet, vae, text_encoder, text_encoder_2, extra: dict | None = None) -> Path:
+    """Save the four SDXL base modules as one safetensors file in the original (SGM) key layout."""
+    tensors = {**original_layout(unet, vae, text_encoder, text_encoder_2), **(extra or {})}
     save_file({key: value.contiguous() for key, value in tensors.items()}, str(path))
     return path
 
@@ -187,6 +194,31 @@ def test_single_file_loads_equal_to_diffusers_from_single_file(base_file, base_m
         ours = CLIPTokenizer.from_pretrained(folder / name)
         assert ours(prompt).input_ids == getattr(pipe, name)(prompt).input_ids
         assert ours.pad_token == getattr(pipe, name).pad_token
+
+
+def test_full_size_sdxl_layout_fits_the_shipped_config():
+    """The original layout of the full-size SDXL architecture (meta tensors: names and shapes only) passes the
+    key check and converts onto export/configs/sdxl without a missing, extra or misshapen tensor."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from export.single_file import CONFIGS, PREFIXES, check_keys, convert
+    from export.specs import SDXL
+
+    with init_empty_weights():
+        modules = dict(unet=UNet2DConditionModel.from_config(SDXL.unet), vae=AutoencoderKL.from_config(SDXL.vae),
+                       text_encoder=CLIPTextModel(CLIPTextConfig(**SDXL.text_encoder)),
+                       text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**SDXL.text_encoder_2)))
+    tensors = original_layout(**modules)
+    check_keys(Path("sdxl.safetensors"), {key: tuple(value.shape) for key, value in tensors.items()})
+    params = {}
+    for part, prefix in PREFIXES.items():
+        _, converted = convert(part, {k: v for k, v in tensors.items() if k.startswith(prefix)},
+                               CONFIGS / "sdxl" / part, Path("sdxl.safetensors"))
+        params[part] = sum(value.numel() for value in converted.values())
+    assert round(params["unet"] / 1e9, 3) == 2.567  # SDXL's UNet (REFERENCE.md)
+    assert params["text_encoder_2"] == sum(p.numel() for p in modules["text_encoder_2"].parameters())
 
 
 def test_loaders_read_the_file_through_the_base_source(base_file, base_modules, tiny_weights):
@@ -269,6 +301,43 @@ def test_build_from_single_file_matches_the_baseline(base_file, tiny_weights, tm
           f"vs the tiny folder's base {change:.2e}")
     assert error <= LATENT_TOL
     assert change > 100 * LATENT_TOL
+
+
+def test_instantid_build_from_single_file_and_instantid_folder(base_file, tiny_weights, tmp_path):
+    """`--model tiny --base FILE --instantid FOLDER` (a copy of the tiny InstantID folder elsewhere): the
+    runtime's InstantID latents equal the baseline's given the same sources (fp32); the manifest lists the
+    folder's files with their sha256."""
+    import shutil
+
+    import numpy as np
+
+    from benchmarks.pipelines import InstantIDBaseline
+    from export.specs import TINY
+    from export.weights import sha256_of, with_sources
+    from fixtures_tiny import run_export_cli
+    from runtime.face import draw_kps
+    from runtime.pipelines import InstantIDPipeline
+
+    torch.set_num_threads(1)
+    instantid = shutil.copytree(tiny_weights / "InstantID", tmp_path / "my_instantid")
+    out = tmp_path / "build"
+    run_export_cli(["--model", "tiny", "--base", str(base_file), "--instantid", str(instantid), "--weights",
+                    str(tiny_weights), "--pipeline", "instantid", "--stage", "onnx", "--precision", "fp32",
+                    "--out", str(out)])
+    flags = json.loads((out / "manifest.json").read_text())["components"]["controlnet"]["onnx"]["export_flags"]
+    assert flags["instantid"]["folder"] == "my_instantid"
+    assert {"file": "ip-adapter.bin", "sha256": sha256_of(instantid / "ip-adapter.bin")} in flags["instantid"]["files"]
+    embedding = np.random.default_rng(3).standard_normal(512).astype(np.float32) * 10
+    kps_image = draw_kps(SIZE, SIZE, np.array([[22, 26], [42, 26], [32, 36], [24, 46], [40, 46]], np.float32))
+    kwargs = dict(steps=2, guidance=5.0, ip_scale=0.8, controlnet_scale=0.8, seed=7, num_images=1)
+    pipe = InstantIDPipeline.from_build(out, "onnxruntime")
+    result = pipe.generate(embedding, kps_image, "a photo of a person", None, **kwargs)
+    spec = with_sources(TINY, base=str(base_file), instantid=str(instantid))
+    baseline = InstantIDBaseline(spec, weights_dir=tiny_weights, face_analyzer=pipe.face_analyzer)
+    expected = baseline.generate(embedding, kps_image, "a photo of a person", None, **kwargs)
+    error = _relative_error(result.latents, expected.latents)
+    print(f"single-file base InstantID build vs baseline on the same modules: latents rel {error:.2e}")
+    assert error <= LATENT_TOL
 
 
 # -- the other forms and the flags -------------------------------------------------------------------
