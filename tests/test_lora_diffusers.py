@@ -11,7 +11,10 @@ The IP-Adapter build with `--lora FILE:SCALE`, run by the runtime with ONNX Runt
 diffusers' `StableDiffusionXLPipeline` + `load_ip_adapter` + `load_lora_weights` on the same tiny
 files (needs peft), the scale applied unfused (`cross_attention_kwargs={"scale": …}`, which also
 scales the text encoders' LoRA layers) and fused (`fuse_lora(lora_scale=…)`): fp32 latents within
-1e-5 relative, the same seeded noise.
+1e-5 relative, the same seeded noise. The few-step recipes of docs/few_step.md run the same way on
+the diffusers/PEFT build (the tiny LoRA standing in for an LCM-, Lightning-, Hyper-SD- or TCD-LoRA):
+the runtime's scheduler presets against diffusers' scheduler swapped in as the recipes do it, with
+guidance 0, 1 (no classifier-free guidance) and 1.5.
 """
 from __future__ import annotations
 
@@ -155,31 +158,37 @@ def _diffusers_pipeline(weights: Path, lora: Path, fuse: bool):
     return pipe
 
 
-def _diffusers_latents(pipe, fuse: bool) -> torch.Tensor:
+def _diffusers_latents(pipe, fuse: bool, steps: int = STEPS, guidance: float = GUIDANCE, **kwargs) -> torch.Tensor:
     from PIL import Image
     from skimage import data
 
-    kwargs = {} if fuse else {"cross_attention_kwargs": {"scale": SCALE}}
+    if not fuse:
+        kwargs["cross_attention_kwargs"] = {"scale": SCALE}
     with torch.no_grad():
         return pipe(PROMPT, negative_prompt=NEGATIVE, ip_adapter_image=Image.fromarray(data.coffee()),
-                    num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE, width=SIZE,
+                    num_inference_steps=steps, guidance_scale=guidance, height=SIZE, width=SIZE,
                     generator=torch.Generator().manual_seed(SEED), output_type="latent", **kwargs).images
 
 
-def _runtime_latents(weights: Path, out: Path, loras: list[str]) -> torch.Tensor:
-    """Export the tiny IP-Adapter build (fp32 ONNX) with these --lora arguments and run it in ONNX Runtime."""
-    from skimage import data
-
-    from runtime.pipelines import IPAdapterPipeline
-
+def _export(weights: Path, out: Path, loras: list[str]) -> Path:
+    """The tiny IP-Adapter build (fp32 ONNX) exported with these --lora arguments."""
     args = ["--model", "tiny", "--weights", str(weights), "--pipeline", "ip-adapter", "--stage", "onnx",
             "--precision", "fp32", "--out", str(out)]
     for lora in loras:
         args += ["--lora", lora]
     run_export_cli(args)
-    pipe = IPAdapterPipeline.from_build(out, "onnxruntime")
-    return pipe(data.coffee(), PROMPT, NEGATIVE, return_latents=True, steps=STEPS, guidance=GUIDANCE,
-                ip_scale=IP_SCALE, seed=SEED, width=SIZE, height=SIZE, num_images=1, scheduler="euler").latents
+    return out
+
+
+def _runtime_latents(build: Path, steps: int = STEPS, guidance: float = GUIDANCE, scheduler: str = "euler"):
+    """Final latents of the build run by the runtime in ONNX Runtime."""
+    from skimage import data
+
+    from runtime.pipelines import IPAdapterPipeline
+
+    pipe = IPAdapterPipeline.from_build(build, "onnxruntime")
+    return pipe(data.coffee(), PROMPT, NEGATIVE, return_latents=True, steps=steps, guidance=guidance,
+                ip_scale=IP_SCALE, seed=SEED, width=SIZE, height=SIZE, num_images=1, scheduler=scheduler).latents
 
 
 def _relative_error(value, reference) -> float:
@@ -187,18 +196,21 @@ def _relative_error(value, reference) -> float:
 
 
 @pytest.fixture(scope="module")
-def plain_latents(tiny_weights, tmp_path_factory) -> torch.Tensor:
+def builds(tiny_weights, lora_files, tmp_path_factory) -> dict[str, Path]:
+    """'plain', 'kohya' and 'peft': the tiny IP-Adapter build without and with each LoRA at SCALE."""
     torch.set_num_threads(1)
-    return _runtime_latents(tiny_weights, tmp_path_factory.mktemp("plain_build") / "build", [])
+    folder = tmp_path_factory.mktemp("lora_builds")
+    return {kind: _export(tiny_weights, folder / kind, [] if kind == "plain" else [f"{lora_files[kind]}:{SCALE}"])
+            for kind in ("plain", "kohya", "peft")}
 
 
 @pytest.mark.parametrize("kind", ["kohya", "peft"])
-def test_lora_build_equals_diffusers_load_lora_weights(tiny_weights, lora_files, plain_latents, tmp_path, kind):
+def test_lora_build_equals_diffusers_load_lora_weights(tiny_weights, lora_files, builds, kind):
     """Runtime latents of the `--lora FILE:SCALE` build equal diffusers' pipeline with the same file loaded
     by load_lora_weights, unfused (scale per call) and fused (fuse_lora), and differ from the build without it."""
     path = lora_files[kind]
-    latents = _runtime_latents(tiny_weights, tmp_path / "build", [f"{path}:{SCALE}"])
-    change = _relative_error(latents, plain_latents)
+    latents = _runtime_latents(builds[kind])
+    change = _relative_error(latents, _runtime_latents(builds["plain"]))
     errors = {}
     for fuse in (False, True):
         pipe = _diffusers_pipeline(tiny_weights, path, fuse)
@@ -231,3 +243,27 @@ def test_fused_modules_equal_diffusers_fuse_lora(tiny_weights, lora_files, kind)
         assert not torch.equal(_weight(ours[target], name), _weight(base[target], name)), (target, name)
     print(f"{kind}: exporter's fused weights vs diffusers fuse_lora: max abs difference {worst:.2e}")
     assert worst <= 1e-6
+
+
+# scheduler preset, steps, guidance, the diffusers scheduler swapped in, its from_config settings, pipeline kwargs
+RECIPES = [
+    ("lcm", 8, 1.5, "LCMScheduler", {}, {}),  # LCM-LoRA, as InstantID's README runs it
+    ("euler_trailing", 4, 0.0, "EulerDiscreteScheduler", {"timestep_spacing": "trailing"}, {}),  # SDXL-Lightning
+    ("ddim_trailing", 4, 0.0, "DDIMScheduler", {"timestep_spacing": "trailing"}, {}),  # Hyper-SD N-step LoRA
+    ("tcd", 4, 1.0, "TCDScheduler", {}, {"eta": 0.3}),  # TCD-LoRA / Hyper-SD unified LoRA
+]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[recipe[0] for recipe in RECIPES])
+def test_few_step_recipes_equal_diffusers(tiny_weights, lora_files, builds, recipe):
+    """A few-step recipe on the LoRA build: the runtime preset equals diffusers with its scheduler swapped in."""
+    from diffusers import schedulers as classes
+
+    name, steps, guidance, class_name, settings, kwargs = recipe
+    latents = _runtime_latents(builds["peft"], steps, guidance, name)
+    pipe = _diffusers_pipeline(tiny_weights, lora_files["peft"], fuse=True)
+    pipe.scheduler = getattr(classes, class_name).from_config(pipe.scheduler.config, **settings)
+    expected = _diffusers_latents(pipe, True, steps, guidance, **kwargs)
+    error = _relative_error(latents, expected)
+    print(f"{name}, {steps} steps, guidance {guidance}: runtime vs diffusers latents rel {error:.2e}")
+    assert error <= LATENT_TOL

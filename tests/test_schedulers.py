@@ -1,4 +1,10 @@
-"""runtime.schedulers against diffusers' schedulers, step by step, with a fake deterministic model."""
+"""runtime.schedulers against diffusers' schedulers, step by step, with a fake deterministic model.
+
+Every preset name (`SCHEDULERS`, what the CLI and the server accept) is checked against the diffusers
+scheduler it stands for, built the way the few-step recipes build it (docs/few_step.md): e.g.
+`euler_trailing` = `EulerDiscreteScheduler.from_config(config, timestep_spacing="trailing")`
+(SDXL-Lightning), `tcd` = `TCDScheduler.from_config(config)` stepped with `eta`.
+"""
 from __future__ import annotations
 
 import subprocess
@@ -24,16 +30,26 @@ TOLERANCE = 1e-6
 MAX_ERRORS: dict[str, float] = {}  # worst relative error per case, printed at the end with -s
 
 
+# preset -> (diffusers class, from_config settings): the recipes' own lines
+REFERENCES = {
+    "euler": ("EulerDiscreteScheduler", {}), "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "euler_trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "ddim": ("DDIMScheduler", {}), "ddim_trailing": ("DDIMScheduler", {"timestep_spacing": "trailing"}),
+    "lcm": ("LCMScheduler", {}), "tcd": ("TCDScheduler", {}),
+}
+TCD_ETA = 0.3  # TCDScheduler.step's default, the `tcd` preset's
+
+
 def reference(name: str, config: dict, **overrides):
-    """The diffusers scheduler that `name` reproduces, built the way pipelines swap schedulers."""
-    from diffusers.schedulers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                                      EulerDiscreteScheduler, LCMScheduler)
-    classes = {"euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
-               "dpmpp_2m": DPMSolverMultistepScheduler, "dpmpp_2m_karras": DPMSolverMultistepScheduler,
-               "ddim": DDIMScheduler, "lcm": LCMScheduler}
-    if name.startswith("dpmpp"):
-        overrides = {"use_karras_sigmas": name.endswith("karras"), **overrides}
-    return classes[name].from_config(config, **overrides)
+    """The diffusers scheduler that `name` reproduces, built the way pipelines swap schedulers, and its step
+    arguments (TCD's eta: a step argument in diffusers, a setting here)."""
+    from diffusers import schedulers as classes
+
+    class_name, settings = REFERENCES[name]
+    step_kwargs = {"eta": overrides.pop("eta", TCD_ETA)} if name == "tcd" else {}
+    return getattr(classes, class_name).from_config(config, **{**settings, **overrides}), step_kwargs
 
 
 def fake_model(latents: torch.Tensor, timestep: float) -> torch.Tensor:
@@ -58,7 +74,7 @@ def run_side_by_side(name: str, num_steps: int, config: dict = SDXL_CONFIG, seed
     """Run both schedulers through the loop; assert per-step agreement; return the worst relative error."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    ref = reference(name, config, **overrides)
+    ref, step_kwargs = reference(name, config, **dict(overrides))
     ref.set_timesteps(num_steps)
     plan = build_scheduler(config, name, **overrides).plan(num_steps, "cpu", torch.float32)
     assert plan.init_noise_sigma == float(ref.init_noise_sigma)
@@ -72,7 +88,7 @@ def run_side_by_side(name: str, num_steps: int, config: dict = SDXL_CONFIG, seed
     worst = 0.0
     for i, t in enumerate(ref.timesteps):
         ref_out = fake_model(ref.scale_model_input(ref_latents, t), float(t))
-        ref_latents = ref.step(ref_out, t, ref_latents, generator=ref_generator).prev_sample
+        ref_latents = ref.step(ref_out, t, ref_latents, generator=ref_generator, **step_kwargs).prev_sample
         with NoHostSync():
             model_input = scale_model_input(plan, i, latents)
         out = fake_model(model_input, plan.timesteps_host[i])
@@ -92,7 +108,8 @@ def test_matches_diffusers(name, num_steps):
     run_side_by_side(name, num_steps)
 
 
-@pytest.mark.parametrize("name", ["euler", "euler_a", "dpmpp_2m", "ddim", "lcm"])
+@pytest.mark.parametrize("name", ["euler", "euler_a", "euler_trailing", "dpmpp_2m", "ddim", "ddim_trailing", "lcm",
+                                  "tcd"])
 def test_v_prediction(name):
     for num_steps in (4, 25):
         run_side_by_side(name, num_steps, prediction_type="v_prediction")
@@ -129,7 +146,7 @@ def test_ddim_and_lcm_options():
         run_side_by_side("lcm", num_steps, config={})  # LCMScheduler() with its own defaults
 
 
-@pytest.mark.parametrize("name", ["euler_a", "lcm"])
+@pytest.mark.parametrize("name", ["euler_a", "lcm", "tcd"])
 def test_noise_matches_diffusers_generator_order(name):
     """Different seeds give different results, and each matches diffusers drawing from its own generator."""
     plan = build_scheduler(SDXL_CONFIG, name).plan(4)
@@ -139,6 +156,29 @@ def test_noise_matches_diffusers_generator_order(name):
     assert not torch.equal(noise_a, noise_b)
     for seed in (1, 2):
         run_side_by_side(name, 4, seed=seed)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
+def test_tcd_gamma(eta):
+    """TCD's eta (gamma): 0 is deterministic (no noise drawn), 1 re-noises from x0; each as diffusers steps it."""
+    for num_steps in (1, 2, 4, 8):
+        run_side_by_side("tcd", num_steps, eta=eta)
+    plan = build_scheduler(SDXL_CONFIG, "tcd", eta=eta).plan(4)
+    assert plan.noise_steps == ((0, 1, 2) if eta > 0 else ())
+
+
+def test_few_step_recipes():
+    """The settings the few-step recipes name, as the presets resolve them from SDXL's scheduler config."""
+    lightning = build_scheduler(SDXL_CONFIG, "euler_trailing")
+    assert lightning.config["timestep_spacing"] == "trailing" and lightning.algorithm == "euler"
+    assert build_scheduler(SDXL_CONFIG, "euler_trailing").plan(4).timesteps_host == (999.0, 749.0, 499.0, 249.0)
+    assert build_scheduler(SDXL_CONFIG, "ddim_trailing").plan(4).timesteps_host == (999.0, 749.0, 499.0, 249.0)
+    assert build_scheduler(SDXL_CONFIG, "euler").plan(4).timesteps_host == (751.0, 501.0, 251.0, 1.0)  # leading
+    assert build_scheduler(SDXL_CONFIG, "lcm").plan(8).timesteps_host == (999, 879, 759, 639, 499, 379, 259, 139)
+    assert build_scheduler(SDXL_CONFIG, "tcd").plan(4).timesteps_host == (999, 759, 499, 259)
+    for name in ("euler_trailing", "ddim_trailing", "lcm", "tcd"):
+        for num_steps in (1, 2, 4, 8):
+            run_side_by_side(name, num_steps)
 
 
 def test_host_sync_guard_catches_syncs():
@@ -186,7 +226,8 @@ def test_state_reuse_and_half_latents(name):
 
 
 def test_errors_name_the_choices():
-    with pytest.raises(ValueError, match="euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddim, lcm"):
+    with pytest.raises(ValueError, match="euler, euler_a, euler_trailing, dpmpp_2m, dpmpp_2m_karras, ddim, "
+                                         "ddim_trailing, lcm, tcd"):
         build_scheduler(SDXL_CONFIG, "heun")
     with pytest.raises(ValueError, match="has no setting"):
         build_scheduler(SDXL_CONFIG, "euler", use_karas_sigmas=True)
@@ -194,6 +235,8 @@ def test_errors_name_the_choices():
         build_scheduler(SDXL_CONFIG, "ddim", thresholding=True)
     with pytest.raises(ValueError, match="num_steps"):
         build_scheduler(SDXL_CONFIG, "lcm").plan(51)
+    with pytest.raises(ValueError, match="eta"):
+        build_scheduler(SDXL_CONFIG, "tcd", eta=1.5).plan(4)
 
 
 def test_import_does_not_pull_diffusers():
@@ -203,7 +246,7 @@ def test_import_does_not_pull_diffusers():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("name", ["euler_a", "dpmpp_2m_karras", "lcm"])
+@pytest.mark.parametrize("name", ["euler_a", "dpmpp_2m_karras", "lcm", "tcd"])
 def test_whole_loop_in_one_cuda_graph(name):
     """The unrolled loop, scheduler included, captured once and replayed, equals the eager loop."""
     plan = build_scheduler(SDXL_CONFIG, name).plan(8, "cuda")
