@@ -45,19 +45,17 @@ import torch
 from torch import nn
 
 from engine.profiles import parse_dim
+from engine.tensors import TensorSpec
 from export.adapters import cross_attention_layers
 from export.attention import fuse_decoupled_attention, set_layer_scales
 
 TEXT_TOKENS = 77
 
 
-@dataclass(frozen=True)
-class TensorIO:
-    """One engine input/output: name, dims (ints and engine/profiles.py axis names), dtype."""
-
-    name: str
-    dims: tuple
-    dtype: torch.dtype
+def TensorIO(name: str, dims: tuple, dtype: torch.dtype) -> TensorSpec:  # noqa: N802 (reads as the spec it makes)
+    """An engine input/output spec, arguments in the order of the I/O table above: name, dims (ints and
+    engine/profiles.py axis names), torch dtype."""
+    return TensorSpec(name, dtype, tuple(dims))
 
 
 @dataclass
@@ -66,8 +64,8 @@ class Component:
 
     name: str
     module: nn.Module
-    inputs: tuple[TensorIO, ...]
-    outputs: tuple[TensorIO, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
 
 
 def dim_value(dim: int | str, sizes: dict[str, int]) -> int:
@@ -88,7 +86,7 @@ def example_inputs(component: Component, sizes: dict[str, int], seed: int = 0) -
     generator = torch.Generator().manual_seed(seed)
     tensors = []
     for spec in component.inputs:
-        shape = tuple(dim_value(d, sizes) for d in spec.dims)
+        shape = tuple(dim_value(d, sizes) for d in spec.shape)
         if spec.name == "input_ids":
             tensors.append(_token_ids(shape, generator))
         elif spec.name == "timestep":
@@ -223,11 +221,11 @@ def text_encoder_component(name: str, encoder: nn.Module, penultimate: bool = Tr
     _eager_attention(encoder)
     dtype, config = _dtype(encoder), encoder.config
     pooled = hasattr(encoder, "text_projection")
-    outputs = [TensorIO("hidden_states", ("batch", TEXT_TOKENS, config.hidden_size), dtype)]
+    outputs = [TensorSpec("hidden_states", dtype, ("batch", TEXT_TOKENS, config.hidden_size))]
     if pooled:
-        outputs.append(TensorIO("text_embeds", ("batch", config.projection_dim), dtype))
+        outputs.append(TensorSpec("text_embeds", dtype, ("batch", config.projection_dim)))
     return Component(name, TextEncoder(encoder, pooled, penultimate).eval(),
-                     (TensorIO("input_ids", ("batch", TEXT_TOKENS), torch.int64),), tuple(outputs))
+                     (TensorSpec("input_ids", torch.int64, ("batch", TEXT_TOKENS)),), tuple(outputs))
 
 
 def image_encoder_component(encoder: nn.Module) -> Component:
@@ -236,9 +234,9 @@ def image_encoder_component(encoder: nn.Module) -> Component:
     dtype, config = _dtype(encoder), encoder.config
     tokens = (config.image_size // config.patch_size) ** 2 + 1
     return Component("image_encoder", ImageEncoder(encoder).eval(),
-                     (TensorIO("pixel_values", ("batch", 3, config.image_size, config.image_size), dtype),),
-                     (TensorIO("image_embeds", ("batch", config.projection_dim), dtype),
-                      TensorIO("hidden_states", ("batch", tokens, config.hidden_size), dtype)))
+                     (TensorSpec("pixel_values", dtype, ("batch", 3, config.image_size, config.image_size)),),
+                     (TensorSpec("image_embeds", dtype, ("batch", config.projection_dim)),
+                      TensorSpec("hidden_states", dtype, ("batch", tokens, config.hidden_size))))
 
 
 def projector_component(name: str, projector: nn.Module, input_name: str, input_dims: tuple,
@@ -249,8 +247,8 @@ def projector_component(name: str, projector: nn.Module, input_name: str, input_
     tokens = getattr(config, "num_queries", getattr(config, "num_tokens", None))
     width = getattr(config, "output_dim", getattr(config, "cross_attention_dim", None))
     return Component(name, Projector(projector, add_token_axis=len(input_dims) == 1).eval(),
-                     (TensorIO(input_name, ("batch", *input_dims), dtype),),
-                     (TensorIO(output_name, ("batch", tokens, width), dtype),))
+                     (TensorSpec(input_name, dtype, ("batch", *input_dims)),),
+                     (TensorSpec(output_name, dtype, ("batch", tokens, width)),))
 
 
 def _down_residual_dims(config) -> list[tuple]:
@@ -270,12 +268,12 @@ def _latent(axis: str, level: int) -> str:
     return axis if level == 0 else f"{axis}/{2 ** level}"
 
 
-def residual_ios(config, dtype: torch.dtype) -> tuple[TensorIO, ...]:
+def residual_ios(config, dtype: torch.dtype) -> tuple[TensorSpec, ...]:
     """down_residual_0..N-1 and mid_residual, (2B, C, latent_height/2^k, latent_width/2^k)."""
     down = _down_residual_dims(config)
-    ios = [TensorIO(f"down_residual_{i}", ("2B", *d), dtype) for i, d in enumerate(down)]
+    ios = [TensorSpec(f"down_residual_{i}", dtype, ("2B", *d)) for i, d in enumerate(down)]
     channels = config.block_out_channels[-1]
-    ios.append(TensorIO("mid_residual", ("2B", channels, *down[-1][1:]), dtype))
+    ios.append(TensorSpec("mid_residual", dtype, ("2B", channels, *down[-1][1:])))
     return tuple(ios)
 
 
@@ -284,13 +282,13 @@ def _added_conditioning(config) -> bool:
     return getattr(config, "addition_embed_type", None) == "text_time"
 
 
-def _conditioning(config, dtype) -> dict[str, TensorIO]:
+def _conditioning(config, dtype) -> dict[str, TensorSpec]:
     latent = ("2B", config.in_channels, "latent_height", "latent_width")
-    ios = {"sample": TensorIO("sample", latent, dtype), "timestep": TensorIO("timestep", (1,), torch.float32)}
+    ios = {"sample": TensorSpec("sample", dtype, latent), "timestep": TensorSpec("timestep", torch.float32, (1,))}
     if _added_conditioning(config):
         pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        ios.update(text_embeds=TensorIO("text_embeds", ("2B", pooled), dtype),
-                   time_ids=TensorIO("time_ids", ("2B", 6), dtype))
+        ios.update(text_embeds=TensorSpec("text_embeds", dtype, ("2B", pooled)),
+                   time_ids=TensorSpec("time_ids", dtype, ("2B", 6)))
     return ios
 
 
@@ -299,9 +297,9 @@ def controlnet_component(controlnet: nn.Module, num_face_tokens: int) -> Compone
     dtype, config = _dtype(controlnet), controlnet.config
     c = _conditioning(config, dtype)
     inputs = (c["sample"], c["timestep"],
-              TensorIO("face_tokens", ("2B", num_face_tokens, config.cross_attention_dim), dtype),
-              TensorIO("control_image", ("2B", 3, "height", "width"), dtype),
-              c["text_embeds"], c["time_ids"], TensorIO("conditioning_scale", (1,), torch.float32))
+              TensorSpec("face_tokens", dtype, ("2B", num_face_tokens, config.cross_attention_dim)),
+              TensorSpec("control_image", dtype, ("2B", 3, "height", "width")),
+              c["text_embeds"], c["time_ids"], TensorSpec("conditioning_scale", torch.float32, (1,)))
     return Component("controlnet", ControlNet(controlnet).eval(), inputs, residual_ios(config, dtype))
 
 
@@ -326,17 +324,17 @@ def unet_component(name: str, unet: nn.Module, num_ip_tokens: int, attention: st
     dtype, config = _dtype(unet), unet.config
     c = _conditioning(config, dtype)
     inputs = (c["sample"], c["timestep"],
-              TensorIO("text_tokens", ("2B", TEXT_TOKENS, config.cross_attention_dim), dtype),
-              TensorIO("ip_tokens", ("2B", num_ip_tokens, config.cross_attention_dim), dtype),
-              TensorIO("ip_scale", (len(layers),), torch.float32),
+              TensorSpec("text_tokens", dtype, ("2B", TEXT_TOKENS, config.cross_attention_dim)),
+              TensorSpec("ip_tokens", dtype, ("2B", num_ip_tokens, config.cross_attention_dim)),
+              TensorSpec("ip_scale", torch.float32, (len(layers),)),
               *(c[name] for name in ("text_embeds", "time_ids") if name in c), *residual_ios(config, dtype))
-    outputs = (TensorIO("noise_pred", ("2B", config.out_channels, "latent_height", "latent_width"), dtype),)
+    outputs = (TensorSpec("noise_pred", dtype, ("2B", config.out_channels, "latent_height", "latent_width")),)
     return Component(name, UNet(unet, layers).eval(), inputs, outputs)
 
 
 def vae_decoder_component(vae: nn.Module) -> Component:
     """AutoencoderKL decoder (input already divided by the scaling factor)."""
     dtype, config = _dtype(vae), vae.config
-    return Component("vae_decoder", VaeDecoder(vae).eval(),
-                     (TensorIO("latents", ("batch", config.latent_channels, "latent_height", "latent_width"), dtype),),
-                     (TensorIO("image", ("batch", config.out_channels, "height", "width"), dtype),))
+    latents = ("batch", config.latent_channels, "latent_height", "latent_width")
+    return Component("vae_decoder", VaeDecoder(vae).eval(), (TensorSpec("latents", dtype, latents),),
+                     (TensorSpec("image", dtype, ("batch", config.out_channels, "height", "width")),))

@@ -22,7 +22,7 @@ from pathlib import Path
 import onnx_ir as ir
 import torch
 
-from engine.tensors import dtype_name, onnx_enum
+from engine.tensors import onnx_enum
 from export.components import Component, example_inputs
 
 OPSET = 17
@@ -64,14 +64,14 @@ def _rows(component: Component, sizes: dict[str, int]) -> dict[str, int]:
     Two rows, never one: the tracer may specialise size-1 axes. Half the rows also halves the
     (slow, fp16-on-CPU) trace of the SDXL UNet and ControlNet.
     """
-    paired = any(d == "2B" for io in component.inputs for d in io.dims)
+    paired = any(d == "2B" for io in component.inputs for d in io.shape)
     return {**sizes, "batch": max(1, sizes["batch"] // 2)} if paired else sizes
 
 
 def _dynamic_axes(component: Component) -> dict[str, dict[int, str]]:
     axes = {}
     for io in (*component.inputs, *component.outputs):
-        named = {i: d for i, d in enumerate(io.dims) if isinstance(d, str)}
+        named = {i: d for i, d in enumerate(io.shape) if isinstance(d, str)}
         if named:
             axes[io.name] = named
     return axes
@@ -100,8 +100,8 @@ def finish_graph(model: ir.Model, component: Component) -> None:
         for value, io in zip(values, ios):
             if value.dtype != ir.DataType(onnx_enum(io.dtype)):
                 raise ExportError(f"{component.name}: {kind} {io.name} is {value.dtype}, the contract says "
-                                  f"{dtype_name(io.dtype)}")
-            value.shape = ir.Shape(io.dims)
+                                  f"{io.dtype_name}")
+            value.shape = ir.Shape(io.shape)
     for node in graph:  # the tracer's doc strings hold source lines of this machine: not deterministic
         node.doc_string = None
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from engine.profiles import parse_dim
-from engine.tensors import dtype_name
 from export.components import Component, example_inputs
 
 PIXEL_UNIT = 64          # sizes are multiples of 64 px (runtime.pipelines.PIXEL_MULTIPLE)
@@ -54,7 +53,7 @@ def dynamic_shapes(component: Component):
             factor = PIXEL_UNIT * expr.coef // expr.div
         return roots[expr.base] if factor == 1 else factor * roots[expr.base]
 
-    shapes = [({i: axis(d) for i, d in enumerate(io.dims) if axis(d) is not None} or None) for io in component.inputs]
+    shapes = [({i: axis(d) for i, d in enumerate(io.shape) if axis(d) is not None} or None) for io in component.inputs]
     parameters = list(inspect.signature(component.module.forward).parameters.values())
     if parameters and parameters[-1].kind == inspect.Parameter.VAR_POSITIONAL:
         fixed = len(parameters) - 1
@@ -87,5 +86,5 @@ def export_program(component: Component, path: Path) -> float:
 def io_specs(component: Component) -> dict:
     """The I/O contract recorded with the program: {'inputs': [[name, dtype, dims]], 'outputs': ...}."""
     def spec(io):
-        return [io.name, dtype_name(io.dtype), list(io.dims)]
+        return [io.name, io.dtype_name, list(io.shape)]
     return {"inputs": [spec(io) for io in component.inputs], "outputs": [spec(io) for io in component.outputs]}
