@@ -19,7 +19,7 @@ graph calls: the session itself, or for TensorRT a context of its own) and `cuda
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 

@@ -101,9 +101,10 @@ class TrtSession(Session):
     """A deserialised TensorRT engine with torch buffers; `run` eager, `bind` for CUDA graphs.
 
     engine: an ICudaEngine; trt: its module (`tensorrt` / `tensorrt_rtx`); inputs / outputs: TensorSpec
-    (names, shape ranges: the manifest's) whose dtypes are replaced by the plan's, as torch dtypes. memory: the DeviceMemoryPool shared
-    with the pipeline's other sessions (None: one of its own). cuda: runtime.streams.TorchCuda (or a test
-    double). cache_path: TensorRT-RTX runtime cache file (None: none). See the module docstring.
+    (names, shape ranges: the manifest's) whose dtypes are replaced by the plan's, as torch dtypes.
+    memory: the DeviceMemoryPool shared with the pipeline's other sessions (None: one of its own).
+    cuda: runtime.streams.TorchCuda (or a test double). cache_path: TensorRT-RTX runtime cache file
+    (None: none). See the module docstring.
     """
 
     capturable = True

@@ -89,7 +89,8 @@ def test_manifest_json_keeps_reading_older_manifests():
     assert engine.inputs[0].max == (2, 4, 16, 8)
     written = manifest_to_dict(manifest)
     component = written["components"]["vae_decoder"]
-    assert component["engine"]["outputs"] == [{"name": "image", "dtype": "float32", "shape": ["batch", 3, "height", 64]}]
+    image = {"name": "image", "dtype": "float32", "shape": ["batch", 3, "height", 64]}
+    assert component["engine"]["outputs"] == [image]
     assert component["engine"]["inputs"][0]["opt"] == [1, 4, 8, 8]
     assert component["onnx"]["inputs"] == old["components"]["vae_decoder"]["onnx"]["inputs"]
     assert manifest_from_dict(json.loads(json.dumps(written))) == manifest
