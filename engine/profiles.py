@@ -19,7 +19,8 @@ A dynamic axis is named by a small expression over six base symbols::
            k, d positive integers; spaces allowed
 
 Examples: ``batch``; ``2B`` or ``2*batch`` (a component that runs with classifier-free
-guidance: uncond + cond stacked, 2..8); ``latent_height``; ``latent_height/2`` and
+guidance: uncond + cond stacked, 2..8; over a batch range it starts at batch.min rows, 1..8,
+because guidance <= 1 runs one row per image); ``latent_height``; ``latent_height/2`` and
 ``latent_height/4`` (ControlNet residuals of the 2nd and 3rd down blocks);
 ``8*latent_height`` (= height, as torch's dynamo exporter writes it).
 
@@ -170,6 +171,18 @@ class DimExpr:
                                f"{self.base}={base_value}; choose sizes divisible by it")
         return numerator // self.div
 
+    @property
+    def is_cfg_rows(self) -> bool:
+        """A ``2B`` axis: uncond + cond rows with guidance, one row per image without (guidance <= 1)."""
+        return self.base == "batch" and self.coef == 2 and self.div == 1
+
+    def range(self, base: "Range", name: str = "") -> "Range":
+        """The axis range for its base symbol's range. A ``2B`` axis over a batch range (min < max)
+        starts at batch.min rows: guidance <= 1 runs no CFG pair (as diffusers does); a fixed batch
+        keeps exactly 2·batch rows, so the static fast path stays static."""
+        low = base.min if self.is_cfg_rows and base.min < base.max else self.value(base.min, name)
+        return Range(low, self.value(base.opt, name), self.value(base.max, name))
+
     def base_value(self, axis_value: int) -> int | None:
         """Invert: the base symbol's value for one axis size (None if not exact)."""
         numerator = axis_value * self.div
@@ -205,8 +218,7 @@ def dim_range(dim: int | str, geometry: Geometry) -> Range:
     if not dim:
         raise ProfileError("a dynamic axis has no name; name it per engine/profiles.py (e.g. 'batch')")
     expr = parse_dim(dim)
-    base = geometry.base_ranges()[expr.base]
-    return Range(*(expr.value(v, dim) for v in (base.min, base.opt, base.max)))
+    return expr.range(geometry.base_ranges()[expr.base], dim)
 
 
 def shape_range(dims: Sequence[int | str], geometry: Geometry) -> ShapeRange:
@@ -249,6 +261,8 @@ def solve_symbols(inputs: Mapping[str, Sequence[int | str]], profile: Profile) -
             except ProfileError:
                 continue
             values = [expr.base_value(s[axis]) for s in (shapes.min, shapes.opt, shapes.max)]
+            if expr.is_cfg_rows and shapes.min[axis] < shapes.max[axis]:
+                values[0] = shapes.min[axis]  # a 2B axis over a batch range starts at batch.min rows
             if None not in values and expr.base not in solved:
                 solved[expr.base] = Range(*values)
     return solved
@@ -267,9 +281,8 @@ def output_range(dims: Sequence[int | str], bases: Mapping[str, Range]) -> Shape
             return None
         if expr.base not in bases:
             return None
-        base = bases[expr.base]
         try:
-            ranges.append(Range(*(expr.value(v, dim) for v in (base.min, base.opt, base.max))))
+            ranges.append(expr.range(bases[expr.base], dim))
         except ProfileError:
             return None
     return ShapeRange(tuple(r.min for r in ranges), tuple(r.opt for r in ranges),

@@ -145,9 +145,9 @@ def test_build_dynamic_fp32(backend, unet_onnx):
     assert record.onnx_sha256 == describe_onnx(unet_onnx).sha256
     sample = record.inputs[0]
     assert (sample.name, sample.dtype, sample.shape) == ("sample", "float32", ("2B", 4, "latent_height", "latent_width"))
-    assert (sample.min, sample.opt, sample.max) == ((2, 4, 64, 64), (2, 4, 128, 128), (8, 4, 192, 192))
+    assert (sample.min, sample.opt, sample.max) == ((1, 4, 64, 64), (2, 4, 128, 128), (8, 4, 192, 192))
     down = {t.name: t for t in record.outputs}["down"]
-    assert (down.min, down.opt, down.max) == ((2, 8, 32, 32), (2, 8, 64, 64), (8, 8, 96, 96))
+    assert (down.min, down.opt, down.max) == ((1, 8, 32, 32), (2, 8, 64, 64), (8, 8, 96, 96))
 
 
 def test_build_fp16_static_for_chosen_gpus(backend, tmp_path):
@@ -433,7 +433,7 @@ def test_cli_geometry_options(build_dir, capsys):
     assert engine_cli([str(build_dir), "--components", "unet", "--batch", "1:1:2", "--height", "512",
                        "--width", "256:512:768"]) == 0
     profile = load_manifest(build_dir).components["unet"].engine.profiles[0]
-    assert profile["sample"] == ShapeRange((2, 4, 64, 32), (2, 4, 64, 64), (4, 4, 64, 96))
+    assert profile["sample"] == ShapeRange((1, 4, 64, 32), (2, 4, 64, 64), (4, 4, 64, 96))
     assert engine_cli([str(build_dir), "--static", "1x512x512", "--height", "512"]) == 1
     assert "--static sets batch, height and width" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -11,13 +11,14 @@ UNET_SAMPLE = ["2B", 4, "latent_height", "latent_width"]
 
 def test_default_geometry_unet_sample_with_cfg():
     shapes = shape_range(UNET_SAMPLE, Geometry())
-    assert shapes == ShapeRange((2, 4, 64, 64), (2, 4, 128, 128), (8, 4, 192, 192))
+    # 1 row: one image at guidance <= 1 (no CFG pair, as diffusers); 2 per image otherwise
+    assert shapes == ShapeRange((1, 4, 64, 64), (2, 4, 128, 128), (8, 4, 192, 192))
     assert not shapes.is_static
 
 
 @pytest.mark.parametrize("name, expected", [
     ("batch", (1, 1, 4)), ("B", (1, 1, 4)),
-    ("2B", (2, 2, 8)), ("2*batch", (2, 2, 8)), ("batch * 2", (2, 2, 8)),
+    ("2B", (1, 2, 8)), ("2*batch", (1, 2, 8)), ("batch * 2", (1, 2, 8)), ("3*batch", (3, 3, 12)),
     ("height", (512, 1024, 1536)), ("W", (512, 1024, 1536)),
     ("latent_height", (64, 128, 192)), ("latent_width", (64, 128, 192)),
     ("latent_height/2", (32, 64, 96)), ("latent_width//4", (16, 32, 48)),
@@ -46,9 +47,22 @@ def test_profile_for_component_inputs():
     geometry = Geometry(batch=Range(1, 2, 4), height=Range(512, 1024, 1024), width=Range(768, 768, 1536))
     profile = profile_for(controlnet, geometry)
     assert profile["timestep"] == ShapeRange((), (), ())
-    assert profile["encoder_hidden_states"] == ShapeRange((2, 16, 2048), (4, 16, 2048), (8, 16, 2048))
-    assert profile["controlnet_cond"] == ShapeRange((2, 3, 512, 768), (4, 3, 1024, 768), (8, 3, 1024, 1536))
+    assert profile["encoder_hidden_states"] == ShapeRange((1, 16, 2048), (4, 16, 2048), (8, 16, 2048))
+    assert profile["controlnet_cond"] == ShapeRange((1, 3, 512, 768), (4, 3, 1024, 768), (8, 3, 1024, 1536))
     assert profile["sample"].max == (8, 4, 128, 192)
+    assert solve_symbols(controlnet, profile)["batch"] == Range(1, 2, 4)
+    assert output_range(["2B", 4, "latent_height", "latent_width"], solve_symbols(controlnet, profile)) == \
+        profile["sample"]
+
+
+def test_cfg_rows_of_a_fixed_batch_stay_exact():
+    """A fixed batch keeps 2·batch rows (min = max): the static path stays static, and the batch solves back."""
+    geometry = Geometry(batch=Range(2, 2, 2))
+    profile = profile_for({"sample": UNET_SAMPLE}, geometry)
+    assert profile["sample"].min[0] == profile["sample"].max[0] == 4
+    assert solve_symbols({"sample": UNET_SAMPLE}, profile)["batch"] == Range(2, 2, 2)
+    ranged = profile_for({"sample": UNET_SAMPLE}, Geometry(batch=Range(2, 2, 4)))
+    assert ranged["sample"].min[0] == 2 and solve_symbols({"sample": UNET_SAMPLE}, ranged)["batch"] == Range(2, 2, 4)
 
 
 def test_output_sizes_from_solved_symbols():
