@@ -13,9 +13,86 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import typing
 from pathlib import Path
 
-PIPELINES = ("instantid", "ip-adapter", "ip-adapter-plus")
+from runtime.requests import RequestError, request_fields
+
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of `python -m runtime`."""
+    from runtime.pipelines import PIPELINES
+
+    root = argparse.ArgumentParser(prog="python -m runtime", description=__doc__.split("\n")[0])
+    commands = root.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate images")
+    gen.add_argument("--build", type=Path, required=True, help="build directory (python -m export.build --out)")
+    gen.add_argument("--pipeline", choices=tuple(PIPELINES), default="instantid")
+    gen.add_argument("--out", type=Path, required=True, help="output PNG; with several images, NAME-i.png")
+    gen.add_argument("--backend", default="onnxruntime", help="onnxruntime | tensorrt | tensorrt-rtx | torch")
+    gen.add_argument("--loop", choices=("auto", "graph", "step-graphs", "eager"), default="auto")
+    gen.add_argument("--trust-torch-programs", action="store_true",
+                     help="--backend torch: load the build's torch.export programs. They unpickle, so a crafted "
+                     "program runs code: use only with a build you made or trust")
+    add_request_arguments(gen.add_argument_group("request (runtime/requests.py)"), PIPELINES.values())
+    from runtime.serve.__main__ import add_subcommand
+
+    add_subcommand(commands)  # `serve`: HTTP service over a build (runtime/serve, docs/serving.md)
+    return root
+
+
+def add_request_arguments(group, entries) -> None:
+    """One flag per field of the pipelines' request types (`--field-name` and the field's own
+    `Param.flags`), with its type, choices and help from runtime/requests.py. Every default is None:
+    the chosen pipeline's own default applies, and the help says it per pipeline."""
+    entries = list(entries)
+    owners: dict[str, list] = {}
+    for entry in entries:
+        for spec in request_fields(entry.request_type):
+            owners.setdefault(spec.name, []).append((entry.name, spec))
+    for name, specs in owners.items():
+        spec = specs[0][1]
+        options = dict(dest=name, default=None, help=_flag_help(specs, len(entries)), metavar=name.upper())
+        if spec.param.choices is not None:
+            options.update(choices=spec.param.choices(), metavar=None)
+        options["type"] = _cli_type(spec)
+        if spec.required:
+            options["required"] = True
+        group.add_argument(f"--{name.replace('_', '-')}", *spec.param.flags, **options)
+
+
+def _flag_help(specs: list, every: int) -> str:
+    """The field's help (per pipeline where the pipelines differ), its default(s) and, when not every
+    pipeline has it, which do."""
+    def per_pipeline(text_of) -> str:
+        texts: dict[str, list[str]] = {}
+        for name, spec in specs:
+            texts.setdefault(text_of(spec), []).append(name)
+        if len(texts) == 1:
+            return next(iter(texts))
+        return "; ".join(f"{', '.join(names)}: {text}" for text, names in texts.items())
+
+    text = per_pipeline(lambda spec: spec.param.help)
+    if not specs[0][1].required:
+        text += f" (default: {per_pipeline(lambda spec: _shown(spec.default))})"
+    if len(specs) < every:
+        text += f" [{', '.join(name for name, _ in specs)} only]"
+    return text.replace("%", "%%")
+
+
+def _shown(value) -> str:
+    return "none" if value is None else str(value)
+
+
+def _cli_type(spec):
+    """The argparse type of a field: per-layer scales, int, float or text (images are paths)."""
+    if spec.param.per_layer:
+        return _scale
+    if spec.param.image:
+        return str
+    members = typing.get_args(spec.type) or (spec.type,)
+    return next((kind for kind in (int, float) if kind in members), str)
 
 
 def _scale(text: str):
@@ -24,58 +101,33 @@ def _scale(text: str):
     return values[0] if len(values) == 1 else values
 
 
-def parser() -> argparse.ArgumentParser:
-    """The argument parser of `python -m runtime`."""
-    from runtime.schedulers import SCHEDULERS
+def cli_request(args: argparse.Namespace):
+    """The parsed flags -> (registry entry, its request object); RequestError for a flag the pipeline
+    has no field for, or a value its request refuses."""
+    from runtime.pipelines import PIPELINES
 
-    root = argparse.ArgumentParser(prog="python -m runtime", description=__doc__.split("\n")[0])
-    commands = root.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="generate images")
-    gen.add_argument("--build", type=Path, required=True, help="build directory (python -m export.build --out)")
-    gen.add_argument("--pipeline", choices=PIPELINES, default="instantid")
-    gen.add_argument("--face", "--image", dest="image", required=True,
-                     help="identity photo (instantid) or reference image (ip-adapter)")
-    gen.add_argument("--pose", help="instantid: a second photo whose face sets the pose")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--out", type=Path, required=True, help="output PNG; with several images, NAME-i.png")
-    gen.add_argument("--backend", default="onnxruntime", help="onnxruntime | tensorrt | tensorrt-rtx | torch")
-    gen.add_argument("--steps", type=int, default=30)
-    gen.add_argument("--guidance", type=float, default=5.0)
-    gen.add_argument("--ip-scale", type=_scale, default=None,
-                     help="λ: one value, or comma-separated per layer (default 0.8 instantid, 0.6 ip-adapter)")
-    gen.add_argument("--controlnet-scale", type=float, default=0.8)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--num-images", type=int, default=1)
-    gen.add_argument("--scheduler", choices=SCHEDULERS, default="euler")
-    gen.add_argument("--loop", choices=("auto", "graph", "step-graphs", "eager"), default="auto")
-    gen.add_argument("--trust-torch-programs", action="store_true",
-                     help="--backend torch: load the build's torch.export programs. They unpickle, so a crafted "
-                     "program runs code: use only with a build you made or trust")
-    from runtime.serve.__main__ import add_subcommand
+    entry = PIPELINES[args.pipeline]
+    fields = {spec.name for spec in request_fields(entry.request_type)}
+    given = {name: value for name, value in vars(args).items() if name in _request_names() and value is not None}
+    foreign = sorted(set(given) - fields)
+    if foreign:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in foreign)
+        raise RequestError(f"{flags}: not a field of {entry.name}'s request: leave it out, or choose another "
+                           f"--pipeline")
+    return entry, entry.request_type(**given)
 
-    add_subcommand(commands)  # `serve`: HTTP service over a build (runtime/serve, docs/serving.md)
-    return root
+
+def _request_names() -> set[str]:
+    from runtime.pipelines import PIPELINES
+
+    return {spec.name for entry in PIPELINES.values() for spec in request_fields(entry.request_type)}
 
 
 def generate(args) -> list[Path]:
     """Run one request; returns the written files."""
-    from runtime.pipelines import InstantIDPipeline, IPAdapterPipeline
-
-    common = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                  guidance=args.guidance, seed=args.seed, width=args.width, height=args.height,
-                  num_images=args.num_images, scheduler=args.scheduler)
-    if args.pipeline == "instantid":
-        pipe = InstantIDPipeline.from_build(args.build, args.backend, loop_mode=args.loop,
-                                            trust_programs=args.trust_torch_programs)
-        images = pipe(args.image, pose_image=args.pose, controlnet_scale=args.controlnet_scale,
-                      ip_scale=0.8 if args.ip_scale is None else args.ip_scale, **common)
-    else:
-        pipe = IPAdapterPipeline.from_build(args.build, args.backend, plus=args.pipeline.endswith("plus"),
-                                            loop_mode=args.loop, trust_programs=args.trust_torch_programs)
-        images = pipe(args.image, ip_scale=0.6 if args.ip_scale is None else args.ip_scale, **common)
+    entry, request = cli_request(args)
+    pipe = entry.open(args.build, args.backend, loop_mode=args.loop, trust_programs=args.trust_torch_programs)
+    images = pipe(request)
     pipe.save_runtime_caches()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if len(images) == 1:
@@ -105,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths = generate(args)
     except (NoFaceError, ResolutionError, NonFiniteError, SessionError, EngineCheckError, ManifestError,
-            ImageError, FileNotFoundError) as error:
+            ImageError, RequestError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for path in paths:

@@ -99,7 +99,7 @@ def test_two_equal_faces_in_a_2to1_photo_at_256(instantid):
 
 def test_pose_photo_does_not_resize_the_identity_photo(instantid):
     """Over HTTP too: the identity photo reaches the detector at its own size, not the pose photo's."""
-    from runtime.serve.inputs import Limits, pipeline_kwargs, validate
+    from runtime.serve.inputs import Limits, resolve_request, validate
 
     def png(rgb) -> bytes:
         buffer = io.BytesIO()
@@ -108,12 +108,12 @@ def test_pose_photo_does_not_resize_the_identity_photo(instantid):
 
     identity, pose = data.astronaut(), two_faces()
     request, images = validate("instantid", {"prompt": "a person", "image": png(identity), "pose_image": png(pose)})
-    kwargs, key = pipeline_kwargs("instantid", request, images, Limits(), None, resolution=128)
-    assert kwargs["image"].shape == identity.shape and kwargs["pose_image"].shape == pose.shape
-    assert (kwargs["width"], kwargs["height"]) == (128, 64)  # the pose photo's 2:1 at the model's resolution
+    generation, key = resolve_request("instantid", request, images, Limits(), None, resolution=128)
+    assert generation.image.shape == identity.shape and generation.pose_image.shape == pose.shape
+    assert (generation.width, generation.height) == (128, 64)  # the pose photo's 2:1 at the model's resolution
     seen = SeenSizes(instantid.face_analyzer)
-    face, kps_image = face_conditioning(seen, kwargs["image"], kwargs["pose_image"], kwargs["width"],
-                                        kwargs["height"], 128)
+    face, kps_image = face_conditioning(seen, generation.image, generation.pose_image, generation.width,
+                                        generation.height, 128)
     assert seen.seen == [("analyze", (1280, 1280, 3)), ("pose_kps", (640, 1280, 3))]
     assert kps_image.shape == (64, 128, 3)
     pose_kps = instantid.face_analyzer.pose_kps(resize_for_instantid(pose))

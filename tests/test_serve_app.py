@@ -23,22 +23,22 @@ from serve_helpers import serve_in_thread, wait_ready
 
 
 class StandInPipeline:
-    """Callable as the runtime pipelines; a dark photo has 'no face'; sleeps `delay` seconds per call."""
+    """Callable as the runtime pipelines, with their request object; a dark photo has 'no face';
+    sleeps `delay` seconds per call."""
 
     def __init__(self, delay: float = 0.0):
         self.delay = delay
         self.calls = 0
 
-    def __call__(self, image, prompt, negative_prompt=None, steps=30, guidance=5.0, ip_scale=0.8, seed=0,
-                 width=None, height=None, num_images=1, scheduler="euler", controlnet_scale=0.8,
-                 pose_image=None, face_index=None):
+    def __call__(self, request):
         self.calls += 1
         time.sleep(self.delay)
-        if image.mean() < 5:
+        if request.image.mean() < 5:
             raise NoFaceError("no face found in the photo: use a photo with one clearly visible face")
-        if face_index:
-            raise FaceIndexError(f"face_index {face_index} is out of range: 1 face(s) found in the photo")
-        return [Image.new("RGB", (width, height), (seed % 256, steps, i)) for i in range(num_images)]
+        if getattr(request, "face_index", None):
+            raise FaceIndexError(f"face_index {request.face_index} is out of range: 1 face(s) found in the photo")
+        return [Image.new("RGB", (request.width, request.height), (request.seed % 256, request.steps, i))
+                for i in range(request.num_images)]
 
 
 def photo_bytes(value: int = 128, size: int = 96, fmt: str = "PNG") -> bytes:

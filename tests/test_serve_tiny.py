@@ -213,6 +213,7 @@ def test_a_batch_of_requests_shares_one_denoising_loop(serve_build):
     (UNet rows stacked) and each equals its own call; the no-face request fails alone; an engine
     batch bound splits the stack into calls that fit it."""
     from runtime.face import NoFaceError
+    from runtime.requests import InstantIDRequest
     from runtime.serve.served import load_pipelines
 
     served = load_pipelines(serve_build, names=["instantid"], threads=1, warmup_size=128)["instantid"]
@@ -220,11 +221,11 @@ def test_a_batch_of_requests_shares_one_denoising_loop(serve_build):
     face, cat = skimage.data.astronaut(), skimage.data.chelsea()
     common = dict(steps=2, guidance=5.0, ip_scale=0.8, controlnet_scale=0.8, width=256, height=256,
                   scheduler="euler")
-    payloads = [dict(image=face, prompt="a portrait", seed=1, **common),
-                dict(image=cat, prompt="a cat", seed=2, **common),
-                dict(image=np.ascontiguousarray(face[:, ::-1]), prompt="an oil painting", seed=3, num_images=2,
-                     **common),
-                dict(image=face, prompt="a sketch", seed=4, **common)]
+    payloads = [InstantIDRequest(face, "a portrait", seed=1, **common),
+                InstantIDRequest(cat, "a cat", seed=2, **common),
+                InstantIDRequest(np.ascontiguousarray(face[:, ::-1]), "an oil painting", seed=3, num_images=2,
+                                 **common),
+                InstantIDRequest(face, "a sketch", seed=4, **common)]
     rows, run = [], pipe.loop.run
 
     def counting_run(plan, inputs):
@@ -244,8 +245,8 @@ def test_a_batch_of_requests_shares_one_denoising_loop(serve_build):
         del pipe.max_images
     assert isinstance(results[1], NoFaceError) and isinstance(again[1], NoFaceError)
     for index in (0, 2, 3):
-        alone = pipe(**payloads[index])
-        assert len(results[index]) == len(alone) == payloads[index].get("num_images", 1)
+        alone = pipe(payloads[index])
+        assert len(results[index]) == len(alone) == payloads[index].num_images
         for got, chunked, expected in zip(results[index], again[index], alone):
             assert np.abs(np.asarray(got, int) - np.asarray(expected, int)).max() <= 1
             assert np.abs(np.asarray(chunked, int) - np.asarray(expected, int)).max() <= 1
@@ -273,9 +274,9 @@ def test_warm_up_runs_the_served_step_count_where_the_loop_is_captured(serve_bui
 
     monkeypatch.setattr(DenoiseLoop, "can_capture", property(lambda self: captures))
     seen = []
-    monkeypatch.setattr(served, "_ip_adapter_warmup", lambda pipe, size, steps: seen.append((size, steps)))
+    monkeypatch.setattr(served, "warmup_call", lambda pipe, entry, size, steps: seen.append((size, steps)))
     served.load_pipelines(serve_build, "onnxruntime", ["ip-adapter"], threads=1)
-    assert served.served_steps() == 30 and seen == [(seen[0][0], expected)]
+    assert seen == [(seen[0][0], expected)]
     seen.clear()
     served.load_pipelines(serve_build, "onnxruntime", ["ip-adapter"], warmup_steps=5, warmup_size=128, threads=1)
     assert seen == [(128, 5)]

@@ -15,12 +15,14 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The serve flags (shared with `python -m runtime serve`)."""
+    from runtime.pipelines import PIPELINES
+
     parser.add_argument("--build", type=Path, required=True, help="build directory (python -m export.build --out)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to accept remote clients)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--backend", default="onnxruntime", help="onnxruntime | tensorrt | tensorrt-rtx | torch")
-    parser.add_argument("--pipelines", default="", help="comma-separated subset of instantid,ip-adapter,"
-                        "ip-adapter-plus (default: every pipeline the build has)")
+    parser.add_argument("--pipelines", default="", help=f"comma-separated subset of {','.join(PIPELINES)} "
+                        "(default: every pipeline the build has)")
     parser.add_argument("--max-queue", type=int, default=16, help="waiting requests beyond this get 429")
     parser.add_argument("--max-batch", type=int, default=4, help="compatible requests per worker turn")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long to wait for batch partners")

@@ -36,7 +36,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from runtime.serve.batching import BatchQueue, DeadlineExceeded, QueueClosed, QueueFull
-from runtime.serve.inputs import Limits, pipeline_kwargs, read_fields, validate
+from runtime.serve.inputs import Limits, read_fields, resolve_request, validate
 from runtime.serve.metrics import CONTENT_TYPE_LATEST, Metrics
 from runtime.serve.schemas import (FORMATS, MAX_MESSAGE_CHARS, REQUEST_MODELS, BadRequest, GenerateResponse, ImageOut,
                                    shorten)
@@ -256,12 +256,12 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, ServedPipeline]
                                   "at once (a smaller, JPEG photo helps on a slow link)") from None
             request_model, images = validate(name, fields)
             t0 = time.perf_counter()
-            kwargs, key = await anyio.to_thread.run_sync(
-                pipeline_kwargs, name, request_model, images, config.limits, served.default_size,
+            generation, key = await anyio.to_thread.run_sync(
+                resolve_request, name, request_model, images, config.limits, served.default_size,
                 served.info.get("default_resolution", 1024))
             timings["decode"] = time.perf_counter() - t0
             timeout = min(request_model.timeout_s or config.timeout_s, config.timeout_s)
-            job = state.queue.submit(key, kwargs, timeout)
+            job = state.queue.submit(key, generation, timeout)
             if "text/event-stream" in request.headers.get("accept", ""):
                 request_model.output = "json"
                 return StreamingResponse(_events(name, job, request_model, timings, started, timeout),

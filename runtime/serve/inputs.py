@@ -1,4 +1,4 @@
-"""From an HTTP body to validated pipeline kwargs: content types, size limits, image decoding.
+"""From an HTTP body to the pipeline's request object: content types, size limits, image decoding.
 
 Everything here raises `BadRequest(message, status, kind)`; the app turns it into the JSON error.
 Images are decoded here (on a request thread, not the GPU worker), with the pixel count checked
@@ -12,7 +12,7 @@ import io
 import json
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -21,10 +21,11 @@ from pydantic import ValidationError
 from starlette.requests import Request
 
 from runtime.images import MAX_ASPECT_RATIO, MAX_SIDE, ImageError, instantid_size, load_image, model_size
+from runtime.pipelines import PIPELINES
+from runtime.requests import GenerateRequest, LoopSettings, loop_settings
 from runtime.serve.capacity import attention_bytes, largest_square
-from runtime.serve.schemas import (IMAGE_FIELDS, REQUEST_MODELS, BadRequest, GenerateParams, decode_base64,
+from runtime.serve.schemas import (IMAGE_FIELDS, REQUEST_MODELS, BadRequest, ServeFields, decode_base64,
                                    format_validation_errors, shorten)
-from runtime.serve.served import DEFAULT_IP_SCALE
 
 MAX_JSON_SEPARATORS = 50_000  # '[', '{', ',' and ':' in a JSON body: a request has a few hundred at most
 MEGAPIXEL = 2**20  # cost unit: one 1024 x 1024 image for one step
@@ -103,8 +104,9 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return fields
 
 
-def validate(pipeline: str, fields: dict[str, Any]) -> tuple[GenerateParams, dict[str, bytes]]:
-    """Fields -> (validated request, {image field: encoded bytes}). 422 names each bad field."""
+def validate(pipeline: str, fields: dict[str, Any]) -> tuple[ServeFields, dict[str, bytes]]:
+    """Fields -> (validated HTTP body, {image field: encoded bytes}). 422 names each bad field; the
+    pipeline's own cross-field rules (runtime/requests.py) are checked here too, before any decoding."""
     model = REQUEST_MODELS[pipeline]
     images: dict[str, bytes] = {}
     text_fields = {}
@@ -114,18 +116,35 @@ def validate(pipeline: str, fields: dict[str, Any]) -> tuple[GenerateParams, dic
         else:
             text_fields[name] = value
     try:
-        request = model.model_validate(text_fields)
+        body = model.model_validate(text_fields)
     except ValidationError as error:
         raise BadRequest(format_validation_errors(error.errors()), 422, "invalid_request") from None
-    request.check()
+    body.check()
+    to_request(pipeline, body, {})
     for name in IMAGE_FIELDS[pipeline]:
-        value = getattr(request, name)
+        value = getattr(body, name)
         if value is not None:
             images[name] = decode_base64(value, name)
     if "image" not in images:
         raise BadRequest("no image: send the photo as the 'image' file part (multipart) or as base64 in "
                          "the 'image' field (JSON)", 422, "missing_image")
-    return request, images
+    return body, images
+
+
+def to_request(pipeline: str, body: ServeFields, images: dict[str, Any]) -> GenerateRequest:
+    """The pipeline's request object (`runtime.pipelines.PIPELINES[pipeline].request_type`) from a
+    validated body and the decoded images; BadRequest (422) for what its own rules refuse."""
+    images = {**{name: None for name in body.image_fields}, **images}  # None: not decoded yet (a check)
+    try:
+        return PIPELINES[pipeline].request_type(**body.generation_fields(), **images)
+    except ValueError as error:  # RequestError, ResolutionError
+        raise BadRequest(str(error), 422, "invalid_request") from None
+
+
+def batch_key(pipeline: str, request: GenerateRequest) -> tuple[str, LoopSettings]:
+    """Requests with equal keys share one denoising loop: the pipeline and the request's loop settings
+    at its output size (`runtime.requests.loop_settings`); the request's width and height are set."""
+    return pipeline, loop_settings(request, request.height, request.width)
 
 
 def decode_image(data: bytes, field: str, limits: Limits) -> np.ndarray:
@@ -155,7 +174,7 @@ def decode_image(data: bytes, field: str, limits: Limits) -> np.ndarray:
         raise BadRequest(f"{field}: {error}", 422, "bad_image") from None
 
 
-def check_size(width: int, height: int, request: GenerateParams, limits: Limits) -> None:
+def check_size(width: int, height: int, request: ServeFields, limits: Limits) -> None:
     """The output size against the served sides, the cost budget and (ONNX Runtime) the memory its
     attention needs; raises BadRequest (422) saying the limit, the request's figure, what to lower."""
     given = "" if request.width is not None else " (give width and height)"
@@ -181,46 +200,37 @@ def check_size(width: int, height: int, request: GenerateParams, limits: Limits)
                          f"with (width x height)^2), or fewer images{given}", 422, "over_memory")
 
 
-def pipeline_kwargs(pipeline: str, request: GenerateParams, images: dict[str, bytes], limits: Limits,
-                    default_size: int | None, resolution: int = 1024) -> tuple[dict[str, Any], tuple]:
-    """Decode the images and fix the output size -> (kwargs for the pipeline call, batch key).
+def resolve_request(pipeline: str, body: ServeFields, images: dict[str, bytes], limits: Limits,
+                    default_size: int | None, resolution: int = 1024) -> tuple[GenerateRequest, tuple]:
+    """Decode the images and fix the output size -> (the pipeline's request, its batch key).
 
     InstantID: the photos are passed as decoded (each keeps its own size: the pipeline detects faces
     at the reference's detection size, `runtime.pipelines.face_conditioning`); without a size the
     output is the pose photo's (else the face photo's) InstantID size at the model's `resolution`.
     A photo too elongated for InstantID's resize is refused here (422).
     """
-    width, height = request.width, request.height
+    width, height = body.width, body.height
     if width is None and default_size is not None:
         width = height = default_size
     if width is not None:  # known before decoding: refused before any photo is decoded
-        check_size(width, height, request, limits)
-    rgb = decode_image(images["image"], "image", limits)
-    pose = decode_image(images["pose_image"], "pose_image", limits) if "pose_image" in images else None
+        check_size(width, height, body, limits)
+    decoded = {name: decode_image(data, name, limits) for name, data in images.items()}
     if default_size is None:  # InstantID: every photo must survive the detection resize
         try:
-            for photo in (rgb, pose) if pose is not None else (rgb,):
+            for photo in decoded.values():
                 instantid_size(photo.shape[1], photo.shape[0])
             if width is None:  # the size follows the (pose) photo, as the runtime's
-                source = rgb if pose is None else pose
+                source = decoded.get("pose_image", decoded["image"])
                 width, height = model_size(source.shape[1], source.shape[0], resolution)
         except ImageError as error:
             raise BadRequest(str(error), 422, "bad_image") from None
-        if request.width is None:
-            check_size(width, height, request, limits)
-    ip_scale = request.ip_scale if request.ip_scale is not None else DEFAULT_IP_SCALE[pipeline]
-    kwargs: dict[str, Any] = dict(image=rgb, prompt=request.prompt, negative_prompt=request.negative_prompt,
-                                  steps=request.steps, guidance=request.guidance, ip_scale=ip_scale,
-                                  seed=request.seed, width=width, height=height, num_images=request.num_images,
-                                  scheduler=request.scheduler)
-    key_scales: tuple = (tuple(ip_scale) if isinstance(ip_scale, list) else ip_scale,)
-    if pipeline == "instantid":
-        kwargs.update(controlnet_scale=request.controlnet_scale, face_index=request.face_index)
-        if pose is not None:
-            kwargs["pose_image"] = pose
-        key_scales += (request.controlnet_scale,)
-    key = (pipeline, width, height, request.steps, request.scheduler, request.guidance, *key_scales)
-    return kwargs, key
+        if body.width is None:
+            check_size(width, height, body, limits)
+    request = replace(to_request(pipeline, body, decoded), width=width, height=height)
+    return request, batch_key(pipeline, request)
+
+
+pipeline_kwargs = resolve_request  # the name runtime/serve/ray_app.py and docs/triton call it by
 
 
 async def read_fields(request: Request, limits: Limits) -> dict:

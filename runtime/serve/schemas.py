@@ -8,21 +8,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import math
-from typing import Literal, Optional, Union
+import typing
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from runtime.schedulers import SCHEDULERS
+from runtime.pipelines import PIPELINES
+from runtime.requests import RequestField, request_fields
 
-PIPELINES = ("instantid", "ip-adapter", "ip-adapter-plus")
 FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-SIDE_MULTIPLE = 64
 MAX_MESSAGE_CHARS = 2000  # an error message, whatever of the request it quotes
-NUMBER_FIELDS = ("steps", "guidance", "ip_scale", "seed", "width", "height", "num_images", "quality", "timeout_s",
-                 "controlnet_scale", "face_index")
-
-Scheduler = Literal[SCHEDULERS]  # type: ignore[valid-type]
 
 
 class BadRequest(ValueError):
@@ -58,73 +53,46 @@ def decode_base64(text: str, field: str) -> bytes:
 _BASE64_CLEANUP = str.maketrans({"-": "+", "_": "/", "\n": None, "\r": None, " ": None, "\t": None})
 
 
-class GenerateParams(BaseModel):
-    """Generation parameters common to every pipeline (defaults are the runtime CLI's)."""
+class ServeFields(BaseModel):
+    """The fields every endpoint adds to its pipeline's request: how the answer is encoded and how
+    long to wait (they change nothing in the generation)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    image_fields: typing.ClassVar[tuple[str, ...]] = ()
 
-    prompt: str = Field(min_length=1, max_length=4000, description="text prompt")
-    negative_prompt: Optional[str] = Field(None, max_length=4000, description="None = SDXL's zero negative embedding")
-    steps: int = Field(30, ge=1, le=150, description="denoising steps")
-    guidance: float = Field(5.0, ge=0.0, le=30.0, description="classifier-free guidance; <= 1 disables CFG")
-    ip_scale: Optional[Union[float, list[float]]] = Field(
-        None, description="λ of the image/face tokens: one value or one per cross-attention layer; "
-                          "default 0.8 (instantid), 0.6 (ip-adapter)")
-    seed: int = Field(0, ge=0, le=2**63 - 1)
-    width: Optional[int] = Field(None, ge=SIDE_MULTIPLE, le=8192, description="multiple of 64; with height")
-    height: Optional[int] = Field(None, ge=SIDE_MULTIPLE, le=8192, description="multiple of 64; with width")
-    num_images: int = Field(1, ge=1, le=16)
-    scheduler: Scheduler = "euler"
     format: Literal["png", "jpeg", "webp"] = Field("png", description="output image encoding")
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality")
     output: Literal["image", "json"] = Field(
         "image", description="'image': the encoded image as the body (num_images=1); 'json': base64 images")
     timeout_s: Optional[float] = Field(None, gt=0, description="give up (504) after this long; <= server limit")
 
-    @field_validator(*(name for name in NUMBER_FIELDS if name not in ("controlnet_scale", "face_index")),
-                     mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _not_a_boolean(cls, value):
-        return no_booleans(value)
+    def _not_a_boolean(cls, value, info):
+        return value if info.field_name in cls.text_fields() else no_booleans(value)
 
-    @field_validator("width", "height")
     @classmethod
-    def _multiple_of_64(cls, value: Optional[int]) -> Optional[int]:
-        if value is not None and value % SIDE_MULTIPLE:
-            rounded = max(SIDE_MULTIPLE, round(value / SIDE_MULTIPLE) * SIDE_MULTIPLE)
-            raise ValueError(f"must be a multiple of {SIDE_MULTIPLE} (e.g. {rounded})")
-        return value
+    def text_fields(cls) -> set[str]:
+        """Fields whose value is text (strings, choices, base64 images): true/false is not refused there
+        as a number's would be (the type check says what is wrong)."""
+        return {"format", "output"} | {name for name, info in cls.model_fields.items()
+                                       if name in cls.image_fields or _holds_text(info.annotation)}
 
-    @field_validator("ip_scale")
-    @classmethod
-    def _finite_scales(cls, value):
-        values = value if isinstance(value, list) else [value] if value is not None else []
-        if any(not math.isfinite(v) or not 0.0 <= v <= 4.0 for v in values):
-            raise ValueError("every ip_scale must be a finite number in 0..4")
-        if isinstance(value, list) and not value:
-            raise ValueError("give one value, or one per cross-attention layer")
-        return value
+    def generation_fields(self) -> dict:
+        """The sent request's fields of the pipeline (images excluded: they arrive decoded)."""
+        names = [name for name in type(self).model_fields if name not in ServeFields.model_fields
+                 and name not in self.image_fields]
+        return {name: getattr(self, name) for name in names}
 
     def check(self) -> None:
-        """Cross-field rules pydantic fields cannot express; raises BadRequest."""
-        if (self.width is None) != (self.height is None):
-            raise BadRequest("give both width and height, or neither (the pipeline's default size)")
+        """Cross-field rules of the serving fields; raises BadRequest."""
         if self.output == "image" and self.num_images > 1:
             raise BadRequest(f"num_images={self.num_images} needs output='json' (one body holds one image)")
 
 
-class InstantIDRequest(GenerateParams):
-    """InstantID: identity (and pose unless pose_image is given) from the face photo `image`."""
-
-    image: Optional[str] = Field(None, description="face photo, base64 (JSON) or a file part (multipart)")
-    pose_image: Optional[str] = Field(None, description="optional second photo that sets the pose")
-    controlnet_scale: float = Field(0.8, ge=0.0, le=4.0)
-    face_index: Optional[int] = Field(None, ge=0, description="which face, largest first; default the largest")
-
-    @field_validator("controlnet_scale", "face_index", mode="before")
-    @classmethod
-    def _not_a_boolean(cls, value):
-        return no_booleans(value)
+def _holds_text(annotation) -> bool:
+    members = typing.get_args(annotation) or (annotation,)
+    return str in members or typing.get_origin(annotation) is Literal
 
 
 def no_booleans(value):
@@ -135,14 +103,44 @@ def no_booleans(value):
     return value
 
 
-class IPAdapterRequest(GenerateParams):
-    """IP-Adapter: the reference image `image` prompts the generation through image tokens."""
+def http_model(request_type: type) -> type[ServeFields]:
+    """The pydantic model of a pipeline's HTTP body, named as `request_type`: each of its fields
+    (runtime/requests.py: type, default, bounds, choices, help) then the `ServeFields`. Images are
+    base64 strings (JSON) or file parts (multipart), so they are optional here and checked once
+    the body is read."""
+    specs = request_fields(request_type)
+    definitions = {spec.name: (_http_type(spec), _http_field(spec)) for spec in specs}
+    model = create_model(request_type.__name__, __base__=ServeFields, __doc__=request_type.__doc__,
+                         __module__=__name__, **definitions)
+    model.image_fields = tuple(spec.name for spec in specs if spec.param.image)
+    return model
 
-    image: Optional[str] = Field(None, description="reference image, base64 (JSON) or a file part (multipart)")
+
+def _http_type(spec: RequestField):
+    rule = spec.param
+    if rule.image:
+        return Optional[str]
+    if rule.per_layer:
+        value = Annotated[float, Field(ge=rule.ge, le=rule.le)]
+        return Union[value, Annotated[list[value], Field(min_length=1)]]
+    if rule.choices is not None:
+        return Literal[rule.choices()]  # type: ignore[valid-type]
+    return spec.type
 
 
-REQUEST_MODELS = {"instantid": InstantIDRequest, "ip-adapter": IPAdapterRequest, "ip-adapter-plus": IPAdapterRequest}
-IMAGE_FIELDS = {"instantid": ("image", "pose_image"), "ip-adapter": ("image",), "ip-adapter-plus": ("image",)}
+def _http_field(spec: RequestField):
+    rule = spec.param
+    if rule.image:
+        return Field(None, description=f"{rule.help}: base64 (JSON) or a file part (multipart)")
+    bounds = {} if rule.per_layer else {"ge": rule.ge, "le": rule.le, "multiple_of": rule.multiple_of,
+                                        "max_length": rule.max_length}
+    required = {"min_length": 1} if spec.required else {}  # a required text is not empty
+    return Field(... if spec.required else spec.default, description=rule.help, **required,
+                 **{key: value for key, value in bounds.items() if value is not None})
+
+
+REQUEST_MODELS = {name: http_model(entry.request_type) for name, entry in PIPELINES.items()}
+IMAGE_FIELDS = {name: model.image_fields for name, model in REQUEST_MODELS.items()}
 
 
 class ImageOut(BaseModel):

@@ -1,12 +1,11 @@
 """The pipelines a server runs, behind one small protocol, and how a batch of requests is run.
 
 A `ServedPipeline` wraps anything callable as the runtime pipelines are:
-`pipe(image, prompt, negative_prompt=None, steps=..., guidance=..., ip_scale=..., seed=...,
-width=..., height=..., num_images=..., scheduler=..., **extras) -> list[PIL.Image]`
-(`runtime.pipelines.InstantIDPipeline` / `IPAdapterPipeline`, or a test double), plus a warm-up.
+`pipe(request) -> list[PIL.Image]` for the pipeline's request object (runtime/requests.py;
+`runtime.pipelines.InstantIDPipeline` / `IPAdapterPipeline`, or a test double), plus a warm-up.
 
-Batches: requests with one key (same pipeline, size, steps, scheduler, guidance, scales) share
-ONE denoising loop: each is prepared on its own (face analysis, prompts, image tokens: a bad photo
+Batches: requests with one key (the pipeline and the request's loop settings: size, steps,
+scheduler, guidance, scales; `runtime.requests.LoopSettings`) share ONE denoising loop: each is prepared on its own (face analysis, prompts, image tokens: a bad photo
 fails only its request), then their rows are stacked into one engine call per step (`pipe.run`),
 in as few calls as the engine profile's batch allows, and each request gets its own images (its
 own seed, prompt and pose) or its own error. A pipeline without `prepare`/`run` (a test double) is
@@ -21,13 +20,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-BUILD_PIPELINES = {  # served name -> the build's UNet component
-    "instantid": "unet_instantid",
-    "ip-adapter": "unet_ip_adapter",
-    "ip-adapter-plus": "unet_ip_adapter_plus",
-}
+from runtime.pipelines import PIPELINES
+
 WARMUP_STEPS_EAGER = 2  # nothing is captured: two steps run every stage once
-DEFAULT_IP_SCALE = {"instantid": 0.8, "ip-adapter": 0.6, "ip-adapter-plus": 0.6}
+BUILD_PIPELINES = {name: entry.unet for name, entry in PIPELINES.items()}  # served name -> the build's UNet
 SHARED_COMPONENTS = ("text_encoder", "text_encoder_2", "vae_decoder", "image_encoder")  # same graph in every pipeline
 
 
@@ -35,7 +31,7 @@ SHARED_COMPONENTS = ("text_encoder", "text_encoder_2", "vae_decoder", "image_enc
 class ServedPipeline:
     """One endpoint's pipeline.
 
-    name: 'instantid' | 'ip-adapter' | 'ip-adapter-plus'. pipe: the callable above.
+    name: a name of `runtime.pipelines.PIPELINES`. pipe: the callable above.
     default_size: output side when a request gives no size; None = from the photo (InstantID's resize).
     warmup: runs one small generation (loads kernels, captures graphs); raises on a broken build.
     """
@@ -46,8 +42,8 @@ class ServedPipeline:
     warmup: Callable[[], None] = lambda: None
     info: dict[str, Any] = field(default_factory=dict)
 
-    def run_batch(self, key, payloads: Sequence[dict], stops: Sequence[Callable[[], bool]] | None = None) -> Iterator:
-        """kwargs dicts of one key -> per request, in order: list of PIL images, or the exception it
+    def run_batch(self, key, payloads: Sequence, stops: Sequence[Callable[[], bool]] | None = None) -> Iterator:
+        """Request objects of one key -> per request, in order: list of PIL images, or the exception it
         raised. A generator, so the queue answers each request as soon as its images exist.
 
         stops: per request, True once nobody waits for it any more (`BatchQueue`): such a request is
@@ -61,10 +57,10 @@ class ServedPipeline:
             return _attempt(call)
 
         if not (hasattr(self.pipe, "prepare") and hasattr(self.pipe, "run")):
-            for i, kwargs in enumerate(payloads):
-                yield attempt(i, lambda: self.pipe(**kwargs))
+            for i, request in enumerate(payloads):
+                yield attempt(i, lambda: self.pipe(request))
             return
-        prepared = [attempt(i, lambda: self.pipe.prepare(**kwargs)) for i, kwargs in enumerate(payloads)]
+        prepared = [attempt(i, lambda: self.pipe.prepare(request)) for i, request in enumerate(payloads)]
         ready = [i for i, p in enumerate(prepared) if not isinstance(p, BaseException)]
         results: dict[int, Any] = {i: p for i, p in enumerate(prepared) if isinstance(p, BaseException)}
         answered = 0
@@ -109,28 +105,19 @@ def _chunks(indices: list[int], sizes: list[int], limit: int | None) -> Iterator
         yield group
 
 
-def _instantid_warmup(pipe, size: int, steps: int) -> Callable[[], None]:
-    """Generate from a real face photo (scikit-image's astronaut, shipped in its wheel): every stage a
-    request runs — face detection, ArcFace embedding, face tokens, the loop, the decoder — so a build
-    whose face models are missing or broken fails here instead of passing as ready."""
+def warmup_call(pipe, entry, size: int, steps: int) -> Callable[[], None]:
+    """One generation of `size` x `size` px and `steps` steps through every stage a request runs. A face
+    pipeline generates from a real face photo (scikit-image's astronaut, shipped in its wheel), so a
+    build whose face models are missing or broken fails here instead of passing as ready."""
     def warmup() -> None:
-        import skimage.data
+        if entry.face:
+            import skimage.data
 
-        pipe(skimage.data.astronaut(), "warm-up", steps=steps, width=size, height=size, seed=0)
+            image = skimage.data.astronaut()
+        else:
+            image = np.full((size, size, 3), 127, np.uint8)
+        pipe(entry.request_type(image, "warm-up", steps=steps, width=size, height=size, seed=0))
     return warmup
-
-
-def _ip_adapter_warmup(pipe, size: int, steps: int) -> Callable[[], None]:
-    def warmup() -> None:
-        pipe(np.full((size, size, 3), 127, np.uint8), "warm-up", steps=steps, width=size, height=size)
-    return warmup
-
-
-def served_steps() -> int:
-    """The step count of a request that does not say (the request schema's default)."""
-    from runtime.serve.schemas import GenerateParams
-
-    return int(GenerateParams.model_fields["steps"].default)
 
 
 def available_pipelines(build_dir: str | os.PathLike) -> list[str]:
@@ -154,7 +141,7 @@ def load_pipelines(build_dir: str | os.PathLike, backend: str = "onnxruntime", n
 
     Raises ValueError naming what the build has when a requested pipeline is missing.
     """
-    from runtime.pipelines import InstantIDPipeline, IPAdapterPipeline
+    from runtime.requests import field_default
 
     have = available_pipelines(build_dir)
     names = list(names) or have
@@ -167,19 +154,19 @@ def load_pipelines(build_dir: str | os.PathLike, backend: str = "onnxruntime", n
     shared: dict = {}  # sessions every pipeline of the build has in common: loaded once
     for name in names:
         options["sessions"] = dict(shared)
-        if name == "instantid":
-            pipe = InstantIDPipeline.from_build(build_dir, backend, **options)
-        else:
-            pipe = IPAdapterPipeline.from_build(build_dir, backend, plus=name.endswith("plus"), **options)
+        entry = PIPELINES[name]
+        pipe = entry.open(build_dir, backend, **options)
         options["memory"] = pipe.memory  # one TensorRT scratch buffer for all (the worker runs one at a time)
         for component in SHARED_COMPONENTS:
             if component not in shared and hasattr(pipe, component):
                 shared[component] = getattr(pipe, component)
         resolution = int(pipe.assets.value("default_resolution", 1024))
         size = warmup_size or resolution
-        steps = warmup_steps or (served_steps() if pipe.loop.can_capture else WARMUP_STEPS_EAGER)
-        warm = (_instantid_warmup if name == "instantid" else _ip_adapter_warmup)(pipe, size, steps)
-        served[name] = ServedPipeline(name, pipe, None if name == "instantid" else resolution, warm,
+        # a CUDA graph is captured per step count and size: warm up at the requests' default steps
+        steps = warmup_steps or (field_default(entry.request_type, "steps") if pipe.loop.can_capture
+                                 else WARMUP_STEPS_EAGER)
+        served[name] = ServedPipeline(name, pipe, None if entry.face else resolution,
+                                      warmup_call(pipe, entry, size, steps),
                                       {"backend": pipe.backend, "model": pipe.manifest.model,
                                        "default_resolution": resolution})
     return served

@@ -1,20 +1,12 @@
-"""InstantID and IP-Adapter (plain / Plus) on SDXL, served from a build directory's sessions.
-
-    pipe = InstantIDPipeline.from_build("build/tiny", backend="onnxruntime")
-    images = pipe("photo.jpg", "a portrait, oil painting", steps=30, seed=0)    # list of PIL images
+"""What InstantID and IP-Adapter share on SDXL: text encoders, UNet (+ ControlNet), VAE decoder
+sessions, the prompt cache, and the stacked denoising loop (`_SDXLPipeline.run`).
 
 The data flow is the baseline's (benchmarks/baseline.py, benchmarks/pipelines.py), reproduced
 step for step: same preprocessing, CFG rows [negative, positive], `negative_prompt=None` -> zero
-text negatives, negative image tokens = projector(zeros) (IP-Adapter Plus: projector(encoder(zero
-image))), face tokens as the ControlNet's context, time_ids (H, W, 0, 0, H, W), seeded CPU noise
-drawn as diffusers draws it. λ (per layer), the ControlNet scale and the guidance are runtime
-inputs: changing them needs no rebuild and no new CUDA graph.
-
-Requests that agree on size, steps, guidance, scales and scheduler can share one loop call, their
-rows stacked (what a server's micro-batching does):
-
-    jobs = [pipe.prepare(photo, prompt, seed=s) for photo, prompt, s in requests]   # Prepared each
-    results = pipe.run(jobs)     # per request: its Generation, or its own NonFiniteError
+text negatives, time_ids (H, W, 0, 0, H, W), seeded CPU noise drawn as diffusers draws it. λ (per
+layer), the ControlNet scale and the guidance are runtime inputs: changing them needs no rebuild
+and no new CUDA graph. A pipeline's `prepare(request)` turns its request (runtime/requests.py)
+into a `Prepared`; `run(prepared_list)` stacks those with equal `LoopSettings` into one loop call.
 """
 from __future__ import annotations
 
@@ -29,18 +21,13 @@ import torch
 from PIL import Image
 
 from runtime.assets import Assets
-from runtime.clip_image import clip_pixel_values
-from runtime.images import ImageSource, load_image
 from runtime.loop import DenoiseCancelled, DenoiseLoop, LoopInputs
+from runtime.requests import (PIXEL_MULTIPLE, GenerateRequest, LoopSettings, ResolutionError, as_request, loop_settings,
+                              round_size)
 from runtime.schedulers import build_scheduler, draw_noise
 from runtime.sessions import DeviceMemoryPool, Session, normalize_backend, open_session
 
 PROMPT_CACHE_SIZE = 16
-PIXEL_MULTIPLE = 64
-
-
-class ResolutionError(ValueError):
-    """The requested image size cannot be served by this build."""
 
 
 class NonFiniteError(RuntimeError):
@@ -55,36 +42,17 @@ class Generation:
     latents: torch.Tensor
 
 
-@dataclass(frozen=True)
-class LoopSettings:
-    """What the requests sharing one denoising loop must agree on (output size in pixels, the rest as
-    the pipelines' arguments; ip_scale a float or a per-layer tuple)."""
-
-    height: int
-    width: int
-    steps: int
-    guidance: float
-    ip_scale: float | tuple[float, ...]
-    scheduler: str
-    controlnet_scale: float = 0.0
-
-    @classmethod
-    def of(cls, height, width, steps, guidance, ip_scale, scheduler, controlnet_scale=0.0) -> LoopSettings:
-        scale = float(ip_scale) if isinstance(ip_scale, (int, float)) else tuple(float(s) for s in ip_scale)
-        return cls(int(height), int(width), int(steps), float(guidance), scale, str(scheduler), float(controlnet_scale))
-
-
 @dataclass
 class Prepared:
     """One request's conditioning, ready for the loop (the pipelines' `prepare`); N = num_images.
 
+    request: what was asked; settings: its loop settings at the output size.
     tokens / negative_tokens: (N, 77, C) text tokens; pooled / negative_pooled: (N, P);
     image_tokens / negative_image_tokens: (N, K, C); control_image: (1, 3, H, W) in [0, 1] (InstantID).
     """
 
+    request: GenerateRequest
     settings: LoopSettings
-    seed: int
-    num_images: int
     tokens: torch.Tensor
     pooled: torch.Tensor
     negative_tokens: torch.Tensor
@@ -93,12 +61,26 @@ class Prepared:
     negative_image_tokens: torch.Tensor
     control_image: torch.Tensor | None = None
 
+    @property
+    def seed(self) -> int:
+        return self.request.seed
+
+    @property
+    def num_images(self) -> int:
+        return self.request.num_images
+
 
 class _SDXLPipeline:
     """Text encoders, UNet (+ ControlNet), VAE decoder sessions, the prompt cache and the loop."""
 
     unet_component = ""
     uses_controlnet = False
+    request_type: type[GenerateRequest] = GenerateRequest
+
+    @classmethod
+    def unet_for(cls, **options) -> str:
+        """The build's UNet component this pipeline runs with `from_build` options (e.g. plus=True)."""
+        return cls.unet_component
 
     def __init__(self, build_dir: str | os.PathLike, backend: str = "onnxruntime", *, device=None,
                  loop_mode: str = "auto", verify_sha256: bool = True, threads: int | None = None,
@@ -221,7 +203,7 @@ class _SDXLPipeline:
         """ResolutionError unless H x W (pixels) and the UNet's rows fit this build (`size_limits`)."""
         if height <= 0 or width <= 0 or height % PIXEL_MULTIPLE or width % PIXEL_MULTIPLE:
             raise ResolutionError(f"{width}x{height} is not a multiple of {PIXEL_MULTIPLE} px on both sides: "
-                                  f"round the size, e.g. to {_round(width)}x{_round(height)}")
+                                  f"round the size, e.g. to {round_size(width)}x{round_size(height)}")
         if self.size_limits is None:
             return
         (rows_lo, _, h_lo, w_lo), (rows_hi, _, h_hi, w_hi) = self.size_limits
@@ -261,7 +243,8 @@ class _SDXLPipeline:
             return []
         settings = requests[0].settings
         if any(r.settings != settings for r in requests):
-            raise ValueError("requests in one loop call must share size, steps, guidance, scales and scheduler "
+            shared = ", ".join(name for name, _ in settings.values)
+            raise ValueError(f"requests in one loop call must share size, {shared} "
                              f"(got {sorted({str(r.settings) for r in requests})}): run them separately")
         num_images = sum(r.num_images for r in requests)
         cfg = settings.guidance > 1.0
@@ -324,14 +307,19 @@ class _SDXLPipeline:
             raise result
         return result
 
-    def _prepared(self, prompt, negative_prompt, tokens: torch.Tensor, negative_tokens: torch.Tensor,
-                  settings: LoopSettings, seed: int, num_images: int, control_image=None) -> Prepared:
-        """A Prepared from image tokens (1|N, K, C) and prompts (one, or one per image)."""
-        if num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {num_images}")
-        text = self._prompt_rows(prompt, negative_prompt, num_images)
-        batch = _repeat_to(num_images)
-        return Prepared(settings, int(seed), num_images, *text, batch(tokens), batch(negative_tokens), control_image)
+    def request(self, request_or_image=None, prompt: str | None = None, negative_prompt: str | None = None,
+                **fields) -> GenerateRequest:
+        """This pipeline's request: the one given, or one built from the keyword form (image, prompt,
+        negative_prompt, **fields: see `request_type`); RequestError names a field out of bounds."""
+        return as_request(self.request_type, request_or_image, prompt, negative_prompt, fields)
+
+    def _prepared(self, request: GenerateRequest, tokens: torch.Tensor, negative_tokens: torch.Tensor,
+                  height: int, width: int, control_image=None) -> Prepared:
+        """A Prepared from image tokens (1|N, K, C), the request's prompts and the output size H x W px."""
+        text = self._prompt_rows(request.prompt, request.negative_prompt, request.num_images)
+        batch = _repeat_to(request.num_images)
+        return Prepared(request, loop_settings(request, height, width), *text, batch(tokens), batch(negative_tokens),
+                        control_image)
 
     def _zero_residuals(self, rows: int, height: int, width: int) -> dict[str, torch.Tensor]:
         """Zero ControlNet residuals (rows, C, h/2^k, w/2^k) float32 for a UNet served without a ControlNet."""
@@ -367,203 +355,5 @@ def _repeat_to(num_images: int):
     return batch
 
 
-def _round(size: int) -> int:
-    return max(PIXEL_MULTIPLE, int(round(size / PIXEL_MULTIPLE)) * PIXEL_MULTIPLE)
-
-
 def _output(generation: Generation, return_latents: bool):
     return generation if return_latents else generation.images
-
-
-def control_tensor(kps_image: np.ndarray) -> torch.Tensor:
-    """kps image (H, W, 3) uint8 RGB -> (1, 3, H, W) float32 in [0, 1], the ControlNet's input."""
-    return torch.from_numpy(np.ascontiguousarray(kps_image)).permute(2, 0, 1)[None].float() / 255.0
-
-
-class InstantIDPipeline(_SDXLPipeline):
-    """InstantID: face photo -> identity (ArcFace -> face tokens) + pose (kps -> IdentityNet)."""
-
-    unet_component = "unet_instantid"
-    uses_controlnet = True
-
-    def __init__(self, build_dir, backend="onnxruntime", *, face_analyzer=None, face_on_device: bool | None = None,
-                 **kwargs):
-        super().__init__(build_dir, backend, **kwargs)
-        self.face_proj = self.open("face_proj")
-        self._face_analyzer = face_analyzer
-        self.face_on_device = self.device.type == "cuda" if face_on_device is None else face_on_device
-
-    @property
-    def face_analyzer(self):
-        """The face analyzer (unless one was given): runtime.face.FaceAnalyzer, photo uploaded once,
-        letterbox, decoding, NMS, warp and normalisation in torch. On a GPU pipeline (or
-        face_on_device=True) on the pipeline's device, detector and ArcFace as the backend's engines
-        where built (else ONNX Runtime); otherwise on the CPU over the build's ONNX in ONNX Runtime."""
-        if self._face_analyzer is None:
-            if self.face_on_device:
-                from runtime.face import FaceAnalyzer
-
-                sessions = [self._face_session(component) for component in ("face_detector", "arcface")]
-                self._face_analyzer = FaceAnalyzer.from_sessions(*sessions, device=self.device)
-            else:
-                self._face_analyzer = self.assets.face_analyzer(self._open_args["verify_sha256"])
-        return self._face_analyzer
-
-    def _face_session(self, component: str) -> Session:
-        """The face model's engine under a TensorRT backend when built, else its ONNX in ONNX Runtime.
-        AssetError (as the host analyzer's) when the build has no such model."""
-        from runtime.assets import AssetError
-
-        entry = self.manifest.components.get(component)
-        if entry is None or entry.onnx is None:
-            raise AssetError(f"{self.build_dir} has no {component}: export it (python -m export.build --model "
-                             f"{self.manifest.model} --pipeline instantid --out {self.build_dir}) or pass face_analyzer=")
-        if self.backend in ("tensorrt", "tensorrt-rtx") and entry is not None and entry.engine is not None:
-            return self.open(component)
-        return open_session(self.build_dir, component, "onnxruntime", manifest=self.manifest,
-                            threads=self._open_args["threads"], verify_sha256=self._open_args["verify_sha256"])
-
-    def face_tokens(self, embedding: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw ArcFace embedding (512,) or (N, 512) -> (tokens (N, 16, C), negative Resampler(0) (1, 16, C))."""
-        embedding = torch.as_tensor(np.asarray(embedding), dtype=torch.float32).reshape(-1, self._embedding_dim)
-        negative = self.cached_constant("negative_tokens_instantid", lambda: self.face_proj.run(
-            {"face_embedding": torch.zeros(1, self._embedding_dim)})["face_tokens"])
-        return self.face_proj.run({"face_embedding": embedding})["face_tokens"].to(self.device).clone(), negative
-
-    @property
-    def _embedding_dim(self) -> int:
-        return self.face_proj.input("face_embedding").shape[1]
-
-    def prepare_embedding(self, face_embedding, kps_image: np.ndarray, prompt, negative_prompt=None,
-                          steps: int = 30, guidance: float = 5.0, ip_scale=0.8, controlnet_scale: float = 0.8,
-                          seed: int = 0, num_images: int = 1, scheduler: str = "euler") -> Prepared:
-        """The loop's conditioning from a face embedding (512,) and a kps image (H, W, 3) uint8 (output H x W)."""
-        height, width = kps_image.shape[:2]
-        tokens, negative_tokens = self.face_tokens(face_embedding)
-        settings = LoopSettings.of(height, width, steps, guidance, ip_scale, scheduler, controlnet_scale)
-        return self._prepared(prompt, negative_prompt, tokens, negative_tokens, settings, seed, num_images,
-                              control_tensor(kps_image))
-
-    def prepare(self, image: ImageSource, prompt, negative_prompt=None, steps: int = 30, guidance: float = 5.0,
-                ip_scale=0.8, controlnet_scale: float = 0.8, seed: int = 0, width: int | None = None,
-                height: int | None = None, pose_image: ImageSource | None = None, num_images: int = 1,
-                scheduler: str = "euler", face_index: int | None = None) -> Prepared:
-        """`__call__`'s work before the loop: face analysis, face tokens, kps image, prompts (see `run`)."""
-        resolution = int(self.assets.value("default_resolution", 1024))
-        face, kps_image = face_conditioning(self.face_analyzer, image, pose_image, width, height, resolution,
-                                            face_index)
-        return self.prepare_embedding(face.embedding, kps_image, prompt, negative_prompt, steps=steps,
-                                      guidance=guidance, ip_scale=ip_scale, controlnet_scale=controlnet_scale,
-                                      seed=seed, num_images=num_images, scheduler=scheduler)
-
-    def generate(self, face_embedding, kps_image: np.ndarray, prompt, negative_prompt=None, steps: int = 30,
-                 guidance: float = 5.0, ip_scale=0.8, controlnet_scale: float = 0.8, seed: int = 0,
-                 num_images: int = 1, scheduler: str = "euler", decode: bool = True) -> Generation:
-        """From a face embedding (512,) and a kps image (H, W, 3) uint8; output H x W (the baseline's generate)."""
-        return self._run_one(self.prepare_embedding(
-            face_embedding, kps_image, prompt, negative_prompt, steps=steps, guidance=guidance, ip_scale=ip_scale,
-            controlnet_scale=controlnet_scale, seed=seed, num_images=num_images, scheduler=scheduler), decode)
-
-    def __call__(self, image: ImageSource, prompt, negative_prompt=None, steps: int = 30, guidance: float = 5.0,
-                 ip_scale=0.8, controlnet_scale: float = 0.8, seed: int = 0, width: int | None = None,
-                 height: int | None = None, pose_image: ImageSource | None = None, num_images: int = 1,
-                 scheduler: str = "euler", face_index: int | None = None, return_latents: bool = False):
-        """Identity from `image`, pose (kps) from `pose_image` or `image` -> list of PIL images.
-
-        Faces are found as the reference finds them, whatever the output size (`face_conditioning`);
-        the output is width x height, or without them the pose photo's InstantID size at the model's
-        resolution (SDXL: infer.py's). Raises NoFaceError when a photo has no face, ImageError for
-        a photo too elongated, ResolutionError for a size the build cannot serve, NonFiniteError on NaN.
-        With return_latents=True returns a Generation (images and final latents).
-        """
-        generation = self._run_one(self.prepare(
-            image, prompt, negative_prompt, steps=steps, guidance=guidance, ip_scale=ip_scale,
-            controlnet_scale=controlnet_scale, seed=seed, width=width, height=height, pose_image=pose_image,
-            num_images=num_images, scheduler=scheduler, face_index=face_index))
-        return _output(generation, return_latents)
-
-
-def face_conditioning(analyzer, photo: ImageSource, pose_photo: ImageSource | None = None,
-                      width: int | None = None, height: int | None = None, resolution: int = 1024,
-                      face_index: int | None = None):
-    """InstantID's face inputs from photos, as the reference pipeline computes them -> (face, kps image).
-
-    Each photo is analysed at its own aspect ratio, at the reference's detection size whatever the
-    output size: InstantID's infer.py resize (short side 1024, long side 1280, floored to 64 px),
-    then the detector's own letterbox (640 x 640). The identity (face: bbox, kps, raw embedding) comes
-    from `photo`; the pose (kps) from `pose_photo`, else from the same face.
-    The kps image (H, W, 3) uint8 is drawn at the output size: width x height when both are given,
-    else the pose photo's InstantID size at the model's `resolution` (`images.model_size`; for SDXL
-    the detection size itself, so the kps are exactly the reference's). When the output's aspect
-    differs from the photo's, the kps are mapped as a cover-resize would map the photo (one scale,
-    no squashing), cropped around the pose face (`images.cover_map`).
-    analyzer: FaceAnalyzer (`analyze(rgb, face_index)`, `pose_kps(rgb)`).
-    Raises NoFaceError / FaceIndexError, ImageError (unreadable or too elongated photo), ValueError
-    when only one of width / height is given.
-    """
-    from runtime.face import draw_kps
-    from runtime.images import cover_map, model_size, resize_for_instantid
-
-    if (width is None) != (height is None):
-        raise ValueError("give both width and height (the output size), or neither (the pose photo's InstantID "
-                         f"size at the model's resolution, short side {resolution})")
-    face_rgb = resize_for_instantid(load_image(photo))
-    face = analyzer.analyze(face_rgb, face_index=face_index)
-    if pose_photo is None:
-        pose_rgb, kps = face_rgb, face.kps
-    else:
-        pose_rgb = resize_for_instantid(load_image(pose_photo))
-        kps = analyzer.pose_kps(pose_rgb)
-    pose_size = (pose_rgb.shape[1], pose_rgb.shape[0])
-    canvas = (width, height) if width and height else model_size(*pose_size, resolution)
-    mapping = cover_map(pose_size, canvas, focus=tuple(np.asarray(kps, np.float64).mean(axis=0)))
-    return face, draw_kps(canvas[0], canvas[1], mapping.points(kps))
-
-
-class IPAdapterPipeline(_SDXLPipeline):
-    """IP-Adapter SDXL: reference image -> CLIP image encoder -> ImageProj (4 tokens) or Resampler (Plus, 16)."""
-
-    def __init__(self, build_dir, backend="onnxruntime", *, plus: bool = False, **kwargs):
-        self.plus = plus
-        self.unet_component = "unet_ip_adapter_plus" if plus else "unet_ip_adapter"
-        super().__init__(build_dir, backend, **kwargs)
-        self.image_encoder = self.open("image_encoder")
-        self.projector = self.open("image_proj_plus" if plus else "image_proj")
-
-    def _project(self, pixels: torch.Tensor) -> torch.Tensor:
-        encoded = self.image_encoder.run({"pixel_values": pixels})
-        if self.plus:
-            return self.projector.run({"hidden_states": encoded["hidden_states"]})["ip_tokens"]
-        return self.projector.run({"image_embeds": encoded["image_embeds"]})["ip_tokens"]
-
-    def image_tokens(self, image: ImageSource) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens (1, K, C), negative tokens (1, K, C)) for a reference image; the negative is cached."""
-        pixels = torch.from_numpy(clip_pixel_values(load_image(image)))
-        if self.plus:
-            negative = self.cached_constant("negative_tokens_ip_adapter_plus", lambda: self._project(torch.zeros_like(pixels)))
-        else:
-            width = self.projector.input("image_embeds").shape[1]
-            negative = self.cached_constant("negative_tokens_ip_adapter", lambda: self.projector.run(
-                {"image_embeds": torch.zeros(1, width)})["ip_tokens"])
-        return self._project(pixels).to(self.device).clone(), negative
-
-    def prepare(self, image: ImageSource, prompt, negative_prompt=None, steps: int = 30, guidance: float = 5.0,
-                ip_scale=0.6, seed: int = 0, width: int | None = None, height: int | None = None,
-                num_images: int = 1, scheduler: str = "euler") -> Prepared:
-        """`__call__`'s work before the loop: image tokens and prompts (see `run`)."""
-        size = int(self.assets.value("default_resolution", 1024))
-        tokens, negative_tokens = self.image_tokens(image)
-        settings = LoopSettings.of(height or size, width or size, steps, guidance, ip_scale, scheduler)
-        return self._prepared(prompt, negative_prompt, tokens, negative_tokens, settings, seed, num_images)
-
-    def __call__(self, image: ImageSource, prompt, negative_prompt=None, steps: int = 30, guidance: float = 5.0,
-                 ip_scale=0.6, seed: int = 0, width: int | None = None, height: int | None = None,
-                 num_images: int = 1, scheduler: str = "euler", return_latents: bool = False, decode: bool = True):
-        """`num_images` images (width x height, default the build's resolution) prompted by `image`.
-
-        Returns a list of PIL images (a Generation with the latents when return_latents=True).
-        """
-        generation = self._run_one(self.prepare(image, prompt, negative_prompt, steps=steps, guidance=guidance,
-                                                ip_scale=ip_scale, seed=seed, width=width, height=height,
-                                                num_images=num_images, scheduler=scheduler), decode)
-        return _output(generation, return_latents)
