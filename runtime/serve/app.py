@@ -5,6 +5,8 @@
     GET  /readyz     200 after warm-up, else 503 with the reason
     GET  /metrics    Prometheus text format
     GET  /v1/schema  the request schemas, served pipelines and limits
+    GET  /openapi.json  the OpenAPI 3.1 document of every route (runtime/serve/openapi.py)
+    GET  /docs       that document as a web page (static HTML, works offline)
 
 A generation request sent with `Accept: text/event-stream` is answered with Server-Sent Events:
 `queued`, `started`, then `done` (the JSON response) or `error`.
@@ -32,12 +34,13 @@ from typing import Callable
 import anyio
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from runtime.serve.batching import BatchQueue, DeadlineExceeded, QueueClosed, QueueFull
 from runtime.serve.inputs import Limits, read_fields, resolve_request, validate
 from runtime.serve.metrics import CONTENT_TYPE_LATEST, Metrics
+from runtime.serve.openapi import docs_page, openapi_document
 from runtime.serve.schemas import (FORMATS, MAX_MESSAGE_CHARS, REQUEST_MODELS, BadRequest, GenerateResponse, ImageOut,
                                    shorten)
 from runtime.serve.served import ServedPipeline
@@ -94,7 +97,7 @@ class BodyTimeout(TimeoutError):
     """The request body did not arrive within body_timeout_s: answered 408."""
 
 
-_ROUTES = ("/v1/", "/healthz", "/readyz", "/metrics")
+_ROUTES = ("/v1/", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/<>-])/(?:[^\s/'\"`:,;()\[\]{}<>]+/)*([^\s/'\"`:,;()\[\]{}<>]*)")
 
 
@@ -221,6 +224,17 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, ServedPipeline]
             "limits": {**config.limits.__dict__, "max_queue": config.max_queue, "max_batch": config.max_batch,
                        "timeout_s": config.timeout_s}})
 
+    def document() -> dict:  # the served pipelines once loaded; before, every pipeline a build can have
+        from runtime.pipelines import PIPELINES
+
+        return openapi_document(list(state.pipelines) or list(PIPELINES))
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(document())
+
+    async def docs(request: Request) -> Response:
+        return HTMLResponse(docs_page(document()))
+
     async def generate(request: Request) -> Response:
         name = request.path_params["pipeline"]
         started = time.perf_counter()
@@ -328,7 +342,8 @@ def create_app(config: ServeConfig, load: Callable[[], dict[str, ServedPipeline]
             state.metrics.answer(name, status, kind)
 
     routes = [Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics),
-              Route("/v1/schema", schema), Route("/v1/{pipeline}", generate, methods=["POST"])]
+              Route("/v1/schema", schema), Route("/openapi.json", openapi), Route("/docs", docs),
+              Route("/v1/{pipeline}", generate, methods=["POST"])]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.serve = state
     return app

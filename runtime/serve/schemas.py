@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import typing
 from typing import Annotated, Literal, Optional, Union
 
@@ -53,18 +54,21 @@ def decode_base64(text: str, field: str) -> bytes:
 _BASE64_CLEANUP = str.maketrans({"-": "+", "_": "/", "\n": None, "\r": None, " ": None, "\t": None})
 
 
+SERVE_FIELDS = {  # every endpoint adds them to its pipeline's request: they change nothing in the generation
+    "format": (Literal["png", "jpeg", "webp"], Field("png", description="output image encoding")),
+    "quality": (int, Field(90, ge=1, le=100, description="JPEG/WebP quality")),
+    "output": (Literal["image", "json"], Field(
+        "image", description="'image': the encoded image as the body (num_images=1); 'json': base64 images")),
+    "timeout_s": (Optional[float], Field(None, gt=0, description="give up (504) after this long; <= server limit")),
+}
+
+
 class ServeFields(BaseModel):
-    """The fields every endpoint adds to its pipeline's request: how the answer is encoded and how
-    long to wait (they change nothing in the generation)."""
+    """The base of every HTTP body: the pipeline's request fields, then `SERVE_FIELDS` (how the
+    answer is encoded and how long to wait)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     image_fields: typing.ClassVar[tuple[str, ...]] = ()
-
-    format: Literal["png", "jpeg", "webp"] = Field("png", description="output image encoding")
-    quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality")
-    output: Literal["image", "json"] = Field(
-        "image", description="'image': the encoded image as the body (num_images=1); 'json': base64 images")
-    timeout_s: Optional[float] = Field(None, gt=0, description="give up (504) after this long; <= server limit")
 
     @field_validator("*", mode="before")
     @classmethod
@@ -75,12 +79,12 @@ class ServeFields(BaseModel):
     def text_fields(cls) -> set[str]:
         """Fields whose value is text (strings, choices, base64 images): true/false is not refused there
         as a number's would be (the type check says what is wrong)."""
-        return {"format", "output"} | {name for name, info in cls.model_fields.items()
-                                       if name in cls.image_fields or _holds_text(info.annotation)}
+        return {name for name, info in cls.model_fields.items()
+                if name in cls.image_fields or _holds_text(info.annotation)}
 
     def generation_fields(self) -> dict:
         """The sent request's fields of the pipeline (images excluded: they arrive decoded)."""
-        names = [name for name in type(self).model_fields if name not in ServeFields.model_fields
+        names = [name for name in type(self).model_fields if name not in SERVE_FIELDS
                  and name not in self.image_fields]
         return {name: getattr(self, name) for name in names}
 
@@ -103,15 +107,16 @@ def no_booleans(value):
     return value
 
 
+@functools.cache
 def http_model(request_type: type) -> type[ServeFields]:
     """The pydantic model of a pipeline's HTTP body, named as `request_type`: each of its fields
-    (runtime/requests.py: type, default, bounds, choices, help) then the `ServeFields`. Images are
+    (runtime/requests.py: type, default, bounds, choices, help) then `SERVE_FIELDS`. Images are
     base64 strings (JSON) or file parts (multipart), so they are optional here and checked once
     the body is read."""
     specs = request_fields(request_type)
     definitions = {spec.name: (_http_type(spec), _http_field(spec)) for spec in specs}
     model = create_model(request_type.__name__, __base__=ServeFields, __doc__=request_type.__doc__,
-                         __module__=__name__, **definitions)
+                         __module__=__name__, **definitions, **SERVE_FIELDS)
     model.image_fields = tuple(spec.name for spec in specs if spec.param.image)
     return model
 
@@ -162,11 +167,17 @@ class GenerateResponse(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    """Every non-2xx answer: {"error": {"status", "kind", "message"}}; message says what to do."""
+    """What went wrong: the HTTP status, a stable kind (the metrics label) and a message saying what to do."""
 
     status: int
     kind: str
     message: str
+
+
+class ErrorResponse(BaseModel):
+    """Every non-2xx answer: {"error": {"status", "kind", "message"}}."""
+
+    error: ErrorBody
 
 
 def format_validation_errors(errors: list[dict]) -> str:
