@@ -2,6 +2,8 @@
 
     document = openapi_document(["instantid", "ip-adapter"])     # dict, JSON-ready
     page = docs_page(document)                                   # one HTML page, no scripts, no network
+    python -m runtime.serve.openapi [--fields]                   # the document; --fields: the Markdown
+                                                                 # table of docs/serving.md's request fields
 
 The request bodies are the pipelines' HTTP models (runtime/serve/schemas.py, derived from the
 request types of runtime/requests.py), so the document follows the request types. JSON bodies
@@ -10,9 +12,11 @@ as binary file parts. The page is rendered here from the document, so it works o
 """
 from __future__ import annotations
 
+import argparse
 import html
 import importlib.metadata
 import json
+import sys
 from collections.abc import Sequence
 
 from pydantic.json_schema import models_json_schema
@@ -175,3 +179,53 @@ def _e(text) -> str:
 _STYLE = ("body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em;color:#222}"
           "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .5em;"
           "text-align:left;vertical-align:top}th{background:#f4f4f4}code{font-size:1.05em}")
+
+
+def fields_markdown(pipelines: Sequence[str]) -> str:
+    """The request fields of `pipelines` as one Markdown table (field, pipelines, type and range,
+    default per pipeline, meaning), as docs/serving.md shows them."""
+    rows: dict[str, dict[str, dict]] = {}
+    for name in pipelines:
+        schema = REQUEST_MODELS[name].model_json_schema()
+        for field, prop in schema["properties"].items():
+            rows.setdefault(field, {})[name] = {**prop, "required": field in schema.get("required", ())}
+    lines = ["| field | pipelines | type, range | default | meaning |", "| --- | --- | --- | --- | --- |"]
+    for field, per_pipeline in rows.items():
+        first = next(iter(per_pipeline.values()))
+        which = "all" if len(per_pipeline) == len(pipelines) else ", ".join(per_pipeline)
+        default = _per_pipeline(per_pipeline, lambda prop: "required" if prop["required"] else
+                                json.dumps(prop.get("default")))
+        meaning = _per_pipeline(per_pipeline, lambda prop: prop.get("description", ""))
+        kind = " ".join(filter(None, [_type(first), _bounds(first)]))
+        lines.append(f"| `{field}` | {which} | {_cell(kind)} | {_cell(default)} | {_cell(meaning)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _per_pipeline(per_pipeline: dict[str, dict], text_of) -> str:
+    """One text when every pipeline agrees, else 'text (pipelines); other (pipelines)'."""
+    texts: dict[str, list[str]] = {}
+    for name, prop in per_pipeline.items():
+        texts.setdefault(text_of(prop), []).append(name)
+    if len(texts) == 1:
+        return next(iter(texts))
+    return "; ".join(f"{text} ({', '.join(names)})" for text, names in texts.items())
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the OpenAPI document of every pipeline (or, with --fields, the Markdown fields table)."""
+    from runtime.pipelines import PIPELINES
+
+    parser = argparse.ArgumentParser(prog="python -m runtime.serve.openapi", description=__doc__.split("\n")[0])
+    parser.add_argument("--fields", action="store_true", help="the request fields as a Markdown table")
+    args = parser.parse_args(argv)
+    names = list(PIPELINES)
+    print(fields_markdown(names) if args.fields else json.dumps(openapi_document(names), indent=1), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -136,7 +136,8 @@ def _http_type(spec: RequestField):
 def _http_field(spec: RequestField):
     rule = spec.param
     if rule.image:
-        return Field(None, description=f"{rule.help}: base64 (JSON) or a file part (multipart)")
+        needed = "; required" if spec.required else ""
+        return Field(None, description=f"{rule.help}: base64 (JSON) or a file part (multipart){needed}")
     bounds = {} if rule.per_layer else {"ge": rule.ge, "le": rule.le, "multiple_of": rule.multiple_of,
                                         "max_length": rule.max_length}
     required = {"min_length": 1} if spec.required else {}  # a required text is not empty
@@ -191,6 +192,9 @@ def format_validation_errors(errors: list[dict]) -> str:
         seen.add(where)
         if error.get("type") == "extra_forbidden":
             parts.append(f"{where}: unknown field (see GET /v1/schema for the accepted fields)")
+        elif error.get("type") == "multiple_of" and isinstance(error.get("input"), int):
+            step = error["ctx"]["multiple_of"]
+            parts.append(f"{where}: must be a multiple of {step} (e.g. {max(step, round(error['input'] / step) * step)})")
         else:
             parts.append(f"{where}: {shorten(error.get('msg', 'invalid'), 300)}")
     return shorten("; ".join(parts), MAX_MESSAGE_CHARS)
