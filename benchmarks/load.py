@@ -32,15 +32,17 @@ RSS_PATTERN = re.compile(r"^process_resident_memory_bytes\s+(\S+)$", re.M)
 
 
 def default_photo(pipeline: str) -> bytes:
-    """A JPEG: scikit-image's astronaut (one face; REFERENCE.md) or, for IP-Adapter, its cat."""
+    """A JPEG: scikit-image's astronaut (one face; REFERENCE.md) for a face pipeline, else its cat."""
     from PIL import Image
+
+    from runtime.pipelines import pipeline_entry
 
     try:
         import skimage.data
     except ImportError:
         raise SystemExit("no default photo: scikit-image (which ships them) is not installed; pass --image PATH") from None
 
-    rgb = skimage.data.astronaut() if pipeline == "instantid" else skimage.data.chelsea()
+    rgb = skimage.data.astronaut() if pipeline_entry(pipeline).face else skimage.data.chelsea()
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, "JPEG", quality=90)
     return buffer.getvalue()
@@ -179,12 +181,14 @@ async def run(args) -> dict:
 
 def parser() -> argparse.ArgumentParser:
     """Flags of `python -m benchmarks.load`."""
+    from runtime.pipelines import PIPELINES
+
     p = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__.split("\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--out", type=Path, help="write the report JSON here (it is printed either way)")
-    p.add_argument("--pipeline", default="ip-adapter", choices=["instantid", "ip-adapter", "ip-adapter-plus"])
+    p.add_argument("--pipeline", default="ip-adapter", choices=tuple(PIPELINES))
     p.add_argument("--image", type=Path, help="photo to send (default: scikit-image's astronaut / cat)")
     p.add_argument("--prompt", default="a portrait, oil painting")
     p.add_argument("--steps", type=int, default=4)

@@ -1,4 +1,11 @@
-"""The two baseline pipelines: `InstantIDBaseline` and `IPAdapterBaseline` (see `benchmarks.baseline`)."""
+"""The two baseline pipelines: `InstantIDBaseline` and `IPAdapterBaseline` (see `benchmarks.baseline`).
+
+They take the runtime's request objects (runtime/requests.py) or their fields, so a baseline call
+and a runtime call of the same fields run the same settings and defaults:
+
+    baseline = open_baseline("ip-adapter-plus", "tiny")                 # IPAdapterBaseline(plus=True)
+    result = baseline(IPAdapterRequest(photo, "a cat", steps=4))        # or baseline(photo, "a cat", steps=4)
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +18,8 @@ from benchmarks.baseline import Result, SDXLBase, default_device_dtype
 from export import loaders
 from export.sources import PIPELINE_PARTS
 from export.specs import ModelSpec, get_spec
+from runtime.pipelines import pipeline_entry
+from runtime.requests import InstantIDRequest, IPAdapterRequest, as_request
 
 
 def _spec(model: str | ModelSpec, weights_dir: Path | None, random_init: bool, parts: tuple[str, ...]) -> ModelSpec:
@@ -51,24 +60,27 @@ class InstantIDBaseline(SDXLBase):
             self._negative_tokens = self.resampler(torch.zeros_like(embedding[:1]))
         return self.resampler(embedding), self._negative_tokens
 
-    def generate(self, face_embedding, kps_image: np.ndarray, prompt: str, negative_prompt: str | None = None,
-                 steps: int = 30, guidance: float = 5.0, ip_scale=0.8, controlnet_scale: float = 0.8,
-                 seed: int = 0, num_images: int = 1, scheduler: str = "euler", decode: bool = True) -> Result:
-        """Generate from a face embedding (512,) and a kps image (H, W, 3) uint8; output is H x W."""
+    def generate(self, face_embedding, kps_image: np.ndarray, request_or_prompt, negative_prompt: str | None = None,
+                 *, decode: bool = True, **fields) -> Result:
+        """Generate from a face embedding (512,) and a kps image (H, W, 3) uint8; output is H x W. Takes an
+        InstantIDRequest or its fields (prompt, negative_prompt, steps=..., ...; no photo needed)."""
+        request = as_request(InstantIDRequest, request_or_prompt, None, None, {}) \
+            if isinstance(request_or_prompt, InstantIDRequest) else InstantIDRequest(None, request_or_prompt,
+                                                                                     negative_prompt, **fields)
         height, width = kps_image.shape[:2]
         tokens, negative_tokens = self.face_tokens(face_embedding)
-        embeds, pooled, negative_embeds, negative_pooled = self.encode_prompt(prompt, negative_prompt)
+        embeds, pooled, negative_embeds, negative_pooled = self.encode_prompt(request.prompt, request.negative_prompt)
         latents = self.denoise(prompt_embeds=embeds, pooled=pooled, negative_embeds=negative_embeds,
                                negative_pooled=negative_pooled, tokens=tokens, negative_tokens=negative_tokens,
-                               height=height, width=width, num_images=num_images, steps=steps, guidance=guidance,
-                               ip_scale=ip_scale, seed=seed, scheduler=scheduler, controlnet=self.controlnet,
-                               control_image=control_tensor(kps_image), controlnet_scale=controlnet_scale)
+                               height=height, width=width, num_images=request.num_images, steps=request.steps,
+                               guidance=request.guidance, ip_scale=request.ip_scale, seed=request.seed,
+                               scheduler=request.scheduler, controlnet=self.controlnet,
+                               control_image=control_tensor(kps_image), controlnet_scale=request.controlnet_scale)
         return Result(self.decode(latents) if decode else [], latents)
 
-    def __call__(self, image, prompt: str, negative_prompt: str | None = None, pose_image=None,
-                 face_index: int | None = None, width: int | None = None, height: int | None = None,
-                 **kwargs) -> Result:
-        """Full InstantID: identity from `image`, pose (kps) from `pose_image` or `image`.
+    def __call__(self, request_or_image, prompt: str | None = None, negative_prompt: str | None = None, *,
+                 decode: bool = True, **fields) -> Result:
+        """Full InstantID: identity from the request's `image`, pose (kps) from `pose_image` or `image`.
 
         Faces are found on each photo at its own aspect ratio and the reference's detection size
         (infer.py's resize, whatever the output size); the kps image is drawn at width x height, or
@@ -79,9 +91,10 @@ class InstantIDBaseline(SDXLBase):
 
         if self.face_analyzer is None:
             raise ValueError("this pipeline has no face analyzer: pass face_analyzer=FaceAnalyzer(...)")
-        face, kps_image = face_conditioning(self.face_analyzer, image, pose_image, width, height,
-                                            self.spec.default_resolution, face_index)
-        return self.generate(face.embedding, kps_image, prompt, negative_prompt, **kwargs)
+        request = as_request(InstantIDRequest, request_or_image, prompt, negative_prompt, fields)
+        face, kps_image = face_conditioning(self.face_analyzer, request.image, request.pose_image, request.width,
+                                            request.height, self.spec.default_resolution, request.face_index)
+        return self.generate(face.embedding, kps_image, request, decode=decode)
 
 
 class IPAdapterBaseline(SDXLBase):
@@ -126,16 +139,25 @@ class IPAdapterBaseline(SDXLBase):
             self._negative_tokens = self.projector(negative)
         return self.projector(embeds), self._negative_tokens
 
-    def __call__(self, image, prompt: str, negative_prompt: str | None = None, steps: int = 30,
-                 guidance: float = 5.0, ip_scale=0.6, seed: int = 0, width: int | None = None,
-                 height: int | None = None, num_images: int = 1, scheduler: str = "euler",
-                 decode: bool = True) -> Result:
-        """Generate `num_images` images (width x height, default the model's resolution) from an image prompt."""
+    def __call__(self, request_or_image, prompt: str | None = None, negative_prompt: str | None = None, *,
+                 decode: bool = True, **fields) -> Result:
+        """Generate `num_images` images (width x height, default the model's resolution) from an image prompt:
+        an IPAdapterRequest or its fields."""
+        request = as_request(IPAdapterRequest, request_or_image, prompt, negative_prompt, fields)
         size = self.spec.default_resolution
-        tokens, negative_tokens = self.image_tokens(image)
-        embeds, pooled, negative_embeds, negative_pooled = self.encode_prompt(prompt, negative_prompt)
+        tokens, negative_tokens = self.image_tokens(request.image)
+        embeds, pooled, negative_embeds, negative_pooled = self.encode_prompt(request.prompt, request.negative_prompt)
         latents = self.denoise(prompt_embeds=embeds, pooled=pooled, negative_embeds=negative_embeds,
                                negative_pooled=negative_pooled, tokens=tokens, negative_tokens=negative_tokens,
-                               height=height or size, width=width or size, num_images=num_images, steps=steps,
-                               guidance=guidance, ip_scale=ip_scale, seed=seed, scheduler=scheduler)
+                               height=request.height or size, width=request.width or size,
+                               num_images=request.num_images, steps=request.steps, guidance=request.guidance,
+                               ip_scale=request.ip_scale, seed=request.seed, scheduler=request.scheduler)
         return Result(self.decode(latents) if decode else [], latents)
+
+
+def open_baseline(name: str, model: str | ModelSpec = "tiny", **kwargs):
+    """The baseline of the runtime pipeline `name` (runtime.pipelines.PIPELINES), with that entry's
+    options (e.g. plus=True); kwargs: the baseline class's (weights_dir, random_init, device, dtype, ...)."""
+    entry = pipeline_entry(name)
+    baseline = InstantIDBaseline if issubclass(entry.request_type, InstantIDRequest) else IPAdapterBaseline
+    return baseline(model, **dict(entry.options), **kwargs)

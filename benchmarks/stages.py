@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runtime.pipelines import PIPELINES, pipeline_entry
+from runtime.requests import GenerateRequest, InstantIDRequest, field_default
+
 STAGES = ("face_analysis", "text_encoding", "image_tokens", "denoise_step", "denoise_loop", "vae_decode",
           "end_to_end")
 # InstantID kps (5, 2) as fractions of (width, height): eyes, nose, mouth corners
@@ -31,9 +34,10 @@ KPS_FRACTIONS = np.array([[0.36, 0.40], [0.64, 0.40], [0.50, 0.55], [0.39, 0.72]
 
 @dataclass
 class Workload:
-    """One request shape and its inputs (identical for every backend)."""
+    """One request shape and its inputs (identical for every backend); every other setting is the
+    pipeline's request default (runtime/requests.py)."""
 
-    pipeline: str  # instantid | ip-adapter | ip-adapter-plus
+    pipeline: str  # a name of runtime.pipelines.PIPELINES
     height: int
     width: int
     batch: int
@@ -46,8 +50,15 @@ class Workload:
     _counter: itertools.count = field(default_factory=itertools.count, repr=False)
 
     @property
-    def ip_scale(self) -> float:
-        return 0.8 if self.pipeline == "instantid" else 0.6
+    def face(self) -> bool:
+        """The pipeline works from a face (InstantID: embedding and kps image) rather than a reference image."""
+        return pipeline_entry(self.pipeline).face
+
+    def request(self, image=None, prompt: str | None = None) -> GenerateRequest:
+        """The pipeline's request for this workload (`image`: the reference image, None for a face pipeline)."""
+        request_type = pipeline_entry(self.pipeline).request_type
+        return request_type(image, prompt or self.prompt, steps=self.steps, guidance=self.guidance, seed=self.seed,
+                            num_images=self.batch, width=self.width, height=self.height)
 
     def kps_image(self) -> np.ndarray:
         """The control image (H, W, 3) uint8 for fixed keypoints."""
@@ -101,7 +112,7 @@ class _Runner:
         return self.latents
 
     def _tokens(self, work: Workload, image):
-        return self.pipe.face_tokens(work.embedding) if work.pipeline == "instantid" else self.pipe.image_tokens(image)
+        return self.pipe.face_tokens(work.embedding) if work.face else self.pipe.image_tokens(image)
 
 
 class BaselineRunner(_Runner):
@@ -110,15 +121,11 @@ class BaselineRunner(_Runner):
     name = "baseline"
 
     def __init__(self, pipeline: str, model: str, weights: Path | None, device=None, dtype=None, analyzer=None):
-        from benchmarks.pipelines import InstantIDBaseline, IPAdapterBaseline
+        from benchmarks.pipelines import open_baseline
 
         random_init = weights is None
-        if pipeline == "instantid":
-            self.pipe = InstantIDBaseline(model, weights_dir=weights, random_init=random_init, device=device,
-                                          dtype=dtype)
-        else:
-            self.pipe = IPAdapterBaseline(model, plus=pipeline.endswith("plus"), weights_dir=weights,
-                                          random_init=random_init, device=device, dtype=dtype)
+        self.pipe = open_baseline(pipeline, model, weights_dir=weights, random_init=random_init, device=device,
+                                  dtype=dtype)
         self.device = torch.device(self.pipe.device)
         self.analyzer = analyzer
         self.notes = [f"diffusers modules, {self.pipe.dtype} on {self.device}, weights "
@@ -127,20 +134,22 @@ class BaselineRunner(_Runner):
 
     def stages(self, work: Workload) -> dict:
         """{stage: zero-argument call} for `work`."""
-        pipe, instantid = self.pipe, work.pipeline == "instantid"
+        pipe, instantid = self.pipe, work.face
         image = None if instantid else reference_image()
         kps_image = work.kps_image() if instantid else None
+        request = work.request(image)
         tokens, negative_tokens = self._tokens(work, image)
         embeds, pooled, negative_embeds, negative_pooled = pipe.encode_prompt(work.prompt, None)
         loop_kwargs = dict(prompt_embeds=embeds, pooled=pooled, negative_embeds=negative_embeds,
                            negative_pooled=negative_pooled, tokens=tokens, negative_tokens=negative_tokens,
-                           height=work.height, width=work.width, num_images=work.batch, steps=work.steps,
-                           guidance=work.guidance, ip_scale=work.ip_scale, seed=work.seed)
+                           height=work.height, width=work.width, num_images=work.batch, steps=request.steps,
+                           guidance=request.guidance, ip_scale=request.ip_scale, seed=request.seed,
+                           scheduler=request.scheduler)
         if instantid:
             from benchmarks.pipelines import control_tensor
 
             loop_kwargs.update(controlnet=pipe.controlnet, control_image=control_tensor(kps_image),
-                               controlnet_scale=0.8)
+                               controlnet_scale=request.controlnet_scale)
 
         def loop():
             self.latents = pipe.denoise(**loop_kwargs)
@@ -176,7 +185,8 @@ class BaselineRunner(_Runner):
             residuals = {}
             if controlnet is not None:
                 down, mid = controlnet(sample, timestep, encoder_hidden_states=face, controlnet_cond=control,
-                                       conditioning_scale=0.8, added_cond_kwargs=added, return_dict=False)
+                                       conditioning_scale=kw["controlnet_scale"], added_cond_kwargs=added,
+                                       return_dict=False)
                 residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
             return pipe.unet(sample, timestep, encoder_hidden_states=context, added_cond_kwargs=added,
                              return_dict=False, **residuals)[0]
@@ -187,7 +197,7 @@ def session_feeds(session, sizes: dict[str, int], seed: int = 0) -> dict[str, to
     """Seeded random inputs for every input of a runtime Session, shapes from its named axes.
 
     sizes: {'batch': B, 'height': H, 'width': W} pixels (axis names follow engine/profiles.py).
-    Floats ~N(0, 1) (timestep 500, scales 0.8), integers zero.
+    Floats ~N(0, 1) (timestep 500, the scales at InstantID's request defaults), integers zero.
     """
     from engine.profiles import parse_dim
 
@@ -205,7 +215,8 @@ def session_feeds(session, sizes: dict[str, int], seed: int = 0) -> dict[str, to
                 raise ValueError(f"{session.name} input '{info.name}' has an unnamed dynamic axis {info.shape}: "
                                  "cannot size it for the step benchmark")
         if info.dtype.is_floating_point:
-            value = {"timestep": 500.0, "ip_scale": 0.8, "conditioning_scale": 0.8}.get(info.name)
+            value = {"timestep": 500.0, "ip_scale": field_default(InstantIDRequest, "ip_scale"),
+                     "conditioning_scale": field_default(InstantIDRequest, "controlnet_scale")}.get(info.name)
             tensor = (torch.full(dims, value) if value is not None else torch.randn(dims, generator=generator))
         else:
             tensor = torch.zeros(dims, dtype=info.dtype)
@@ -216,12 +227,10 @@ def session_feeds(session, sizes: dict[str, int], seed: int = 0) -> dict[str, to
 def end_to_end(pipe, work: Workload, image, kps_image):
     """One whole request from ready inputs (InstantID: embedding + kps image; IP-Adapter: the reference
     image) through a baseline or runtime pipeline; returns its images."""
-    if work.pipeline == "instantid":
-        out = pipe.generate(work.embedding, kps_image, work.fresh_prompt(), steps=work.steps,
-                            guidance=work.guidance, ip_scale=work.ip_scale, seed=work.seed, num_images=work.batch)
+    if work.face:  # the output size is the kps image's
+        out = pipe.generate(work.embedding, kps_image, work.request(None, work.fresh_prompt()))
     else:
-        out = pipe(image, work.fresh_prompt(), steps=work.steps, guidance=work.guidance, ip_scale=work.ip_scale,
-                   seed=work.seed, width=work.width, height=work.height, num_images=work.batch)
+        out = pipe(work.request(image, work.fresh_prompt()))
     return getattr(out, "images", out)  # the baselines return a Result, the runtime's __call__ a list
 
 
@@ -235,8 +244,6 @@ class RuntimeRunner(_Runner):
     def __init__(self, pipeline: str, build: Path, backend: str, device=None, loop_mode: str = "auto",
                  threads: int | None = None, model: str = "tiny", weights: Path | None = None, dtype=None,
                  trust_programs: bool = False):
-        from runtime.pipelines import InstantIDPipeline, IPAdapterPipeline
-
         kwargs = dict(loop_mode=loop_mode, trust_programs=trust_programs)
         programs = backend == "torch" and has_torch_programs(build, pipeline)
         if device is not None and (backend != "torch" or programs):
@@ -252,10 +259,7 @@ class RuntimeRunner(_Runner):
             backend = "onnxruntime"  # only for components without a torch session (face models)
             self.notes.append(f"TorchSessions (export.components wrappers), weights "
                               f"{'random (seeded)' if weights is None else weights}")
-        if pipeline == "instantid":
-            self.pipe = InstantIDPipeline.from_build(build, backend, **kwargs)
-        else:
-            self.pipe = IPAdapterPipeline.from_build(build, backend, plus=pipeline.endswith("plus"), **kwargs)
+        self.pipe = PIPELINES[pipeline].open(build, backend, **kwargs)
         self.device = torch.device(self.pipe.device)
         self.latents: torch.Tensor | None = None
 
@@ -269,15 +273,13 @@ class RuntimeRunner(_Runner):
 
     def stages(self, work: Workload) -> dict:
         """{stage: zero-argument call} for `work`."""
-        pipe, instantid = self.pipe, work.pipeline == "instantid"
+        pipe, instantid = self.pipe, work.face
         image = None if instantid else reference_image()
         kps_image = work.kps_image() if instantid else None
-        options = dict(steps=work.steps, guidance=work.guidance, ip_scale=work.ip_scale, seed=work.seed,
-                       num_images=work.batch, scheduler="euler")
         if instantid:  # conditioning ready before the clock starts: the loop alone is timed
-            prepared = pipe.prepare_embedding(work.embedding, kps_image, work.prompt, controlnet_scale=0.8, **options)
+            prepared = pipe.prepare_embedding(work.embedding, kps_image, work.request())
         else:
-            prepared = pipe.prepare(image, work.prompt, width=work.width, height=work.height, **options)
+            prepared = pipe.prepare(work.request(image))
 
         def loop():
             self.latents = pipe.run([prepared], decode=False)[0].latents
