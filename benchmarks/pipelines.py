@@ -64,9 +64,9 @@ class InstantIDBaseline(SDXLBase):
                  *, decode: bool = True, **fields) -> Result:
         """Generate from a face embedding (512,) and a kps image (H, W, 3) uint8; output is H x W. Takes an
         InstantIDRequest or its fields (prompt, negative_prompt, steps=..., ...; no photo needed)."""
-        request = as_request(InstantIDRequest, request_or_prompt, None, None, {}) \
-            if isinstance(request_or_prompt, InstantIDRequest) else InstantIDRequest(None, request_or_prompt,
-                                                                                     negative_prompt, **fields)
+        given = isinstance(request_or_prompt, InstantIDRequest)
+        request = as_request(InstantIDRequest, *((request_or_prompt, None) if given else (None, request_or_prompt)),
+                             negative_prompt, fields)
         height, width = kps_image.shape[:2]
         tokens, negative_tokens = self.face_tokens(face_embedding)
         embeds, pooled, negative_embeds, negative_pooled = self.encode_prompt(request.prompt, request.negative_prompt)

@@ -85,8 +85,9 @@ class InstantIDPipeline(_SDXLPipeline):
                           **fields) -> Prepared:
         """The loop's conditioning from a face embedding (512,) and a kps image (H, W, 3) uint8 (output H x W),
         for an InstantIDRequest or the keyword form (prompt, negative_prompt, **fields; no photo needed)."""
-        request = self.request(None, request_or_prompt, negative_prompt, **fields) \
-            if isinstance(request_or_prompt, str) else self.request(request_or_prompt)
+        given = isinstance(request_or_prompt, InstantIDRequest)
+        request = self.request(*((request_or_prompt, None) if given else (None, request_or_prompt)), negative_prompt,
+                               **fields)
         height, width = kps_image.shape[:2]
         tokens, negative_tokens = self.face_tokens(face_embedding)
         return self._prepared(request, tokens, negative_tokens, height, width, control_tensor(kps_image))
