@@ -395,7 +395,7 @@ def test_prompt_encodings_are_cached(ip_pair):
     assert first[0].shape[:2] == (1, 77) and first[1].ndim == 2
     for i in range(PROMPT_CACHE_SIZE):
         pipe.encode_prompt(f"prompt {i}")
-    assert "a red apple" not in pipe._prompts and len(pipe._prompts) == PROMPT_CACHE_SIZE
+    assert "a red apple" not in pipe.prompts and len(pipe.prompts) == PROMPT_CACHE_SIZE
 
 
 def test_cli_generates_and_reports_errors(tiny_build, tmp_path, capsys):

@@ -178,3 +178,42 @@ def test_tiny_sd15_components_build_with_tensorrt_rtx(tiny_sd15_build, tmp_path)
     report = build_report(build / "onnx" / "unet_ip_adapter.onnx", backend, size=128)
     print(report.line())
     assert (report.fused, report.total, report.unfused) == (32, 32, ())  # 16 attn1 + 16 attn2
+
+
+@pytest.fixture(scope="module")
+def diffusers_latents(tiny_sd15_weights, reference_image):
+    """diffusers' own StableDiffusionPipeline + load_ip_adapter latents, keyed (plus, negative_prompt)."""
+    from export import loaders
+
+    scheduler_config = loaders.load_scheduler_config(TINY_SD15, tiny_sd15_weights)
+    cache = {}
+
+    def latents(plus: bool, negative: str | None, num_images: int) -> torch.Tensor:
+        key = (plus, negative, num_images)
+        if key not in cache:
+            pipe = diffusers_sd15_pipeline(tiny_sd15_weights, ADAPTER_FILES[plus], scheduler_config, 0.6)
+            cache[key] = pipe("a portrait, oil painting", negative_prompt=negative, ip_adapter_image=reference_image,
+                              num_inference_steps=STEPS, guidance_scale=5.0, height=128, width=128,
+                              num_images_per_prompt=num_images, generator=torch.Generator().manual_seed(7),
+                              output_type="latent").images
+        return cache[key]
+    return latents
+
+
+@pytest.mark.parametrize("plus", [False, True], ids=["plain", "plus"])
+@pytest.mark.parametrize("negative,num_images", [(None, 2), ("blurry", 1)])
+def test_sd15_runtime_equals_diffusers_pipeline(tiny_sd15_build, reference_image, diffusers_latents, plus, negative,
+                                                num_images):
+    """The runtime (ONNX Runtime, fp32 tiny-sd15 build) against diffusers on the same files: latents rel <= 1e-5."""
+    from runtime.pipelines import IPAdapterPipeline
+
+    pipe = IPAdapterPipeline.from_build(tiny_sd15_build, "onnxruntime", plus=plus)
+    assert pipe.text_encoder_2 is None and "time_ids" not in pipe.unet.input_names
+    result = pipe(reference_image, "a portrait, oil painting", negative, steps=STEPS, guidance=5.0, ip_scale=0.6,
+                  seed=7, width=128, height=128, num_images=num_images, return_latents=True, decode=False)
+    want = diffusers_latents(plus, negative, num_images)
+    error = rel(result.latents, want)
+    print(f"runtime vs diffusers, {'plus' if plus else 'plain'}, negative {negative!r}, x{num_images}: "
+          f"latents rel {error:.1e}")
+    assert result.latents.shape == want.shape == (num_images, 4, 16, 16)
+    assert error <= 1e-5

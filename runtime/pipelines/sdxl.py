@@ -1,9 +1,12 @@
-"""What InstantID and IP-Adapter share on SDXL: text encoders, UNet (+ ControlNet), VAE decoder
-sessions, the prompt cache, and the stacked denoising loop (`_SDXLPipeline.run`).
+"""What InstantID and IP-Adapter share on SDXL (and IP-Adapter on SD1.5): text encoders, UNet
+(+ ControlNet), VAE decoder sessions, the prompt cache, and the stacked denoising loop
+(`_SDXLPipeline.run`).
 
 The data flow is the baseline's (benchmarks/baseline.py, benchmarks/pipelines.py), reproduced
 step for step: same preprocessing, CFG rows [negative, positive], `negative_prompt=None` -> zero
-text negatives, time_ids (H, W, 0, 0, H, W), seeded CPU noise drawn as diffusers draws it. λ (per
+text negatives (SD1.5: the empty prompt encoded), time_ids (H, W, 0, 0, H, W) where the UNet takes
+them (SDXL), seeded CPU noise drawn as diffusers draws it. The text encoders (SDXL's two, SD1.5's
+one) are the ones the build's model facts list (runtime.text.PromptEncoder). λ (per
 layer), the ControlNet scale and the guidance are runtime inputs: changing them needs no rebuild
 and no new CUDA graph. A pipeline's `prepare(request)` turns its request (runtime/requests.py)
 into a `Prepared`; `run(prepared_list)` stacks those with equal `LoopSettings` into one loop call.
@@ -11,7 +14,6 @@ into a `Prepared`; `run(prepared_list)` stacks those with equal `LoopSettings` i
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +23,12 @@ import torch
 from PIL import Image
 
 from runtime.assets import Assets
-from runtime.loop import DenoiseCancelled, DenoiseLoop, LoopInputs
+from runtime.loop import DenoiseCancelled, DenoiseLoop, LoopInputs, unet_conditioning
 from runtime.requests import (PIXEL_MULTIPLE, GenerateRequest, LoopSettings, ResolutionError, as_request, loop_settings,
                               round_size)
 from runtime.schedulers import build_scheduler, draw_noise
 from runtime.sessions import DeviceMemoryPool, Session, normalize_backend, open_session
+from runtime.text import prompt_encoder
 
 PROMPT_CACHE_SIZE = 16
 
@@ -97,13 +100,12 @@ class _SDXLPipeline:
         self._overrides = dict(sessions or {})
         self._open_args = dict(manifest=self.manifest, device=device, memory=self.memory,
                                verify_sha256=verify_sha256, threads=threads, trust_programs=trust_programs)
-        self.text_encoder = self.open("text_encoder")
-        self.text_encoder_2 = self.open("text_encoder_2")
         self.unet = self.open(self.unet_component)
         self.controlnet = self.open("controlnet") if self.uses_controlnet else None
         self.vae_decoder = self.open("vae_decoder")
         self.device = self.unet.device
-        self.tokenizer, self.tokenizer_2 = self.assets.tokenizers()
+        self.prompts = prompt_encoder(self.assets, self.open, self.device, PROMPT_CACHE_SIZE)
+        self.text_encoder, self.text_encoder_2 = (*self.prompts.encoders, None)[:2]  # SD1.5: no text_encoder_2
         self.scheduler_config = self.assets.scheduler_config()
         self.vae_scaling_factor = self.assets.vae_scaling_factor
         self.latent_factor = int(self.assets.value("vae_scale_factor", 8))
@@ -111,7 +113,6 @@ class _SDXLPipeline:
         self.loop = DenoiseLoop(self.unet, self.controlnet, loop_mode)
         # (min, max) of the UNet's `sample` (rows, 4, h, w) where an engine serves it; ONNX Runtime: any size
         self.size_limits = self.assets.engine_range(self.unet_component) if trt else None
-        self._prompts: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._constants: dict[str, torch.Tensor] = {}
         self._plans: dict[tuple[str, int], object] = {}
 
@@ -145,30 +146,14 @@ class _SDXLPipeline:
 
     # -- conditioning ------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(text_tokens (1, 77, C1+C2), pooled text_embeds (1, P)) for one prompt; LRU-cached."""
-        cached = self._prompts.get(prompt)
-        if cached is None:
-            ids = torch.from_numpy(self.tokenizer([prompt]))
-            ids_2 = torch.from_numpy(self.tokenizer_2([prompt]))
-            hidden = self.text_encoder.run({"input_ids": ids})["hidden_states"]
-            out_2 = self.text_encoder_2.run({"input_ids": ids_2})
-            cached = (torch.cat([hidden.to(self.device), out_2["hidden_states"].to(self.device)], dim=-1).clone(),
-                      out_2["text_embeds"].to(self.device).clone())
-            self._prompts[prompt] = cached
-            while len(self._prompts) > PROMPT_CACHE_SIZE:
-                self._prompts.popitem(last=False)
-        self._prompts.move_to_end(prompt)
-        return cached
+        """(text_tokens (1, 77, C1+C2), pooled text_embeds (1, P); (1, 0) for SD1.5) for one prompt; LRU-cached."""
+        return self.prompts(prompt)
 
     def _prompt_rows(self, prompt, negative_prompt, num_images: int):
-        """(tokens, pooled, negative tokens, negative pooled), each num_images rows."""
-        prompts = _per_image(prompt, num_images, "prompt")
-        encoded = [self.encode_prompt(p) for p in prompts]
-        tokens, pooled = torch.cat([e[0] for e in encoded]), torch.cat([e[1] for e in encoded])
-        if negative_prompt is None:  # SDXL's force_zeros_for_empty_prompt
-            return tokens, pooled, torch.zeros_like(tokens), torch.zeros_like(pooled)
-        negatives = [self.encode_prompt(p) for p in _per_image(negative_prompt, num_images, "negative_prompt")]
-        return tokens, pooled, torch.cat([e[0] for e in negatives]), torch.cat([e[1] for e in negatives])
+        """(tokens, pooled, negative tokens, negative pooled), each num_images rows; negative_prompt=None is
+        the model's default negative (SDXL: zeros, SD1.5: the empty prompt)."""
+        negatives = None if negative_prompt is None else _per_image(negative_prompt, num_images, "negative_prompt")
+        return self.prompts.rows(_per_image(prompt, num_images, "prompt"), negatives)
 
     def cached_constant(self, name: str, compute) -> torch.Tensor:
         """An input-independent tensor: from memory, else assets/<name>, else compute() once."""
@@ -260,16 +245,13 @@ class _SDXLPipeline:
             text_tokens = torch.cat([stack("negative_tokens"), text_tokens])
             text_embeds = torch.cat([stack("negative_pooled"), text_embeds])
             ip_tokens = torch.cat([stack("negative_image_tokens"), ip_tokens])
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32,
-                                device=self.device).repeat(rows, 1)
-        unet_feeds = {"text_tokens": text_tokens, "ip_tokens": ip_tokens,
-                      "ip_scale": self.ip_scale_tensor(settings.ip_scale), "text_embeds": text_embeds,
-                      "time_ids": time_ids}
+        unet_feeds = unet_conditioning(self.unet, text_tokens, ip_tokens, self.ip_scale_tensor(settings.ip_scale),
+                                       text_embeds, height, width)
         controlnet_feeds = None
         if self.controlnet is not None:
             control = torch.cat([r.control_image.to(self.device).expand(r.num_images, -1, -1, -1) for r in requests])
             controlnet_feeds = {"face_tokens": ip_tokens, "control_image": torch.cat([control, control]) if cfg
-                                else control, "text_embeds": text_embeds, "time_ids": time_ids,
+                                else control, "text_embeds": text_embeds, "time_ids": unet_feeds["time_ids"],
                                 "conditioning_scale": torch.tensor([float(settings.controlnet_scale)],
                                                                    device=self.device)}
         else:
