@@ -68,12 +68,18 @@ def test_the_server_answers_as_the_document_says(served):
     good = {"prompt": "a portrait", "image": image, "steps": 2, "width": 128, "height": 128, "ip_scale": [0.5, 0.7]}
     jsonschema.validate(good, schema, cls=jsonschema.Draft202012Validator)
     assert httpx.post(url + "/v1/instantid", json=good).status_code == 200
-    for bad in ({**good, "steps": 0}, {**good, "width": 100}, {**good, "scheduler": "heun"}, {**good, "x": 1},
-                {**good, "ip_scale": [5.0]}):
+    for change, message in ((dict(steps=0), "steps: Input should be greater than or equal to 1"),
+                            (dict(width=100), "width: must be a multiple of 64 (e.g. 128)"),
+                            (dict(scheduler="heun"), "scheduler: Input should be 'euler', 'euler_a'"),
+                            (dict(x=1), "x: unknown field"),
+                            (dict(ip_scale=[0.5, 5.0]), "ip_scale: Input should be less than or equal to 4"),
+                            (dict(ip_scale=[]), "ip_scale: List should have at least 1 item")):
+        bad = {**good, **change}
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema, cls=jsonschema.Draft202012Validator)
         answer = httpx.post(url + "/v1/instantid", json=bad)
         assert answer.status_code == 422 and answer.json()["error"]["kind"] == "invalid_request", bad
+        assert answer.json()["error"]["message"].startswith(message), answer.json()
 
 
 def test_docs_page_shows_every_route_and_field_offline(served):

@@ -181,13 +181,20 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+def _off_member(error: dict) -> bool:
+    """False for the error of the union member that matches the input's kind (list or not)."""
+    loc = error.get("loc", ())
+    sent_a_list = isinstance(error.get("input"), list) or len(loc) > 2  # loc[2]: an item's index
+    return len(loc) > 1 and isinstance(loc[1], str) and ("list" in loc[1]) != sent_a_list
+
+
 def format_validation_errors(errors: list[dict]) -> str:
     """pydantic's error list -> one line: 'steps: Input should be >= 1; foo: unknown field' (one per field)."""
     parts, seen = [], set()
-    for error in errors:
-        loc = error.get("loc", ())
+    for error in sorted(errors, key=_off_member):  # a union field reports once per member type:
+        loc = error.get("loc", ())                  # keep the member of the input's kind (a list: the list)
         where = shorten(str(loc[0]), 64) if loc else "body"  # an unknown field's name is the client's text
-        if where in seen:  # a union field reports once per member type: keep the first
+        if where in seen:
             continue
         seen.add(where)
         if error.get("type") == "extra_forbidden":
