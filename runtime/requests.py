@@ -4,16 +4,19 @@
     images = pipe(request)                    # the same as pipe("photo.jpg", "a portrait, ...", steps=20, seed=3)
 
 Every field carries a `Param` (help text, bounds, choices, whether it is a loop setting) from
-which the rest is derived, so adding a field is a change here only:
+which the rest is derived, so a field is declared here only (the pipeline code that uses its
+value reads it from the request):
   - the Python API: the pipelines' keyword calls build the request (`as_request`);
-  - the CLI flags and their help (`runtime/__main__.py`, `cli_flags`);
-  - the HTTP schema and the OpenAPI document (`runtime/serve/schemas.py`, `runtime/serve/openapi.py`);
+  - the CLI flags and their help (`runtime/__main__.py`, `add_request_arguments`);
+  - the HTTP schema, the OpenAPI document and /docs (`runtime/serve/schemas.py`, `openapi.py`),
+    and docs/serving.md's field table (`python -m runtime.serve.openapi --fields`);
   - `LoopSettings`, what requests sharing one denoising loop must agree on, and so the server's batch
     key: the output size and the fields marked `loop=True` (`loop_settings`);
-  - the benchmarks' settings (`benchmarks/stages.py` takes the defaults from the request type).
+  - the benchmarks' settings (`benchmarks/stages.py` makes the request, at its defaults).
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import typing
@@ -66,7 +69,8 @@ class Param:
 
 
 def param(default: Any = MISSING, **spec) -> Any:
-    """A dataclass field with its `Param` (spec: Param's fields); images compare by identity only."""
+    """A dataclass field with its `Param` (spec: Param's fields). Images are left out of the request's
+    equality, hash and repr: requests are equal when their settings are."""
     image = spec.get("image", False)
     return field(default=default, compare=not image, repr=not image, metadata={"param": Param(**spec)})
 
@@ -85,10 +89,11 @@ class RequestField:
         return self.default is MISSING
 
 
-def request_fields(request_type: type) -> list[RequestField]:
+@functools.cache
+def request_fields(request_type: type) -> tuple[RequestField, ...]:
     """The fields of a request type, in order, with their resolved types."""
     hints = typing.get_type_hints(request_type)
-    return [RequestField(f.name, hints[f.name], f.default, f.metadata["param"]) for f in fields(request_type)]
+    return tuple(RequestField(f.name, hints[f.name], f.default, f.metadata["param"]) for f in fields(request_type))
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,7 @@ class GenerateRequest:
     image: ImageSource | None = param(image=True, help="the image that prompts the generation", flags=("--face",))
     prompt: str = param(help="text prompt", max_length=MAX_PROMPT_CHARS)
     negative_prompt: Optional[str] = param(None, max_length=MAX_PROMPT_CHARS,
-                                           help="negative prompt; none: SDXL's zero negative embedding")
+                                           help="negative prompt; none: the model's default negative (SDXL: a zero embedding)")
     steps: int = param(30, ge=1, le=150, loop=True, help="denoising steps")
     guidance: float = param(5.0, ge=0.0, le=30.0, loop=True, help="classifier-free guidance; <= 1 disables CFG")
     ip_scale: Union[float, tuple[float, ...]] = param(
