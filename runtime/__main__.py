@@ -28,7 +28,8 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate images")
     gen.add_argument("--build", type=Path, required=True, help="build directory (python -m export.build --out)")
-    gen.add_argument("--pipeline", choices=tuple(PIPELINES), default="instantid")
+    gen.add_argument("--pipeline", choices=tuple(PIPELINES),
+                     help="default: the first of these the build has (an SD1.5 build has no instantid)")
     gen.add_argument("--out", type=Path, required=True, help="output PNG; with several images, NAME-i.png")
     gen.add_argument("--backend", default="onnxruntime", help="onnxruntime | tensorrt | tensorrt-rtx | torch")
     gen.add_argument("--loop", choices=("auto", "graph", "step-graphs", "eager"), default="auto")
@@ -106,7 +107,7 @@ def cli_request(args: argparse.Namespace):
     has no field for, or a value its request refuses."""
     from runtime.pipelines import PIPELINES
 
-    entry = PIPELINES[args.pipeline]
+    entry = PIPELINES[args.pipeline or default_pipeline(args.build)]
     fields = {spec.name for spec in request_fields(entry.request_type)}
     given = {name: value for name, value in vars(args).items() if name in _request_names() and value is not None}
     foreign = sorted(set(given) - fields)
@@ -115,6 +116,14 @@ def cli_request(args: argparse.Namespace):
         raise RequestError(f"{flags}: not a field of {entry.name}'s request: leave it out, or choose another "
                            f"--pipeline")
     return entry, entry.request_type(**given)
+
+
+def default_pipeline(build: Path) -> str:
+    """The first pipeline of the registry the build has, as the server finds them (instantid unless the
+    build lacks it, e.g. an SD1.5 build)."""
+    from runtime.serve.served import available_pipelines
+
+    return next(iter(available_pipelines(build)), "instantid")
 
 
 def _request_names() -> set[str]:

@@ -217,3 +217,48 @@ def test_sd15_runtime_equals_diffusers_pipeline(tiny_sd15_build, reference_image
           f"latents rel {error:.1e}")
     assert result.latents.shape == want.shape == (num_images, 4, 16, 16)
     assert error <= 1e-5
+
+
+@pytest.mark.slow
+def test_sd15_build_is_served(tiny_sd15_build, reference_image, tmp_path):
+    """`python -m runtime.serve` on the tiny-sd15 build serves both IP-Adapter pipelines (no InstantID), and an
+    HTTP answer equals the runtime pipeline's image."""
+    import base64
+    import io
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+    import numpy as np
+    from serve_helpers import wait_process_ready
+
+    from runtime.pipelines import IPAdapterPipeline
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path / "server.log"
+    command = [sys.executable, "-m", "runtime.serve", "--build", str(tiny_sd15_build), "--port", str(port),
+               "--warmup-size", "128", "--threads", "1"]
+    buffer = io.BytesIO()
+    reference_image.save(buffer, "PNG")
+    body = {"prompt": "a portrait", "image": base64.b64encode(buffer.getvalue()).decode(), "steps": 2, "seed": 3}
+    with open(log, "w") as stream:
+        process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stdout=stream,
+                                   stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_process_ready(url, process, log, 180)
+        assert httpx.get(url + "/readyz").json()["pipelines"] == ["ip-adapter", "ip-adapter-plus"]
+        response = httpx.post(url + "/v1/ip-adapter-plus", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        assert httpx.post(url + "/v1/instantid", json=body, timeout=30).status_code == 404
+    finally:
+        process.terminate()
+        process.wait(20)
+    served = np.asarray(Image.open(io.BytesIO(response.content)))
+    pipe = IPAdapterPipeline.from_build(tiny_sd15_build, "onnxruntime", plus=True, threads=1)
+    direct = np.asarray(pipe(reference_image, "a portrait", steps=2, seed=3)[0])
+    assert served.shape == direct.shape == (128, 128, 3)  # the build's default resolution
+    assert np.abs(served.astype(int) - direct.astype(int)).max() <= 1
