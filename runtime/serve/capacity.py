@@ -19,6 +19,8 @@ import os
 import resource
 from pathlib import Path
 
+from engine.manifest import load_manifest
+
 ATTENTION_HEADS = {"sdxl": 10, "tiny": 4}  # heads of the largest self-attention (block 1, latent/2)
 ATTENTION_PEAK_FACTOR = 6.5  # peak memory per byte of one score tensor (measured, see above)
 RUNTIME_BYTES = 2 * 2**30  # libraries, arenas, thread stacks, activations beside the weights and scores
@@ -97,8 +99,6 @@ def _cgroup_free() -> int | None:
 def engine_max_side(build_dir: str | os.PathLike, components: list[str]) -> int | None:
     """The largest square side (px) every one of `components` has an engine for, or None when
     none of them has an engine profile (ONNX Runtime / torch builds)."""
-    from engine.manifest import load_manifest
-
     manifest = load_manifest(Path(build_dir))
     factor = int(manifest.metadata.get("vae_scale_factor", 8))
     sides = []
@@ -121,15 +121,16 @@ def limits_for(build_dir: str | os.PathLike, backend: str, pipelines: list[str],
     ONNX weights and RUNTIME_BYTES; each request may use 1/max_batch of it, since up to max_batch
     requests of one size share a denoising loop. fixed: the other Limits fields (body, photo, cost).
     """
-    from engine.manifest import load_manifest
-    from runtime.serve.inputs import Limits
-    from runtime.serve.served import BUILD_PIPELINES, available_pipelines
+    from runtime.pipelines import PIPELINES  # torch: only when a server starts
+    from runtime.serve.inputs import Limits  # inputs imports this module
+    from runtime.serve.served import available_pipelines
 
     manifest = load_manifest(Path(build_dir))
-    names = pipelines or available_pipelines(build_dir)
-    unets = [BUILD_PIPELINES[name] for name in names if name in BUILD_PIPELINES]
+    entries = [PIPELINES[name] for name in pipelines or available_pipelines(build_dir) if name in PIPELINES]
+    stepped = [entry.unet for entry in entries] + (["controlnet"] if any(
+        entry.pipeline.uses_controlnet for entry in entries) else [])
     sides = [(2048, "the default of 2048")] if max_side is None else [(max_side, "--max-side")]
-    engines = engine_max_side(build_dir, unets + (["controlnet"] if "instantid" in names else []))
+    engines = engine_max_side(build_dir, stepped)
     if max_side is None and engines is not None:
         sides.append((engines, "the build's engine profile"))
     memory_bytes, heads = None, ATTENTION_HEADS.get(manifest.model, ATTENTION_HEADS["sdxl"])
@@ -138,7 +139,8 @@ def limits_for(build_dir: str | os.PathLike, backend: str, pipelines: list[str],
             total, source = int(memory_gb * 2**30), "--memory-gb"
         else:
             free, source = free_memory()
-            used = {c for name in names for c in manifest.metadata.get("pipelines", {}).get(name.replace("-", "_"), [])}
+            built = manifest.metadata.get("pipelines", {})
+            used = {c for entry in entries for c in built.get(entry.name.replace("-", "_"), [])}
             weights = sum(manifest.components[c].onnx.size_bytes for c in used
                           if c in manifest.components and manifest.components[c].onnx is not None)
             total = free - weights - RUNTIME_BYTES
