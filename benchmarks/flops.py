@@ -34,8 +34,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from export.specs import ModelSpec, get_spec
-
-PIPELINES = ("instantid", "ip-adapter", "ip-adapter-plus")
+from runtime.pipelines import PIPELINE_NAMES as PIPELINES
+from runtime.requests import InstantIDRequest, field_default
 TEXT_TOKENS = 77
 
 
@@ -124,7 +124,8 @@ def controlnet_step_flops(spec: ModelSpec, height: int, width: int, rows: int) -
     sample = _randn(rows, controlnet.config.in_channels, height // factor, width // factor)
     face = _randn(rows, spec.instantid_resampler.num_queries, spec.cross_attention_dim)
     return count_flops(controlnet, sample, torch.tensor(500.0, device="meta"), encoder_hidden_states=face,
-                       controlnet_cond=_randn(rows, 3, height, width), conditioning_scale=0.8,
+                       controlnet_cond=_randn(rows, 3, height, width),
+                       conditioning_scale=field_default(InstantIDRequest, "controlnet_scale"),
                        added_cond_kwargs=_added_cond(spec, rows), return_dict=False)
 
 
