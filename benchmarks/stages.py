@@ -173,7 +173,8 @@ class BaselineRunner(_Runner):
 
         face = rep(kw["tokens"])
         context = (rep(kw["prompt_embeds"]), [face])  # diffusers' IP-Adapter form, as the loop passes it
-        added = {"text_embeds": rep(kw["pooled"]), "time_ids": pipe.time_ids(work.height, work.width, rows)}
+        added = None if kw["pooled"] is None else {  # SD1.5: no added conditioning
+            "text_embeds": rep(kw["pooled"]), "time_ids": pipe.time_ids(work.height, work.width, rows)}
         sample = torch.randn(rows, pipe.unet.config.in_channels, work.height // factor, work.width // factor,
                              generator=torch.Generator().manual_seed(0)).to(pipe.device, pipe.dtype)
         timestep = torch.tensor(500.0, device=pipe.device)
@@ -327,7 +328,7 @@ def torch_sessions(pipeline: str, model: str, weights: Path | None, device=None,
     if present), `dtype` (default fp16 on cuda, fp32 on cpu; the VAE stays fp32)."""
     import tempfile
 
-    from export.sources import PIPELINE_COMPONENTS, Sources
+    from export.sources import Sources, pipeline_components
     from export.specs import get_spec
     from runtime.sessions import TensorInfo, TorchSession
 
@@ -336,7 +337,7 @@ def torch_sessions(pipeline: str, model: str, weights: Path | None, device=None,
     assets = Path(tempfile.mkdtemp(prefix="bench_torch_assets_"))
     sources = Sources(get_spec(model), weights, weights is None, dtype, assets)
     sessions = {}
-    for name in PIPELINE_COMPONENTS[pipeline]:
+    for name in pipeline_components(sources.spec, pipeline):
         if name in ("face_detector", "arcface"):
             continue
         component = sources.make(name)

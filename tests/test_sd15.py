@@ -262,3 +262,22 @@ def test_sd15_build_is_served(tiny_sd15_build, reference_image, tmp_path):
     direct = np.asarray(pipe(reference_image, "a portrait", steps=2, seed=3)[0])
     assert served.shape == direct.shape == (128, 128, 3)  # the build's default resolution
     assert np.abs(served.astype(int) - direct.astype(int)).max() <= 1
+
+
+@pytest.mark.slow
+def test_sd15_benchmark_runs_every_column(tiny_sd15_build, tiny_sd15_weights, tmp_path):
+    """`python -m benchmarks.latency` on the tiny-sd15 build: baseline, ONNX Runtime and torch sessions all run,
+    and both runtime columns end on the baseline's latents."""
+    import json
+
+    from benchmarks.latency import main
+
+    out = tmp_path / "bench"
+    assert main(["--build", str(tiny_sd15_build), "--backend", "onnxruntime,torch", "--baseline", "torch",
+                 "--pipeline", "ip-adapter", "--weights", str(tiny_sd15_weights), "--steps", "2", "--runs", "1",
+                 "--warmup", "0", "--no-plot", "--no-floor", "--threads", "1", "--out", str(out)]) == 0
+    backends = {b["name"]: b for b in json.loads((out / "latency.json").read_text())["backends"]}
+    assert all(backends[name]["available"] for name in ("baseline", "onnxruntime", "torch")), backends
+    for name in ("onnxruntime", "torch"):
+        print(f"{name}: latents rel to the baseline {backends[name]['latents_rel_to_baseline']:.1e}")
+        assert backends[name]["latents_rel_to_baseline"] <= 1e-5
