@@ -110,7 +110,9 @@ def unet_step_flops(spec: ModelSpec, pipeline: str, height: int, width: int, row
                        added_cond_kwargs=added)
 
 
-def _added_cond(spec: ModelSpec, rows: int) -> dict[str, torch.Tensor]:
+def _added_cond(spec: ModelSpec, rows: int) -> dict[str, torch.Tensor] | None:
+    if not spec.added_conditioning:  # SD1.5
+        return None
     pooled = spec.text_encoder_2["projection_dim"]
     return {"text_embeds": _randn(rows, pooled), "time_ids": _randn(rows, 6)}
 
@@ -140,11 +142,12 @@ def vae_decode_flops(spec: ModelSpec, height: int, width: int, batch: int) -> in
 
 
 def text_encoding_flops(spec: ModelSpec, prompts: int = 1) -> int:
-    """Both CLIP text encoders on `prompts` rows of 77 token ids."""
+    """The CLIP text encoders (SDXL's two, SD1.5's one) on `prompts` rows of 77 token ids."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     total = 0
-    for cls, config in ((CLIPTextModel, spec.text_encoder), (CLIPTextModelWithProjection, spec.text_encoder_2)):
+    encoders = ((CLIPTextModel, spec.text_encoder), (CLIPTextModelWithProjection, spec.text_encoder_2))
+    for cls, config in encoders[:len(spec.text_encoders)]:
         encoder = _meta(cls, CLIPTextConfig(**config))
         ids = torch.zeros(prompts, TEXT_TOKENS, dtype=torch.long, device="meta")
         total += count_flops(encoder, ids, output_hidden_states=True)

@@ -281,3 +281,15 @@ def test_sd15_benchmark_runs_every_column(tiny_sd15_build, tiny_sd15_weights, tm
     for name in ("onnxruntime", "torch"):
         print(f"{name}: latents rel to the baseline {backends[name]['latents_rel_to_baseline']:.1e}")
         assert backends[name]["latents_rel_to_baseline"] <= 1e-5
+
+
+def test_sd15_flop_counts():
+    """The FLOP floor counts SD1.5 as it is: one text encoder, no added conditioning (meta tensors, no weights)."""
+    from benchmarks.flops import text_encoding_flops, unet_step_flops
+    from export.specs import SDXL
+
+    unet = unet_step_flops(SD15, "ip-adapter", 512, 512, rows=2)
+    text = text_encoding_flops(SD15)
+    print(f"SD1.5 at 512², CFG: UNet {unet / 1e12:.2f} TFLOP per step; text encoder {text / 1e9:.1f} GFLOP")
+    assert 1.5e12 < unet < 1.7e12
+    assert text < text_encoding_flops(SDXL) / 5  # CLIP ViT-L alone, without OpenCLIP bigG
