@@ -293,3 +293,15 @@ def test_sd15_flop_counts():
     print(f"SD1.5 at 512², CFG: UNet {unet / 1e12:.2f} TFLOP per step; text encoder {text / 1e9:.1f} GFLOP")
     assert 1.5e12 < unet < 1.7e12
     assert text < text_encoding_flops(SDXL) / 5  # CLIP ViT-L alone, without OpenCLIP bigG
+
+
+def test_server_memory_limit_counts_sd15_attention_at_the_full_latent(tiny_sd15_build):
+    """ONNX Runtime's largest attention in SD1.5 is at the full latent (2 tiny heads over (side/8)² tokens):
+    the derived max side keeps those scores within the memory given."""
+    from runtime.serve.capacity import ATTENTION_PEAK_FACTOR, limits_for
+
+    limits = limits_for(tiny_sd15_build, "onnxruntime", ["ip-adapter"], memory_gb=4.0)
+    tokens = (limits.max_side // 8) ** 2
+    scores = ATTENTION_PEAK_FACTOR * 2 * 2 * tokens * tokens * 4  # CFG rows x heads x tokens² x fp32
+    print(f"tiny-sd15 at 4 GiB: max side {limits.max_side} px, attention {scores / 2**30:.2f} GiB")
+    assert scores <= limits.memory_bytes < ATTENTION_PEAK_FACTOR * 2 * 2 * ((limits.max_side + 64) // 8) ** 4 * 4

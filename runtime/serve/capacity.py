@@ -21,7 +21,10 @@ from pathlib import Path
 
 from engine.manifest import load_manifest
 
-ATTENTION_HEADS = {"sdxl": 10, "tiny": 4}  # heads of the largest self-attention (block 1, latent/2)
+ATTENTION_HEADS = {"sdxl": 10, "tiny": 4,  # heads of the largest self-attention (block 1, latent/2)
+                   # SD1.5 attends at the full latent (block 0): 8 (tiny: 2) heads over 4x the tokens,
+                   # 16x the scores of as many heads at latent/2
+                   "sd15": 8 * 16, "tiny-sd15": 2 * 16}
 ATTENTION_PEAK_FACTOR = 6.5  # peak memory per byte of one score tensor (measured, see above)
 RUNTIME_BYTES = 2 * 2**30  # libraries, arenas, thread stacks, activations beside the weights and scores
 SIDE_MULTIPLE = 64
