@@ -41,7 +41,6 @@ from engine.tensors import TensorSpec, json_fields, onnx_dtype, onnx_io, spec_fr
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-EngineTensor = TensorSpec  # an engine's input/output: a TensorSpec with its shape range
 
 
 class ManifestError(RuntimeError):

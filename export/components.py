@@ -52,12 +52,6 @@ from export.attention import fuse_decoupled_attention, set_layer_scales
 TEXT_TOKENS = 77
 
 
-def TensorIO(name: str, dims: tuple, dtype: torch.dtype) -> TensorSpec:  # noqa: N802 (reads as the spec it makes)
-    """An engine input/output spec, arguments in the order of the I/O table above: name, dims (ints and
-    engine/profiles.py axis names), torch dtype."""
-    return TensorSpec(name, dtype, tuple(dims))
-
-
 @dataclass
 class Component:
     """A module whose forward(*inputs) returns the outputs, in the order of `outputs`."""

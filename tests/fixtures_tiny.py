@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine.tensors import ort_dtype
+
 
 def run_export_cli(args: list[str]) -> None:
     """`python -m export.build` in-process (tests call it; a non-zero exit fails the test)."""
@@ -62,8 +64,7 @@ def ort_session(path: Path):
 
 def run_onnx(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run with float feeds cast to each input's dtype (float16 graphs take float16); outputs as float32."""
-    dtypes = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int64)": np.int64}
-    cast = {i.name: np.asarray(feeds[i.name]).astype(dtypes[i.type]) for i in session.get_inputs()}
+    cast = {i.name: np.asarray(feeds[i.name]).astype(ort_dtype(i.type)) for i in session.get_inputs()}
     names = [o.name for o in session.get_outputs()]
     return {name: value.astype(np.float32) for name, value in zip(names, session.run(names, cast))}
 

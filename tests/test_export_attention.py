@@ -253,4 +253,4 @@ def test_reference_processor_is_what_unfused_exports():
     attach_ip_adapter(unet, loaders.random_ip_state(unet), 4)
     component = unet_component("unet_ip_adapter", unet, 4, "unfused")
     assert all(isinstance(layer, DecoupledAttnProcessor) for layer in component.module.ip_layers)
-    assert component.inputs[4].name == "ip_scale" and component.inputs[4].dims == (17,)
+    assert component.inputs[4].name == "ip_scale" and component.inputs[4].shape == (17,)

@@ -23,12 +23,12 @@ from fixtures_tiny import ort_session, relative_error, run_onnx
 
 from export import loaders
 from export.adapters import cross_attention_layers
-from export.components import Component, TensorIO, dim_value, example_inputs
+from engine.tensors import TensorSpec, ort_dtype, torch_dtype
+from export.components import Component, dim_value, example_inputs
 from export.specs import TINY
 
 SIZES = {"batch": 3, "height": 192, "width": 128}       # not the trace size (batch 2, 128²)
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
-DTYPES = {"tensor(float16)": torch.float16, "tensor(float)": torch.float32, "tensor(int64)": torch.int64}
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,8 @@ def weights(tiny_onnx_fp32):
 
 def feeds_for(session, seed: int, sizes=SIZES) -> dict[str, np.ndarray]:
     """Random float32/int64 inputs for an ONNX session, from its input names and axis names."""
-    inputs = tuple(TensorIO(i.name, tuple(i.shape), torch.float32 if "float" in i.type else DTYPES[i.type])
+    inputs = tuple(TensorSpec(i.name, torch.float32 if "float" in i.type else torch_dtype(ort_dtype(i.type)),
+                              tuple(i.shape))
                    for i in session.get_inputs())
     tensors = example_inputs(Component("feeds", None, inputs, ()), sizes, seed)
     return {io.name: t.numpy() for io, t in zip(inputs, tensors)}

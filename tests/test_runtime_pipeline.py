@@ -336,13 +336,14 @@ def test_size_errors(ip_pair):
 def test_engine_range_from_the_manifest(tiny_build):
     import dataclasses
 
-    from engine.manifest import EngineTensor, load_manifest
+    from engine.manifest import load_manifest
+    from engine.tensors import TensorSpec
     from runtime.assets import Assets
 
     manifest = load_manifest(tiny_build)
     assets = Assets.open(tiny_build, manifest)
     assert assets.engine_range("unet_instantid") is None or manifest.components["unet_instantid"].engine
-    fake = type("Record", (), {"inputs": (EngineTensor("sample", "float32", ("2B", 4, "latent_height",
+    fake = type("Record", (), {"inputs": (TensorSpec("sample", "float32", ("2B", 4, "latent_height",
                                                                                "latent_width"), (2, 4, 8, 8),
                                                        (2, 4, 16, 16), (8, 4, 24, 24)),)})()
     copy = dataclasses.replace(manifest.components["unet_instantid"], engine=fake)

@@ -43,16 +43,17 @@ def test_torch_stage_writes_programs_and_records_them(torch_build):
 
 
 def test_dynamic_axes_map_to_64_pixel_units():
-    from export.components import Component, TensorIO
+    from engine.tensors import TensorSpec
+    from export.components import Component
     from export.torch_programs import dynamic_shapes
 
     class Forward(torch.nn.Module):
         def forward(self, sample, *residuals):
             return sample
 
-    component = Component("x", Forward(), (TensorIO("sample", ("2B", 4, "latent_height", "latent_width"), torch.float32),
-                                           TensorIO("down_residual_0", ("2B", 8, "latent_height/2", "latent_width/2"),
-                                                    torch.float32)), ())
+    component = Component("x", Forward(), (TensorSpec("sample", torch.float32, ("2B", 4, "latent_height", "latent_width")),
+                                           TensorSpec("down_residual_0", torch.float32,
+                                                      ("2B", 8, "latent_height/2", "latent_width/2"))), ())
     sample, residuals = dynamic_shapes(component)  # forward(sample, *residuals): residuals grouped
     assert sorted(sample) == [0, 2, 3] and str(sample[0]) == "2*batch"
     assert str(sample[2]) == "8*height_units" and str(residuals[0][3]) == "4*width_units"
