@@ -1,5 +1,6 @@
-"""Ray Serve deployment of the tiny build (CPU replica, ONNX Runtime) on 127.0.0.1: correct images,
-batched concurrent requests, the same 4xx answers as the single-machine server."""
+"""Ray Serve deployment of the tiny build (CPU replica, ONNX Runtime) on 127.0.0.1: the single-machine
+server's app behind serve.ingress (its routes, schema, metrics and 4xx answers), ready as soon as Ray
+routes to it, correct images for concurrent requests."""
 from __future__ import annotations
 
 import base64
@@ -57,7 +58,11 @@ def _png(rgb) -> str:
 
 
 def test_ray_serve_generates_batches_and_refuses_bad_input(ray_url):
-    assert httpx.get(ray_url + "/readyz", timeout=30).status_code == 200
+    ready = httpx.get(ray_url + "/readyz", timeout=30)  # serve.run returned: the replica is warm
+    assert ready.status_code == 200 and ready.json()["pipelines"] == ["ip-adapter"]
+    document = httpx.get(ray_url + "/openapi.json", timeout=30).json()  # the app's own routes, through Ray
+    assert "/v1/ip-adapter" in document["paths"] and "/metrics" in document["paths"]
+    assert list(httpx.get(ray_url + "/v1/schema", timeout=30).json()["pipelines"]) == ["ip-adapter"]
     body = {"prompt": "a cat", "image": _png(skimage.data.chelsea()), "steps": 2, "width": 128, "height": 192}
 
     def post(seed: int) -> httpx.Response:
@@ -74,3 +79,6 @@ def test_ray_serve_generates_batches_and_refuses_bad_input(ray_url):
     missing = httpx.post(ray_url + "/v1/instantid", json=body, timeout=60)
     assert missing.status_code == 404
     assert post(0).status_code == 200  # still serving
+    metrics = httpx.get(ray_url + "/metrics", timeout=30).text
+    assert 'serve_requests_total{pipeline="ip-adapter",status="200"} 4.0' in metrics
+    assert 'serve_requests_total{pipeline="instantid",status="404"} 1.0' in metrics
