@@ -330,7 +330,7 @@ def torch_sessions(pipeline: str, model: str, weights: Path | None, device=None,
 
     from export.sources import Sources, pipeline_components
     from export.specs import get_spec
-    from runtime.sessions import TensorInfo, TorchSession
+    from runtime.sessions import TorchSession
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
@@ -342,9 +342,7 @@ def torch_sessions(pipeline: str, model: str, weights: Path | None, device=None,
             continue
         component = sources.make(name)
         module = component.module.to(device)
-        sessions[name] = TorchSession(module, [TensorInfo(io.name, io.dtype, io.dims) for io in component.inputs],
-                                      [TensorInfo(io.name, io.dtype, io.dims) for io in component.outputs],
-                                      name=name, device=device)
+        sessions[name] = TorchSession(module, component.inputs, component.outputs, name=name, device=device)
     sources.release()
     return sessions
 

@@ -125,11 +125,6 @@ class TensorSpec:
     def torch_dtype(self):
         return torch_dtype(self.dtype)
 
-    @property
-    def dims(self) -> Shape:
-        """`shape`, under the name the export wrappers use."""
-        return self.shape
-
     def _key(self) -> tuple:
         return self.name, self.dtype_name, tuple(self.shape), self.min, self.opt, self.max
 

@@ -32,12 +32,11 @@ from runtime.ort import OrtSession
 from runtime.session_base import Session, SessionError, ShapeRangeError, check_shape, cuda_device
 from runtime.trt import DeviceMemoryPool, TrtBinding, TrtSession
 
-__all__ = ["BACKENDS", "DeviceMemoryPool", "OrtSession", "Session", "SessionError", "ShapeRangeError", "TensorInfo",
-           "TensorSpec", "TorchSession", "TrtBinding", "TrtSession", "check_shape", "cuda_device", "normalize_backend",
+__all__ = ["BACKENDS", "DeviceMemoryPool", "OrtSession", "Session", "SessionError", "ShapeRangeError", "TensorSpec",
+           "TorchSession", "TrtBinding", "TrtSession", "check_shape", "cuda_device", "normalize_backend",
            "open_program", "open_session"]
 
 BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx", "torch")
-TensorInfo = TensorSpec  # the name runtime callers knew a session's tensors by
 
 
 # ---- torch ---------------------------------------------------------------------------------------

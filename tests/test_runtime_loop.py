@@ -9,7 +9,8 @@ from benchmarks.baseline import make_scheduler
 from export.specs import SCHEDULER_CONFIG
 from runtime.loop import DenoiseCancelled, DenoiseLoop, LoopInputs, clone_inputs
 from runtime.schedulers import build_scheduler, draw_noise
-from runtime.sessions import TensorInfo, TorchSession
+from engine.tensors import TensorSpec
+from runtime.sessions import TorchSession
 
 ROWS_AXIS = "2B"
 
@@ -33,7 +34,7 @@ class ToyUNet(torch.nn.Module):
 
 
 def _info(name, *dims):
-    return TensorInfo(name, torch.float32, dims)
+    return TensorSpec(name, torch.float32, dims)
 
 
 def _sessions():

@@ -129,13 +129,9 @@ def test_instantid_scales_change_without_rebuild(instantid, astronaut_face):
 
 def torch_session(component):
     """A TorchSession over an export.components wrapper (the engine's I/O, run by torch)."""
-    from runtime.sessions import TensorInfo, TorchSession
+    from runtime.sessions import TorchSession
 
-    def info(io):
-        return TensorInfo(io.name, io.dtype, io.dims)
-
-    return TorchSession(component.module, [info(io) for io in component.inputs],
-                        [info(io) for io in component.outputs], name=component.name)
+    return TorchSession(component.module, component.inputs, component.outputs, name=component.name)
 
 
 def test_torch_sessions_serve_the_pipeline(tiny_build, astronaut_face, instantid):
