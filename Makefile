@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # CPU build of torch; any torch >= 2.4 works (a CUDA build on GPU machines).
 TORCH ?= torch==2.13.0
+# Everything the tests and the demo use: the runtime, ONNX Runtime (CPU), the build-time stack, the server,
+# TensorRT-RTX (CPU builds) and the test tools (pyproject.toml lists what each extra is for).
+EXTRAS ?= cpu,export,serve,rtx,dev
 TINY ?= build/tiny
 
 .PHONY: venv demo test clean device-wheels
@@ -13,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[dev,rtx,serve]"
+	$(PIP) install -q -e ".[$(EXTRAS)]"
 	$(PIP) install -q --no-deps "insightface==2.1" "open_clip_torch==3.3.0"
 	touch $@
 
