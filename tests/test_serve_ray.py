@@ -82,3 +82,17 @@ def test_ray_serve_generates_batches_and_refuses_bad_input(ray_url):
     metrics = httpx.get(ray_url + "/metrics", timeout=30).text
     assert 'serve_requests_total{pipeline="ip-adapter",status="200"} 4.0' in metrics
     assert 'serve_requests_total{pipeline="instantid",status="404"} 1.0' in metrics
+
+
+def test_a_replica_whose_build_cannot_load_fails_instead_of_serving(ray_url, serve_build):
+    """A replica's start-up waits for the app's warm-up: pipelines that cannot load fail the replica
+    (and serve.run) instead of a replica Ray routes to that answers 503."""
+    from runtime.serve.ray_app import build_app
+
+    with pytest.raises(RuntimeError, match="Deploying application instantrt-broken failed"):
+        serve.run(build_app({"build": str(serve_build), "pipelines": "no-such-pipeline", "threads": 1}),
+                  route_prefix="/broken", name="instantrt-broken")
+    deployment = serve.status().applications["instantrt-broken"].deployments["PipelineDeployment"]
+    assert "ASGI lifespan startup failed" in deployment.message
+    serve.delete("instantrt-broken")
+    assert httpx.get(ray_url + "/readyz", timeout=30).status_code == 200  # the working app is untouched
