@@ -1,7 +1,7 @@
 """`python -m export.build`: export every component of a pipeline to ONNX, write assets and the
 manifest, then (optionally) build the engines.
 
-    python -m export.build --model tiny|sdxl [--pipeline instantid|ip-adapter|ip-adapter-plus|all]
+    python -m export.build --model tiny|sdxl|tiny-sd15|sd15 [--pipeline instantid|ip-adapter|ip-adapter-plus|all]
         [--weights DIR] [--base HUB_ID|FOLDER|FILE.safetensors] [--instantid HUB_ID|FOLDER]
         [--ip-adapter HUB_ID|FOLDER|FILE] [--random-init] [--face-models DIR] [--out DIR] [--components NAME ...]
         [--stage onnx|torch|engines|all]
@@ -9,9 +9,10 @@ manifest, then (optionally) build the engines.
         [--vae-fp16-fix]
 
 Writes build/<model>/onnx/<component>.onnx, build/<model>/assets/ (export.assets) and
-build/<model>/manifest.json (engine.manifest). `--model tiny` without `--weights` first writes
+build/<model>/manifest.json (engine.manifest). `--model tiny` (and `tiny-sd15`) without `--weights` first writes
 the tiny checkpoints to <out>/weights and loads them through the normal loaders. Precision
-defaults to fp16 for sdxl and fp32 for tiny. I/O names: export/components.py. Every size (widths,
+defaults to fp32 for the tiny models and fp16 otherwise; `--pipeline all` is every pipeline the
+model's family has (SD1.5: the IP-Adapters). I/O names: export/components.py. Every size (widths,
 depths, token counts, the model facts) is read from the checkpoint files (export.checkpoint_dims);
 the spec gives the hub ids, defaults and the `--random-init` architecture.
 
@@ -42,10 +43,13 @@ from export import components as comps
 from export.assets import model_facts, write_model_facts, write_scheduler_config, write_tokenizers
 from export.onnx_export import OPSET, export_component, trace_sizes
 from export.checkpoint_dims import PARTS, checkpoint_spec, count_cross_attn_layers
-from export.sources import PIPELINE_COMPONENTS, PIPELINE_PARTS, Sources
+from export.sources import PIPELINE_COMPONENTS, PIPELINE_PARTS, Sources, pipeline_components
 from export.specs import SPECS, get_spec
+from export.tiny import write_tiny
+from export.tiny_sd15 import write_tiny_sd15
 
 PIPELINES = tuple(PIPELINE_COMPONENTS)
+TINY_WRITERS = {"tiny": write_tiny, "tiny-sd15": write_tiny_sd15}  # --model tiny* without --weights writes these
 
 
 @dataclass
@@ -96,7 +100,7 @@ class Options:
 
     def names(self) -> list[str]:
         """The components to export/build: the pipelines' (or the `components` subset), in build order."""
-        names = components_for(self.pipelines)
+        names = components_for(get_spec(self.model), self.pipelines)
         if self.components is None:
             return names
         unknown = sorted(set(self.components) - set(names))
@@ -106,9 +110,10 @@ class Options:
         return [name for name in names if name in self.components]
 
 
-def components_for(pipelines) -> list[str]:
-    """Component names of the pipelines, deduplicated, in a fixed (manifest) order."""
-    wanted = {name for pipeline in pipelines for name in PIPELINE_COMPONENTS[pipeline]}
+def components_for(spec, pipelines) -> list[str]:
+    """Component names of `spec`'s pipelines (less the text encoders its family lacks), deduplicated, in
+    a fixed (manifest) order."""
+    wanted = {name for pipeline in pipelines for name in pipeline_components(spec, pipeline)}
     return [name for name in COMPONENTS if name in wanted]
 
 
@@ -131,10 +136,8 @@ def export_onnx(options: Options) -> list[Row]:
     spec = options.model_spec()
     out = Path(options.out)
     weights = options.weights
-    if spec.name == "tiny" and weights is None and not options.random_init:
-        from export.tiny import write_tiny
-
-        weights = write_tiny(out / "weights")
+    if spec.name in TINY_WRITERS and weights is None and not options.random_init:
+        weights = TINY_WRITERS[spec.name](out / "weights")
     # sizes from the files, not the spec: a local folder is read whole (cheap: configs and tensor
     # shapes), the hub only for the selected pipelines' checkpoints
     parts = PARTS if weights is not None else tuple(
@@ -191,7 +194,7 @@ def export_onnx(options: Options) -> list[Row]:
 
     def change(manifest) -> None:
         pipelines = {**manifest.metadata.get("pipelines", {}),
-                     **{p.replace("-", "_"): PIPELINE_COMPONENTS[p] for p in options.pipelines}}
+                     **{p.replace("-", "_"): pipeline_components(spec, p) for p in options.pipelines}}
         manifest.metadata.update(facts)
         manifest.metadata["pipelines"] = dict(sorted(pipelines.items()))
         manifest.metadata["assets"] = "assets"
@@ -268,7 +271,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
                         help="onnx: ONNX + assets; torch: torch.export programs (torch backend) + assets; "
                              "engines: TensorRT plans from the ONNX; all: onnx then engines")
     parser.add_argument("--backend", choices=["tensorrt", "tensorrt-rtx"], help="engine backend (default: detect)")
-    parser.add_argument("--precision", choices=["fp16", "fp32"], help="default fp16 for sdxl, fp32 for tiny")
+    parser.add_argument("--precision", choices=["fp16", "fp32"], help="default fp32 for the tiny models, fp16 otherwise")
     parser.add_argument("--attention", default="stacked", choices=["stacked", "unfused", "fused"],
                         help="decoupled attention in the UNet (export.attention): 'stacked' (default: one "
                              "masked MHA with doubled heads, fused by TensorRT into one kernel), 'unfused' "
@@ -290,15 +293,26 @@ def parse_args(argv: list[str] | None = None) -> Options:
         if not lora.path.is_file():
             parser.error(f"--lora {lora.path} is not a file")
     options = Options(
-        model=args.model, pipelines=PIPELINES if args.pipeline == "all" else (args.pipeline,),
+        model=args.model, pipelines=_pipelines(parser, args.model, args.pipeline),
         out=args.out or Path("build") / args.model, weights=args.weights, random_init=args.random_init,
         face_models=args.face_models, stage=args.stage, backend=args.backend,
-        precision=args.precision or ("fp16" if args.model == "sdxl" else "fp32"), attention=args.attention,
+        precision=args.precision or ("fp32" if args.model.startswith("tiny") else "fp16"), attention=args.attention,
         vae_fp16_fix=args.vae_fp16_fix, components=tuple(args.components) if args.components else None,
         loras=loras, base=args.base, instantid=args.instantid, ip_adapter=args.ip_adapter)
     options.names()  # unknown --components: fail before any work
     _check_sources(parser, options, args.random_init)
     return options
+
+
+def _pipelines(parser, model: str, pipeline: str) -> tuple[str, ...]:
+    """--pipeline as the pipelines to build: 'all' is every pipeline the model's family has."""
+    family = get_spec(model).pipelines
+    if pipeline == "all":
+        return tuple(family)
+    if pipeline not in family:
+        parser.error(f"--model {model} has no {pipeline} pipeline: choose --pipeline {' | '.join(family)} or all"
+                     + (" (InstantID's adapter and IdentityNet are SDXL models)" if pipeline == "instantid" else ""))
+    return (pipeline,)
 
 
 def _check_sources(parser, options: Options, random_init: bool) -> None:

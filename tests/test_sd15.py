@@ -50,15 +50,12 @@ def tiny_sd15_weights(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_sd15_build(tiny_sd15_weights, tmp_path_factory) -> Path:
-    """`python -m export.build --model tiny-sd15 --stage onnx --precision fp32` of both IP-Adapter pipelines."""
+    """`python -m export.build --model tiny-sd15 --stage onnx`: every pipeline of the family (both
+    IP-Adapters), fp32 (the tiny models' default)."""
     from export.build import main
-    from export.sources import pipeline_components
 
     out = tmp_path_factory.mktemp("tiny_sd15_build")
-    for pipeline in ("ip-adapter", "ip-adapter-plus"):
-        names = pipeline_components(TINY_SD15, pipeline)
-        assert main(["--model", "tiny-sd15", "--pipeline", pipeline, "--weights", str(tiny_sd15_weights),
-                     "--stage", "onnx", "--precision", "fp32", "--out", str(out), "--components", *names]) == 0
+    assert main(["--model", "tiny-sd15", "--weights", str(tiny_sd15_weights), "--stage", "onnx", "--out", str(out)]) == 0
     return out
 
 
@@ -99,8 +96,16 @@ def test_tiny_sd15_files_are_sd15_adapters(tiny_sd15_weights):
     assert not (tiny_sd15_weights / "stable-diffusion-v1-5" / "text_encoder_2").exists()
 
 
-def test_instantid_is_refused_for_sd15():
+def test_instantid_is_refused_for_sd15(capsys):
+    from export.build import parse_args
     from export.sources import UnsupportedComponent, pipeline_components
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--model", "sd15", "--pipeline", "instantid", "--random-init"])
+    assert exit_info.value.code == 2
+    assert "--model sd15 has no instantid pipeline: choose --pipeline ip-adapter | ip-adapter-plus or all" in \
+        capsys.readouterr().err
+    assert parse_args(["--model", "sd15", "--random-init"]).pipelines == ("ip-adapter", "ip-adapter-plus")
 
     with pytest.raises(UnsupportedComponent, match="sd15 has no instantid pipeline.*--pipeline ip-adapter"):
         pipeline_components(SD15, "instantid")
@@ -137,6 +142,9 @@ def test_tiny_sd15_export_is_sd15_shaped(tiny_sd15_build, tiny_sd15_weights):
     manifest = load_manifest(tiny_sd15_build)
     assert "text_encoder_2" not in manifest.components and manifest.metadata["force_zeros_for_empty_prompt"] is False
     assert not (tiny_sd15_build / "assets" / "tokenizer_2").exists()
+    assert manifest.metadata["pipelines"] == {
+        "ip_adapter": ["text_encoder", "image_encoder", "image_proj", "unet_ip_adapter", "vae_decoder"],
+        "ip_adapter_plus": ["text_encoder", "image_encoder", "image_proj_plus", "unet_ip_adapter_plus", "vae_decoder"]}
     for name in ("unet_ip_adapter", "unet_ip_adapter_plus"):
         inputs = {t.name: t for t in manifest.components[name].onnx.inputs}
         assert "text_embeds" not in inputs and "time_ids" not in inputs
