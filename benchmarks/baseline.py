@@ -40,7 +40,10 @@ SCHEDULERS = {
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
                         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
     "ddim": ("DDIMScheduler", {}),
+    "ddim_trailing": ("DDIMScheduler", {"timestep_spacing": "trailing"}),
+    "euler_trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
     "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),  # step(eta=0.3), its default: the runtime's tcd preset
 }
 
 

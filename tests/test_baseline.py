@@ -170,3 +170,18 @@ def test_instantid_from_a_photo_with_a_real_detector(tiny_weights):
     assert torch.equal(direct.latents, result.latents)
     with pytest.raises(NoFaceError, match="no face found"):
         pipe(data.chelsea(), "a cat", steps=1, width=128, height=128)
+
+
+def test_baseline_knows_every_runtime_scheduler():
+    """Every name the CLI and the server accept has its diffusers class in the baseline, with the same
+    first timesteps (the presets' spacing) for a 4-step plan."""
+    from benchmarks.baseline import SCHEDULERS as BASELINE, make_scheduler
+    from export.specs import SCHEDULER_CONFIG
+    from runtime.schedulers import SCHEDULERS, build_scheduler
+
+    assert set(BASELINE) == set(SCHEDULERS)
+    for name in SCHEDULERS:
+        reference = make_scheduler(dict(SCHEDULER_CONFIG), name)
+        reference.set_timesteps(4)
+        ours = build_scheduler(dict(SCHEDULER_CONFIG), name).plan(4)
+        assert [int(t) for t in reference.timesteps] == [int(t) for t in ours.timesteps], name
