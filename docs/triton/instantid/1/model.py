@@ -19,7 +19,7 @@ from collections import defaultdict
 import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by Triton's Python backend
 
-from runtime.serve.inputs import Limits, pipeline_kwargs
+from runtime.serve.inputs import Limits, resolve_request
 from runtime.serve.schemas import REQUEST_MODELS, BadRequest
 from runtime.serve.served import load_pipelines
 
@@ -60,20 +60,20 @@ class TritonPythonModel:
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        groups = defaultdict(list)  # batch key -> [(index, kwargs)]
+        groups = defaultdict(list)  # batch key -> [(index, request)]
         for index, request in enumerate(requests):
             try:
                 fields, photo = self._fields(request)
                 params = REQUEST_MODELS[self.name].model_validate(fields)
                 params.check()
-                kwargs, key = pipeline_kwargs(self.name, params, {"image": photo}, self.limits,
-                                              self.served.default_size,
-                                              self.served.info.get("default_resolution", 1024))
-                groups[key].append((index, kwargs))
+                generate, key = resolve_request(self.name, params, {"image": photo}, self.limits,
+                                                self.served.default_size,
+                                                self.served.info.get("default_resolution", 1024))
+                groups[key].append((index, generate))
             except Exception as error:  # noqa: BLE001 - pydantic ValidationError, BadRequest
                 responses[index] = _error(error)
         for key, members in groups.items():
-            outputs = self.served.run_batch(key, [kwargs for _, kwargs in members])
+            outputs = self.served.run_batch(key, [generate for _, generate in members])
             for (index, _), output in zip(members, outputs):
                 if isinstance(output, BaseException):
                     responses[index] = _error(output)
