@@ -16,6 +16,8 @@ import time
 import typing
 from pathlib import Path
 
+from engine.cache import EngineCheckError
+from engine.manifest import ManifestError
 from runtime.requests import RequestError, request_fields
 
 
@@ -155,8 +157,6 @@ def main(argv: list[str] | None = None) -> int:
         from runtime.serve.__main__ import serve
 
         return serve(args)
-    from engine.cache import EngineCheckError
-    from engine.manifest import ManifestError
     from runtime.face import NoFaceError
     from runtime.images import ImageError
     from runtime.pipelines import NonFiniteError, ResolutionError

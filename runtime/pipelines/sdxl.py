@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from engine.manifest import load_manifest
+from engine.profiles import parse_dim
 from runtime.assets import Assets
 from runtime.loop import DenoiseCancelled, DenoiseLoop, LoopInputs, unet_conditioning
 from runtime.requests import (PIXEL_MULTIPLE, GenerateRequest, LoopSettings, ResolutionError, as_request, loop_settings,
@@ -89,8 +91,6 @@ class _SDXLPipeline:
                  loop_mode: str = "auto", verify_sha256: bool = True, threads: int | None = None,
                  sessions: dict[str, Session] | None = None, memory: DeviceMemoryPool | None = None,
                  trust_programs: bool = False):
-        from engine.manifest import load_manifest
-
         self.build_dir = Path(build_dir)
         self.backend = normalize_backend(backend)
         self.manifest = load_manifest(self.build_dir)
@@ -305,8 +305,6 @@ class _SDXLPipeline:
 
     def _zero_residuals(self, rows: int, height: int, width: int) -> dict[str, torch.Tensor]:
         """Zero ControlNet residuals (rows, C, h/2^k, w/2^k) float32 for a UNet served without a ControlNet."""
-        from engine.profiles import parse_dim
-
         def size(dim) -> int:  # axis names per engine/profiles.py, e.g. 'latent_height/2'
             return dim if isinstance(dim, int) else parse_dim(dim).value({"height": height, "width": width}[
                 parse_dim(dim).base], dim)

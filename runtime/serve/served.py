@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from engine.manifest import load_manifest
 from runtime.pipelines import PIPELINES
 
 WARMUP_STEPS_EAGER = 2  # nothing is captured: two steps run every stage once
@@ -122,8 +123,6 @@ def warmup_call(pipe, entry, size: int, steps: int) -> Callable[[], None]:
 
 def available_pipelines(build_dir: str | os.PathLike) -> list[str]:
     """Served names whose UNet the build's manifest.json lists."""
-    from engine.manifest import load_manifest
-
     components = load_manifest(Path(build_dir)).components
     return [name for name, unet in BUILD_PIPELINES.items() if unet in components]
 
