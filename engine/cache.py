@@ -71,7 +71,7 @@ def needs_rebuild(record: EngineRecord | None, onnx_sha256: str, flags: BuildFla
     plan_path: if given, the plan must exist with the recorded size.
     """
     if record is None:
-        return "no engine built yet"
+        return "first build"
     if record.onnx_sha256 != onnx_sha256:
         return f"ONNX changed (sha256 {record.onnx_sha256[:12]} -> {onnx_sha256[:12]})"
     if (record.backend, record.backend_version) != (backend.name, backend.version):

@@ -279,7 +279,7 @@ def test_build_all_skips_current_and_rebuilds_only_what_changed(build_dir, backe
     first = build_all(build_dir, backend=backend)
     assert [(r.component, r.status) for r in first] == [("unet", "built"), ("vae_decoder", "built")]
     table = capsys.readouterr().out
-    assert "component" in table and "engine MB" in table and "built (no engine built yet)" in table
+    assert "component" in table and "engine MB" in table and "built (first build)" in table
     plans = {p.name: p.stat().st_mtime_ns for p in (build_dir / "engines").iterdir()}
 
     second = build_all(build_dir, backend=backend, progress=False)
