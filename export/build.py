@@ -46,10 +46,9 @@ from export.checkpoint_dims import PARTS, checkpoint_spec, count_cross_attn_laye
 from export.sources import PIPELINE_COMPONENTS, PIPELINE_PARTS, Sources, pipeline_components
 from export.specs import SPECS, get_spec
 from export.tiny import write_tiny
-from export.tiny_sd15 import write_tiny_sd15
 
 PIPELINES = tuple(PIPELINE_COMPONENTS)
-TINY_WRITERS = {"tiny": write_tiny, "tiny-sd15": write_tiny_sd15}  # --model tiny* without --weights writes these
+TINY_MODELS = ("tiny", "tiny-sd15")  # without --weights, export.tiny writes their checkpoints first
 
 
 @dataclass
@@ -136,8 +135,8 @@ def export_onnx(options: Options) -> list[Row]:
     spec = options.model_spec()
     out = Path(options.out)
     weights = options.weights
-    if spec.name in TINY_WRITERS and weights is None and not options.random_init:
-        weights = TINY_WRITERS[spec.name](out / "weights")
+    if options.model in TINY_MODELS and weights is None and not options.random_init:
+        weights = write_tiny(out / "weights", spec=get_spec(options.model))
     # sizes from the files, not the spec: a local folder is read whole (cheap: configs and tensor
     # shapes), the hub only for the selected pipelines' checkpoints
     parts = PARTS if weights is not None else tuple(

@@ -42,10 +42,10 @@ def diffusers_sd15_pipeline(weights: Path, weight_name: str, scheduler_config: d
 
 @pytest.fixture(scope="module")
 def tiny_sd15_weights(tmp_path_factory) -> Path:
-    """The tiny SD1.5 model in the real checkpoint formats (export.tiny_sd15)."""
-    from export.tiny_sd15 import write_tiny_sd15
+    """The tiny SD1.5 model in the real checkpoint formats (export.tiny)."""
+    from export.tiny import write_tiny
 
-    return write_tiny_sd15(tmp_path_factory.mktemp("tiny_sd15_weights"))
+    return write_tiny(tmp_path_factory.mktemp("tiny_sd15_weights"), spec=TINY_SD15)
 
 
 @pytest.fixture(scope="module")
