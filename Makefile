@@ -26,7 +26,7 @@ demo: venv
 	$(PY) -m export.build --model tiny --out $(TINY)
 	$(PY) -c "from skimage import data; from PIL import Image; Image.fromarray(data.astronaut()).save('$(TINY)/astronaut.png')"
 	$(PY) -m runtime generate --build $(TINY) --face $(TINY)/astronaut.png --prompt "a portrait photo, studio light" \
-		--steps 8 --width 256 --height 256 --out $(TINY)/instantid.png
+		--steps 8 --width 256 --height 256 --out $(TINY)/instantid.png --sheet $(TINY)/contact_sheet.png
 
 test: venv
 	$(PY) -m pytest -q

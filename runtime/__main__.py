@@ -33,6 +33,9 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--pipeline", choices=tuple(PIPELINES),
                      help="default: the first of these the build has (an SD1.5 build has no instantid)")
     gen.add_argument("--out", type=Path, required=True, help="output PNG; with several images, NAME-i.png")
+    gen.add_argument("--sheet", type=Path, default=None,
+                     help="instantid: also write a contact sheet PNG here: the photo with the detected box and "
+                     "landmarks, the keypoint control image, the ArcFace crop and the (first) output")
     gen.add_argument("--backend", default="onnxruntime", help="onnxruntime | tensorrt | tensorrt-rtx | torch")
     gen.add_argument("--loop", choices=("auto", "graph", "step-graphs", "eager"), default="auto")
     gen.add_argument("--trust-torch-programs", action="store_true",
@@ -120,6 +123,21 @@ def cli_request(args: argparse.Namespace):
     return entry, entry.request_type(**given)
 
 
+def write_sheet(pipe, request, image, path: Path) -> Path:
+    """The contact sheet (runtime.face.sheet) of an InstantID request and its first image, as PNG at
+    `path`. The face is found again exactly as the pipeline found it (same photo, size and index)."""
+    from runtime.face.sheet import contact_sheet
+    from runtime.images import load_image, resize_for_instantid
+    from runtime.pipelines import face_conditioning
+
+    resolution = int(pipe.assets.value("default_resolution", 1024))
+    face, kps_image = face_conditioning(pipe.face_analyzer, request.image, request.pose_image, request.width,
+                                        request.height, resolution, request.face_index)
+    photo = resize_for_instantid(load_image(request.image))  # the frame the face's pixels are in
+    contact_sheet(photo, face, kps_image, image).save(path)
+    return path
+
+
 def default_pipeline(build: Path) -> str:
     """The first pipeline of the registry the build has, as the server finds them (instantid unless the
     build lacks it, e.g. an SD1.5 build)."""
@@ -137,10 +155,15 @@ def _request_names() -> set[str]:
 def generate(args) -> list[Path]:
     """Run one request; returns the written files."""
     entry, request = cli_request(args)
+    if args.sheet is not None and not entry.face:
+        raise RequestError(f"--sheet shows the face analysis of an InstantID request: leave it out for {entry.name}")
     pipe = entry.open(args.build, args.backend, loop_mode=args.loop, trust_programs=args.trust_torch_programs)
     images = pipe(request)
     pipe.save_runtime_caches()
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.sheet is not None:
+        args.sheet.parent.mkdir(parents=True, exist_ok=True)
+        write_sheet(pipe, request, images[0], args.sheet)
     if len(images) == 1:
         paths = [args.out]
     else:

@@ -406,10 +406,23 @@ def test_cli_generates_and_reports_errors(tiny_build, tmp_path, capsys):
     out = tmp_path / "out.png"
     common = ["--build", str(tiny_build), "--prompt", "a person", "--steps", "1", "--width", str(FACE_SIZE),
               "--height", str(FACE_SIZE)]
-    assert main(["generate", "--face", str(photo), "--out", str(out), "--num-images", "2", *common]) == 0
+    sheet = tmp_path / "sheet.png"
+    assert main(["generate", "--face", str(photo), "--out", str(out), "--num-images", "2", "--sheet", str(sheet),
+                 *common]) == 0
     assert [Image.open(tmp_path / f"out-{i}.png").size for i in range(2)] == [(FACE_SIZE, FACE_SIZE)] * 2
+    from runtime.face.sheet import CAPTION_HEIGHT, GAP, PANEL_HEIGHT
+    # four square panels (photo 512², kps image and output FACE_SIZE², crop 112²), each PANEL_HEIGHT tall
+    assert Image.open(sheet).size == (4 * PANEL_HEIGHT + 5 * GAP, PANEL_HEIGHT + CAPTION_HEIGHT + 2 * GAP)
+    last = PANEL_HEIGHT * 3 + GAP * 4  # the fourth panel is the first output, scaled
+    expected = np.asarray(Image.open(tmp_path / "out-0.png").convert("RGB").resize((PANEL_HEIGHT, PANEL_HEIGHT),
+                                                                                   Image.LANCZOS if FACE_SIZE >
+                                                                                   PANEL_HEIGHT else Image.NEAREST))
+    assert np.array_equal(np.asarray(Image.open(sheet))[GAP:GAP + PANEL_HEIGHT, last:last + PANEL_HEIGHT], expected)
     assert main(["generate", "--face", str(cat), "--out", str(out), *common]) == 2
     assert "no face found" in capsys.readouterr().err
+    assert main(["generate", "--pipeline", "ip-adapter-plus", "--image", str(cat), "--out", str(out), "--sheet",
+                 str(sheet), *common]) == 2
+    assert "--sheet shows the face analysis of an InstantID request" in capsys.readouterr().err
     assert main(["generate", "--pipeline", "ip-adapter-plus", "--image", str(cat), "--out", str(out), *common]) == 0
     assert Image.open(out).size == (FACE_SIZE, FACE_SIZE)
 
