@@ -22,6 +22,16 @@ def run_export_cli(args: list[str]) -> None:
     assert main(args) == 0
 
 
+def export_lora_build(weights: Path, out: Path, loras: list[str]) -> Path:
+    """The tiny IP-Adapter build (fp32 ONNX) of `weights`, exported with these `--lora FILE[:SCALE]`s."""
+    args = ["--model", "tiny", "--weights", str(weights), "--pipeline", "ip-adapter", "--stage", "onnx",
+            "--precision", "fp32", "--out", str(out)]
+    for lora in loras:
+        args += ["--lora", lora]
+    run_export_cli(args)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_onnx_fp32(tmp_path_factory) -> Path:
     """build dir of `--model tiny --stage onnx --precision fp32` (all pipelines) with weights/."""

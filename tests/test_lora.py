@@ -15,10 +15,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from fixtures_tiny import run_export_cli
+from fixtures_tiny import export_lora_build, relative_error
 from safetensors.torch import save_file
 
 from export.specs import TINY
@@ -175,19 +174,6 @@ def test_lora_argument_parses_file_and_scale():
     assert LoraSpec.parse("C:/x.safetensors") == LoraSpec(Path("C:/x.safetensors"), 1.0)
 
 
-def _build(weights: Path, out: Path, loras: list[str]) -> Path:
-    args = ["--model", "tiny", "--weights", str(weights), "--pipeline", "ip-adapter", "--stage", "onnx",
-            "--precision", "fp32", "--out", str(out)]
-    for lora in loras:
-        args += ["--lora", lora]
-    run_export_cli(args)
-    return out
-
-
-def _relative_error(value, reference) -> float:
-    return float((value.float() - reference.float()).norm() / reference.float().norm())
-
-
 def _generate(pipe):
     from skimage import data
 
@@ -201,7 +187,7 @@ def plain_latents(tiny_weights, tmp_path_factory):
     from runtime.pipelines import IPAdapterPipeline
 
     torch.set_num_threads(1)
-    build = _build(tiny_weights, tmp_path_factory.mktemp("plain") / "build", [])
+    build = export_lora_build(tiny_weights, tmp_path_factory.mktemp("plain") / "build", [])
     image, prompt, negative, kwargs = _generate(None)
     return IPAdapterPipeline.from_build(build, "onnxruntime")(image, prompt, negative, return_latents=True,
                                                                **kwargs).latents
@@ -218,7 +204,7 @@ def test_build_with_lora_matches_the_fused_baseline(tiny_weights, lora_files, pl
     from runtime.pipelines import IPAdapterPipeline
 
     path, _ = lora_files[kind]
-    build = _build(tiny_weights, tmp_path / "build", [f"{path}:{SCALE}"])
+    build = export_lora_build(tiny_weights, tmp_path / "build", [f"{path}:{SCALE}"])
     manifest = json.loads((build / "manifest.json").read_text())
     record = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "scale": SCALE}
     assert json.dumps(record) in json.dumps(manifest)
@@ -228,8 +214,8 @@ def test_build_with_lora_matches_the_fused_baseline(tiny_weights, lora_files, pl
     fuse_loras({"unet": baseline.unet, "text_encoder": baseline.text.text_encoder,
                 "text_encoder_2": baseline.text.text_encoder_2}, [LoraSpec(path, SCALE)])
     expected = baseline(image, prompt, negative, **kwargs)
-    error = _relative_error(result.latents, expected.latents)
-    change = _relative_error(result.latents, plain_latents)
+    error = relative_error(result.latents, expected.latents)
+    change = relative_error(result.latents, plain_latents)
     print(f"{kind} LoRA build vs fused baseline: latents rel {error:.2e}; vs no-LoRA build {change:.2e}")
     assert error <= LATENT_TOL
     assert change > 100 * LATENT_TOL

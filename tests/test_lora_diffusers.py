@@ -21,10 +21,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from fixtures_tiny import run_export_cli
+from fixtures_tiny import export_lora_build, relative_error
 from safetensors.torch import save_file
 
 from export.specs import TINY
@@ -170,16 +169,6 @@ def _diffusers_latents(pipe, fuse: bool, steps: int = STEPS, guidance: float = G
                     generator=torch.Generator().manual_seed(SEED), output_type="latent", **kwargs).images
 
 
-def _export(weights: Path, out: Path, loras: list[str]) -> Path:
-    """The tiny IP-Adapter build (fp32 ONNX) exported with these --lora arguments."""
-    args = ["--model", "tiny", "--weights", str(weights), "--pipeline", "ip-adapter", "--stage", "onnx",
-            "--precision", "fp32", "--out", str(out)]
-    for lora in loras:
-        args += ["--lora", lora]
-    run_export_cli(args)
-    return out
-
-
 def _runtime_latents(build: Path, steps: int = STEPS, guidance: float = GUIDANCE, scheduler: str = "euler"):
     """Final latents of the build run by the runtime in ONNX Runtime."""
     from skimage import data
@@ -191,16 +180,12 @@ def _runtime_latents(build: Path, steps: int = STEPS, guidance: float = GUIDANCE
                 ip_scale=IP_SCALE, seed=SEED, width=SIZE, height=SIZE, num_images=1, scheduler=scheduler).latents
 
 
-def _relative_error(value, reference) -> float:
-    return float((value.float() - reference.float()).norm() / reference.float().norm())
-
-
 @pytest.fixture(scope="module")
 def builds(tiny_weights, lora_files, tmp_path_factory) -> dict[str, Path]:
     """'plain', 'kohya' and 'peft': the tiny IP-Adapter build without and with each LoRA at SCALE."""
     torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("lora_builds")
-    return {kind: _export(tiny_weights, folder / kind, [] if kind == "plain" else [f"{lora_files[kind]}:{SCALE}"])
+    return {kind: export_lora_build(tiny_weights, folder / kind, [] if kind == "plain" else [f"{lora_files[kind]}:{SCALE}"])
             for kind in ("plain", "kohya", "peft")}
 
 
@@ -210,11 +195,11 @@ def test_lora_build_equals_diffusers_load_lora_weights(tiny_weights, lora_files,
     by load_lora_weights, unfused (scale per call) and fused (fuse_lora), and differ from the build without it."""
     path = lora_files[kind]
     latents = _runtime_latents(builds[kind])
-    change = _relative_error(latents, _runtime_latents(builds["plain"]))
+    change = relative_error(latents, _runtime_latents(builds["plain"]))
     errors = {}
     for fuse in (False, True):
         pipe = _diffusers_pipeline(tiny_weights, path, fuse)
-        errors["fuse_lora" if fuse else "cross_attention_kwargs"] = _relative_error(latents,
+        errors["fuse_lora" if fuse else "cross_attention_kwargs"] = relative_error(latents,
                                                                                     _diffusers_latents(pipe, fuse))
     print(f"{kind} LoRA build vs diffusers load_lora_weights: latents rel "
           + ", ".join(f"{mode} {error:.2e}" for mode, error in errors.items()) + f"; vs no-LoRA build {change:.2e}")
@@ -264,6 +249,6 @@ def test_few_step_recipes_equal_diffusers(tiny_weights, lora_files, builds, reci
     pipe = _diffusers_pipeline(tiny_weights, lora_files["peft"], fuse=True)
     pipe.scheduler = getattr(classes, class_name).from_config(pipe.scheduler.config, **settings)
     expected = _diffusers_latents(pipe, True, steps, guidance, **kwargs)
-    error = _relative_error(latents, expected)
+    error = relative_error(latents, expected)
     print(f"{name}, {steps} steps, guidance {guidance}: runtime vs diffusers latents rel {error:.2e}")
     assert error <= LATENT_TOL
