@@ -135,15 +135,15 @@ def open_program(build_dir: Path, component: str, manifest: Manifest, device=Non
     """
     record = manifest.metadata.get("torch_programs", {}).get(component)
     path = None if record is None else build_path(build_dir, record["path"], f"'{component}' torch program")
+    if not trust_programs:  # first: whichever component a pipeline opens first, the answer is the same
+        raise SessionError(f"{path or component} is a torch.export program: loading it unpickles Python "
+                           "objects, which can run any code its author put in it. Load torch programs only from a "
+                           "build you made or trust: pass --trust-torch-programs (python -m runtime generate / serve, "
+                           "benchmarks.latency) or trust_programs=True (Python API); otherwise serve this build "
+                           "with --backend onnxruntime or tensorrt")
     if path is None or not path.is_file():
         raise SessionError(f"{build_dir} has no torch program for '{component}'; export it: python -m export.build "
                            f"--model {manifest.model} --out {build_dir} --stage torch")
-    if not trust_programs:
-        raise SessionError(f"{path} is a torch.export program: loading it unpickles Python objects, which can run "
-                           "any code its author put in it. Load torch programs only from a build you made or "
-                           "trust: pass --trust-torch-programs (python -m runtime generate / serve, "
-                           "benchmarks.latency) or trust_programs=True (Python API); otherwise serve this build "
-                           "with --backend onnxruntime or tensorrt")
     if verify_sha256 and sha256_files([path]) != record["sha256"]:
         raise SessionError(f"{path} does not match its manifest checksum (corrupt or replaced): re-export it "
                            f"(python -m export.build --model {manifest.model} --out {build_dir} --stage torch)")
