@@ -22,6 +22,37 @@ def run_export_cli(args: list[str]) -> None:
     assert main(args) == 0
 
 
+def with_torch_programs(build: Path, pipeline: str, out: Path) -> Path:
+    """A copy of the ONNX `build` at `out` plus `--stage torch` programs of `pipeline`'s components (real CLI)."""
+    import shutil
+
+    shutil.copytree(build, out)
+    run_export_cli(["--model", "tiny", "--pipeline", pipeline, "--stage", "torch", "--weights", str(build / "weights"),
+                    "--out", str(out)])
+    return out
+
+
+def module_weight(model, name: str):
+    """The weight of module `name` of a UNet or CLIP text model (text names may start with 'text_model.')."""
+    return model.get_submodule(name if hasattr(model, "text_model") else name.removeprefix("text_model.")).weight
+
+
+def random_lora_factors(modules: dict, targets: dict[str, list[str]], rank: int, seed: int = 0) -> dict:
+    """(target, module) -> (down (rank, in[, k, k]), up (out, rank[, 1, 1])) of small seeded values, for
+    the modules named in `targets` (target -> names) of `modules` (target -> model)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    layers = {}
+    for target, names in targets.items():
+        for name in names:
+            weight = module_weight(modules[target], name)
+            down = torch.randn(rank, *weight.shape[1:], generator=generator) * 0.3
+            up = torch.randn(weight.shape[0], rank, *([1, 1] if weight.dim() == 4 else []), generator=generator) * 0.3
+            layers[(target, name)] = (down, up)
+    return layers
+
+
 def export_lora_build(weights: Path, out: Path, loras: list[str]) -> Path:
     """The tiny IP-Adapter build (fp32 ONNX) of `weights`, exported with these `--lora FILE[:SCALE]`s."""
     args = ["--model", "tiny", "--weights", str(weights), "--pipeline", "ip-adapter", "--stage", "onnx",

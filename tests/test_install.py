@@ -18,7 +18,7 @@ import torch
 from packaging.requirements import Requirement
 from PIL import Image
 
-from fixtures_tiny import run_export_cli
+from fixtures_tiny import with_torch_programs
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("runtime", "engine", "export", "benchmarks")
@@ -64,11 +64,7 @@ def fresh_install(tmp_path_factory):
 @pytest.fixture(scope="module")
 def torch_programs(tiny_build, tmp_path_factory) -> Path:
     """A copy of the tiny ONNX build plus `--stage torch` programs of IP-Adapter's components (real CLI)."""
-    out = tmp_path_factory.mktemp("tiny_torch") / "tiny"
-    shutil.copytree(tiny_build, out)
-    run_export_cli(["--model", "tiny", "--pipeline", "ip-adapter", "--stage", "torch", "--weights",
-                    str(tiny_build / "weights"), "--out", str(out)])
-    return out
+    return with_torch_programs(tiny_build, "ip-adapter", tmp_path_factory.mktemp("tiny_torch") / "tiny")
 
 
 def test_plain_install_generates_without_the_build_stack(fresh_install, torch_programs, tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_tiny import export_lora_build, relative_error
+from fixtures_tiny import export_lora_build, module_weight, random_lora_factors, relative_error
 from safetensors.torch import save_file
 
 from export.specs import TINY
@@ -44,23 +44,6 @@ def _modules(weights: Path) -> dict[str, torch.nn.Module]:
             "text_encoder_2": text.text_encoder_2}
 
 
-def _weight(model: torch.nn.Module, name: str) -> torch.Tensor:
-    return model.get_submodule(name.removeprefix("text_model.") if not hasattr(model, "text_model") else name).weight
-
-
-def _layers(modules, seed: int) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
-    """(target, module) -> (down (r, in[, k, k]), up (out, r[, 1, 1])) of random small values."""
-    generator = torch.Generator().manual_seed(seed)
-    layers = {}
-    for target, names in {"unet": UNET_LAYERS, **TE_LAYERS}.items():
-        for name in names:
-            weight = _weight(modules[target], name)
-            down = torch.randn(RANK, *weight.shape[1:], generator=generator) * 0.3
-            up = torch.randn(weight.shape[0], RANK, *([1, 1] if weight.dim() == 4 else []), generator=generator) * 0.3
-            layers[(target, name)] = (down, up)
-    return layers
-
-
 def write_lora(path: Path, layers, kind: str) -> Path:
     """Write `layers` as a kohya or diffusers/PEFT .safetensors file with alpha ALPHA."""
     tensors, metadata = {}, None
@@ -81,7 +64,7 @@ def write_lora(path: Path, layers, kind: str) -> Path:
 @pytest.fixture(scope="module")
 def lora_files(tiny_weights, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("loras")
-    layers = _layers(_modules(tiny_weights), seed=0)
+    layers = random_lora_factors(_modules(tiny_weights), {"unet": UNET_LAYERS, **TE_LAYERS}, RANK)
     return {kind: (write_lora(folder / f"{kind}.safetensors", layers, kind), layers) for kind in ("kohya", "peft")}
 
 
@@ -95,10 +78,10 @@ def test_fused_weights_equal_the_reference(tiny_weights, lora_files, kind):
     original, fused = _modules(tiny_weights), _modules(tiny_weights)
     assert fuse_loras(fused, [LoraSpec.parse(f"{path}:{SCALE}")]) == len(layers)
     for (target, name), (down, up) in layers.items():
-        before = _weight(original[target], name)
+        before = module_weight(original[target], name)
         expected = before + SCALE * ALPHA / RANK * (up.flatten(1) @ down.flatten(1)).reshape(before.shape)
-        torch.testing.assert_close(_weight(fused[target], name), expected, rtol=0, atol=1e-6)
-        assert not torch.equal(_weight(fused[target], name), before)
+        torch.testing.assert_close(module_weight(fused[target], name), expected, rtol=0, atol=1e-6)
+        assert not torch.equal(module_weight(fused[target], name), before)
     touched = {(target, name if hasattr(original[target], "text_model") or target == "unet"
                 else name.removeprefix("text_model.")) for target, name in layers}
     for target in original:
@@ -157,10 +140,10 @@ def test_unknown_keys_are_a_clear_error(tiny_weights, lora_files, tmp_path):
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, str(bad))
     modules = _modules(tiny_weights)
-    before = _weight(modules["unet"], UNET_LAYERS[0]).clone()
+    before = module_weight(modules["unet"], UNET_LAYERS[0]).clone()
     with pytest.raises(LoraError, match=r"peft format.*not_a_block"):
         fuse_loras(modules, [LoraSpec(bad)])
-    assert torch.equal(_weight(modules["unet"], UNET_LAYERS[0]), before)  # nothing fused
+    assert torch.equal(module_weight(modules["unet"], UNET_LAYERS[0]), before)  # nothing fused
     save_file({"model.layer.weight": torch.zeros(2)}, str(bad))
     with pytest.raises(LoraError, match="unknown LoRA layout"):
         fuse_loras(modules, [LoraSpec(bad)])

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_tiny import export_lora_build, relative_error
+from fixtures_tiny import export_lora_build, module_weight, random_lora_factors, relative_error
 from safetensors.torch import save_file
 
 from export.specs import TINY
@@ -64,23 +64,6 @@ def _targets(modules) -> dict[str, list[str]]:
     return {"unet": unet, **text}
 
 
-def _weight(model: torch.nn.Module, name: str) -> torch.Tensor:
-    return model.get_submodule(name if hasattr(model, "text_model") else name.removeprefix("text_model.")).weight
-
-
-def lora_layers(modules, seed: int = 0) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
-    """(target, module) -> (down (r, in[, k, k]), up (out, r[, 1, 1])), small seeded values."""
-    generator = torch.Generator().manual_seed(seed)
-    layers = {}
-    for target, names in _targets(modules).items():
-        for name in names:
-            weight = _weight(modules[target], name)
-            down = torch.randn(RANK, *weight.shape[1:], generator=generator) * 0.3
-            up = torch.randn(weight.shape[0], RANK, *([1, 1] if weight.dim() == 4 else []), generator=generator) * 0.3
-            layers[(target, name)] = (down, up)
-    return layers
-
-
 def write_kohya(path: Path, layers) -> Path:
     """kohya layout: '<prefix><module with _>.lora_down.weight' / '.lora_up.weight' / '.alpha'."""
     tensors = {}
@@ -115,7 +98,8 @@ def write_diffusers(folder: Path, layers) -> Path:
 @pytest.fixture(scope="module")
 def lora_files(tiny_weights, tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("loras_diffusers")
-    layers = lora_layers(_modules(tiny_weights))
+    modules = _modules(tiny_weights)
+    layers = random_lora_factors(modules, _targets(modules), RANK)
     return {"kohya": write_kohya(folder / "kohya.safetensors", layers),
             "peft": write_diffusers(folder / "peft", layers), "layers": layers}
 
@@ -225,7 +209,7 @@ def test_fused_modules_equal_diffusers_fuse_lora(tiny_weights, lora_files, kind)
         for key, value in mine.items():
             worst = max(worst, float((value - reference[key]).abs().max()))
     for target, name in lora_files["layers"]:
-        assert not torch.equal(_weight(ours[target], name), _weight(base[target], name)), (target, name)
+        assert not torch.equal(module_weight(ours[target], name), module_weight(base[target], name)), (target, name)
     print(f"{kind}: exporter's fused weights vs diffusers fuse_lora: max abs difference {worst:.2e}")
     assert worst <= 1e-6
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures_tiny import run_export_cli
+from fixtures_tiny import with_torch_programs
 
 REPO = Path(__file__).resolve().parents[1]
 INSTANTID = ["text_encoder", "text_encoder_2", "face_proj", "controlnet", "unet_instantid", "vae_decoder"]
@@ -24,11 +24,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def torch_build(tiny_onnx_fp32, tmp_path_factory) -> Path:
     """A copy of the fp32 tiny build plus `--stage torch` programs of InstantID's model components."""
-    out = tmp_path_factory.mktemp("tiny_torch") / "tiny"
-    shutil.copytree(tiny_onnx_fp32, out)
-    run_export_cli(["--model", "tiny", "--pipeline", "instantid", "--stage", "torch", "--weights",
-                    str(tiny_onnx_fp32 / "weights"), "--out", str(out)])
-    return out
+    return with_torch_programs(tiny_onnx_fp32, "instantid", tmp_path_factory.mktemp("tiny_torch") / "tiny")
 
 
 def test_torch_stage_writes_programs_and_records_them(torch_build):
