@@ -44,6 +44,7 @@ from runtime.streams import TORCH_CUDA, aligned_copy
 log = logging.getLogger("runtime.loop")
 GRAPH_CACHE_SIZE = 4
 StopCheck = Callable[[], bool]
+Progress = Callable[[int, int], None]  # (steps done, steps in all), called as steps finish
 
 
 class DenoiseCancelled(RuntimeError):
@@ -140,16 +141,20 @@ def denoise_step(unet: Session, controlnet: Session | None, plan: SchedulePlan, 
 
 
 def denoise_eager(unet: Session, controlnet: Session | None, plan: SchedulePlan, inputs: LoopInputs,
-                  state=None, should_stop: StopCheck | None = None) -> torch.Tensor:
+                  state=None, should_stop: StopCheck | None = None, progress: Progress | None = None
+                  ) -> torch.Tensor:
     """The whole loop, step by step. Returns the final latents (B, 4, h, w) float32.
 
     should_stop: checked before every step; True raises DenoiseCancelled (never inside a capture).
+    progress: called with (i + 1, num_steps) after step i is enqueued (never inside a capture).
     """
     state = state or new_state(plan, inputs.latents)
     latents = inputs.latents
     for i in range(plan.num_steps):
         _check_stop(should_stop, i, plan.num_steps)
         latents = denoise_step(unet, controlnet, plan, i, latents, inputs, state)
+        if progress is not None:
+            progress(i + 1, plan.num_steps)
     return latents
 
 
@@ -222,12 +227,15 @@ class _WholeLoopGraph:
             self.release()
             raise
 
-    def __call__(self, inputs: LoopInputs, should_stop: StopCheck | None = None) -> torch.Tensor:
+    def __call__(self, inputs: LoopInputs, should_stop: StopCheck | None = None,
+                 progress: Progress | None = None) -> torch.Tensor:
         _check_stop(should_stop, 0, self.plan.num_steps)  # one launch: the only point to stop at
         _copy_into(self.static, inputs)
         if self.state.prev_x0 is not None:
             self.state.prev_x0.zero_()
         self.graph.replay()
+        if progress is not None:
+            progress(self.plan.num_steps, self.plan.num_steps)
         return self.output.clone()
 
     def release(self) -> None:
@@ -263,13 +271,16 @@ class _StepGraphs:
             self.release()
             raise
 
-    def __call__(self, inputs: LoopInputs, should_stop: StopCheck | None = None) -> torch.Tensor:
+    def __call__(self, inputs: LoopInputs, should_stop: StopCheck | None = None,
+                 progress: Progress | None = None) -> torch.Tensor:
         _copy_into(self.static, inputs)
         if self.state.prev_x0 is not None:
             self.state.prev_x0.zero_()
         for i, graph in enumerate(self.graphs):
             _check_stop(should_stop, i, len(self.graphs))
             graph.replay()
+            if progress is not None:
+                progress(i + 1, len(self.graphs))
         return self.outputs[-1].clone()
 
     def release(self) -> None:
@@ -303,12 +314,14 @@ class DenoiseLoop:
         sessions = [s for s in (self.unet, self.controlnet) if s is not None]
         return all(s.capturable for s in sessions) and self.cuda.available(self.unet.device)
 
-    def run(self, plan: SchedulePlan, inputs: LoopInputs, should_stop: Callable[[], bool] | None = None
-            ) -> torch.Tensor:
+    def run(self, plan: SchedulePlan, inputs: LoopInputs, should_stop: Callable[[], bool] | None = None,
+            progress: Progress | None = None) -> torch.Tensor:
         """Final latents (B, 4, h, w) float32 for one request.
 
         should_stop: eager and per-step graphs call it before every step, the whole-loop graph before its
         launch; once it returns True the run raises DenoiseCancelled (saying at which step).
+        progress: called with (steps done, steps) as steps are enqueued: after every step eager and with
+        per-step graphs, once after the whole-loop graph's launch.
         """
         mode = self.mode
         if mode == "auto":
@@ -318,12 +331,12 @@ class DenoiseLoop:
         device = self.unet.device
         if not self.cuda.available(device):  # ONNX Runtime / CPU: no streams
             self.last_path = "eager"
-            return denoise_eager(self.unet, self.controlnet, plan, inputs, should_stop=should_stop)
+            return denoise_eager(self.unet, self.controlnet, plan, inputs, should_stop=should_stop, progress=progress)
         if self._stream is None:
             self._stream = self.cuda.new_stream(device)
         caller = self.cuda.current_stream(device)
         with self.cuda.fork(self._stream, device):
-            latents = self._run(plan, inputs, mode, should_stop)
+            latents = self._run(plan, inputs, mode, should_stop, progress)
         self.cuda.keep_alive(latents, caller)
         return latents
 
@@ -334,10 +347,10 @@ class DenoiseLoop:
         self.run(plan, inputs)
         return self.last_path
 
-    def _run(self, plan, inputs, mode, should_stop):
+    def _run(self, plan, inputs, mode, should_stop, progress):
         if mode == "eager":
             self.last_path = "eager"
-            return denoise_eager(self.unet, self.controlnet, plan, inputs, should_stop=should_stop)
+            return denoise_eager(self.unet, self.controlnet, plan, inputs, should_stop=should_stop, progress=progress)
         key = (plan.name, plan.num_steps, plan.timesteps_host, inputs.key(), _pool_generation(self.unet),
                _pool_generation(self.controlnet))
         runner = self._graphs.get(key)
@@ -350,9 +363,9 @@ class DenoiseLoop:
         self._graphs.move_to_end(key)
         if runner == "eager":
             self.last_path = "eager"
-            return denoise_eager(self.unet, self.controlnet, plan, inputs, should_stop=should_stop)
+            return denoise_eager(self.unet, self.controlnet, plan, inputs, should_stop=should_stop, progress=progress)
         self.last_path = "graph" if isinstance(runner, _WholeLoopGraph) else "step-graphs"
-        return runner(inputs, should_stop)
+        return runner(inputs, should_stop, progress)
 
     def _capture(self, plan, inputs, mode):
         order = [_WholeLoopGraph, _StepGraphs] if mode == "graph" else [_StepGraphs]

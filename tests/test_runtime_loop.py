@@ -166,6 +166,16 @@ def test_should_stop_cancels_between_steps():
                                rtol=0, atol=0)
 
 
+def test_progress_reports_every_step():
+    """progress(done, steps) after every eager step, and the latents are those of a run without it."""
+    unet, controlnet = _sessions()
+    plan, inputs = _inputs("euler", 4, 1, 5.0, 0.5, 0.5, 0, _conditioning(1))
+    loop, seen = DenoiseLoop(unet, controlnet), []
+    latents = loop.run(plan, inputs, progress=lambda done, steps: seen.append((done, steps)))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    torch.testing.assert_close(latents, loop.run(plan, inputs), rtol=0, atol=0)
+
+
 def _to(inputs: LoopInputs, device) -> LoopInputs:
     moved = clone_inputs(inputs)
     moved.latents, moved.guidance = moved.latents.to(device), moved.guidance.to(device)

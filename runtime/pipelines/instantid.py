@@ -109,7 +109,7 @@ class InstantIDPipeline(_SDXLPipeline):
                                                     **fields), decode)
 
     def __call__(self, request_or_image, prompt=None, negative_prompt=None, *, return_latents: bool = False,
-                 decode: bool = True, **fields):
+                 decode: bool = True, progress=None, **fields):
         """Identity from the request's `image`, pose (kps) from `pose_image` or `image` -> list of PIL images.
 
         Takes an InstantIDRequest, or its fields: pipe(image, prompt, steps=..., seed=...).
@@ -120,7 +120,7 @@ class InstantIDPipeline(_SDXLPipeline):
         RequestError for a field out of bounds. With return_latents=True returns a Generation (images
         and final latents).
         """
-        generation = self._run_one(self.prepare(request_or_image, prompt, negative_prompt, **fields), decode)
+        generation = self._run_one(self.prepare(request_or_image, prompt, negative_prompt, **fields), decode, progress)
         return _output(generation, return_latents)
 
 

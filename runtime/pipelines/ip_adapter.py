@@ -58,11 +58,11 @@ class IPAdapterPipeline(_SDXLPipeline):
         return self._prepared(request, tokens, negative_tokens, request.height or size, request.width or size)
 
     def __call__(self, request_or_image, prompt=None, negative_prompt=None, *, return_latents: bool = False,
-                 decode: bool = True, **fields):
+                 decode: bool = True, progress=None, **fields):
         """`num_images` images (width x height, default the build's resolution) prompted by the request's image.
 
         Takes an IPAdapterRequest, or its fields: pipe(image, prompt, steps=..., seed=...). Returns a
         list of PIL images (a Generation with the latents when return_latents=True).
         """
-        generation = self._run_one(self.prepare(request_or_image, prompt, negative_prompt, **fields), decode)
+        generation = self._run_one(self.prepare(request_or_image, prompt, negative_prompt, **fields), decode, progress)
         return _output(generation, return_latents)

@@ -25,7 +25,7 @@ from PIL import Image
 from engine.manifest import load_manifest
 from engine.profiles import parse_dim
 from runtime.assets import Assets
-from runtime.loop import DenoiseCancelled, DenoiseLoop, LoopInputs, unet_conditioning
+from runtime.loop import DenoiseCancelled, DenoiseLoop, LoopInputs, Progress, unet_conditioning
 from runtime.requests import (PIXEL_MULTIPLE, GenerateRequest, LoopSettings, ResolutionError, as_request, loop_settings,
                               round_size)
 from runtime.schedulers import build_scheduler, draw_noise
@@ -213,7 +213,8 @@ class _SDXLPipeline:
         return rows_hi // 2 if settings.guidance > 1.0 else rows_hi
 
     def run(self, requests: Sequence[Prepared], decode: bool = True,
-            should_stop: Callable[[], bool] | None = None) -> list[Generation | NonFiniteError]:
+            should_stop: Callable[[], bool] | None = None, progress: Progress | None = None
+            ) -> list[Generation | NonFiniteError]:
         """Several prepared requests with equal `settings` through ONE denoising loop, their rows stacked.
 
         Each request keeps its own prompt, image tokens, control image and seed (its noise is drawn from
@@ -223,6 +224,7 @@ class _SDXLPipeline:
         ValueError when the settings differ, ResolutionError when the stack does not fit the engine.
         should_stop: asked between denoising steps (`DenoiseLoop.run`) and before decoding; once it
         returns True the call raises `runtime.loop.DenoiseCancelled` (a server's request nobody waits for).
+        progress: called with (steps done, steps) as the loop goes (`DenoiseLoop.run`), e.g. a progress bar.
         """
         if not requests:
             return []
@@ -265,7 +267,7 @@ class _SDXLPipeline:
         inputs = LoopInputs(latents.to(self.device), None if step_noise is None else step_noise.to(self.device),
                             torch.tensor(float(settings.guidance), dtype=torch.float32, device=self.device),
                             unet_feeds, controlnet_feeds)
-        latents = self.loop.run(plan, inputs) if should_stop is None else self.loop.run(plan, inputs, should_stop)
+        latents = self.loop.run(plan, inputs, should_stop, progress)
         if should_stop is not None and should_stop():
             raise DenoiseCancelled("cancelled after the loop, before decoding: nobody waits for these images")
         results: list[Generation | NonFiniteError] = []
@@ -282,9 +284,9 @@ class _SDXLPipeline:
                 results.append(error)
         return results
 
-    def _run_one(self, request: Prepared, decode: bool = True) -> Generation:
+    def _run_one(self, request: Prepared, decode: bool = True, progress: Progress | None = None) -> Generation:
         """One prepared request through the loop; raises its NonFiniteError."""
-        result = self.run([request], decode)[0]
+        result = self.run([request], decode, progress=progress)[0]
         if isinstance(result, Exception):
             raise result
         return result
