@@ -6,7 +6,7 @@ manifest, then (optionally) build the engines.
         [--ip-adapter HUB_ID|FOLDER|FILE] [--random-init] [--face-models DIR] [--out DIR] [--components NAME ...]
         [--stage onnx|torch|engines|all]
         [--backend tensorrt|tensorrt-rtx] [--precision fp16|fp32] [--attention stacked|unfused|fused]
-        [--vae-fp16-fix]
+        [--vae-fp16-fix] [--controlnet NAME=HUB_ID|FOLDER ...]
 
 Writes build/<model>/onnx/<component>.onnx, build/<model>/assets/ (export.assets) and
 build/<model>/manifest.json (engine.manifest). `--model tiny` (and `tiny-sd15`) without `--weights` first writes
@@ -21,6 +21,10 @@ a hub id, a local folder laid out as that hub repository, or (`--base`) one `.sa
 original SGM/A1111 layout read with the shipped configs (export.single_file) or (`--ip-adapter`) one
 adapter file; the rest still comes from `--weights` or the hub. Each value's files and sha256 go into
 the manifest's export flags.
+
+`--controlnet NAME=PATH` (repeatable, SDXL family) adds an extra ControlNet beside the IdentityNet
+(canny, depth, pose, ...) as the component `controlnet_<NAME>` (export/controlnets.py), with its source and
+sha256 in the manifest; the InstantID and IP-Adapter pipelines sum its residuals with theirs.
 
 `--stage torch` writes build/<model>/torch/<component>.pt2 instead of ONNX: `torch.export`
 programs for the runtime's torch backend (GPUs without TensorRT; export/torch_programs.py). The
@@ -83,6 +87,7 @@ class Options:
     base: str | None = None        # --base: hub id, diffusers folder or single .safetensors
     instantid: str | None = None   # --instantid: hub id or folder (ControlNetModel/, ip-adapter.bin)
     ip_adapter: str | None = None  # --ip-adapter: hub id, folder (h94/IP-Adapter layout) or adapter file
+    controlnets: tuple = ()        # --controlnet NAME=PATH: export.controlnets.ControlNetSource
 
     def model_spec(self):
         """The model's spec with the sources --base / --instantid / --ip-adapter name."""
@@ -99,7 +104,7 @@ class Options:
 
     def names(self) -> list[str]:
         """The components to export/build: the pipelines' (or the `components` subset), in build order."""
-        names = components_for(get_spec(self.model), self.pipelines)
+        names = components_for(get_spec(self.model), self.pipelines) + [c.component for c in self.controlnets]
         if self.components is None:
             return names
         unknown = sorted(set(self.components) - set(names))
@@ -146,6 +151,8 @@ def export_onnx(options: Options) -> list[Row]:
     sources = Sources(spec, weights, options.random_init, dtype, out / "assets", options.attention,
                       options.face_models, options.vae_fp16_fix, loras=options.loras)
     names = options.names()
+    extra_controlnets = [c for c in options.controlnets if c.component in names]  # export.controlnets does them
+    names = [name for name in names if name not in {c.component for c in extra_controlnets}]
     sizes = trace_sizes(spec.trace_resolution)
     flags = {"precision": options.precision, "attention": options.attention, "opset": OPSET,
              "trace_resolution": spec.trace_resolution, "torch": torch.__version__.split("+")[0],
@@ -185,6 +192,13 @@ def export_onnx(options: Options) -> list[Row]:
                              export_flags={**flags, "precision": _precision_of(name, options)})
         rows.append(Row(name, record.params, record.size_bytes, loaded, seconds, _peak_rss_gb()))
     sources.release()
+    if extra_controlnets and not programs_only:
+        from export.controlnets import export_controlnets
+
+        for name, params, loaded, seconds in export_controlnets(out, spec.name, extra_controlnets, spec.unet, dtype,
+                                                                 sizes, {**flags, "precision": options.precision}):
+            rows.append(Row(name, params, (out / "onnx" / f"{name}.onnx").stat().st_size, loaded, seconds,
+                            _peak_rss_gb()))
     write_scheduler_config(out / "assets", sources.scheduler_config())
     write_tokenizers(out / "assets", sources.tokenizers())
     facts = model_facts(spec, count_cross_attn_layers(spec.unet), options.precision, options.attention,
@@ -242,7 +256,12 @@ def build_engines(options: Options) -> None:
     spec = get_spec(options.model)
     size = spec.default_resolution
     sizes = Range(max(64, size // 2 // 64 * 64), size, size * 3 // 2 // 64 * 64)
-    build_all(options.out, options.names(), options.backend,
+    names = options.names()
+    if options.components is None:  # and the ControlNets an earlier --controlnet export left in the build
+        from engine.manifest import load_manifest
+
+        names += [c for c in load_manifest(options.out).metadata.get("controlnets", {}).values() if c not in names]
+    build_all(options.out, names, options.backend,
               geometry=Geometry(height=sizes, width=sizes))
 
 
@@ -277,6 +296,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
                              "(two SDPAs: two fused kernels), 'fused' (concatenated keys, a softmax per "
                              "segment: TensorRT fuses none of it)"),
     parser.add_argument("--vae-fp16-fix", action="store_true", help="use the fp16-safe VAE (decoder in fp16)")
+    parser.add_argument("--controlnet", action="append", default=[], metavar="NAME=HUB_ID|FOLDER",
+                        help="an extra SDXL ControlNet (canny, depth, pose, ...) beside the IdentityNet, exported as "
+                             "controlnet_NAME; repeatable (export/controlnets.py)")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="fuse a LoRA (kohya or diffusers/PEFT .safetensors) into the UNet and text encoders "
                              "before export; repeatable, scale default 1.0")
@@ -291,13 +313,22 @@ def parse_args(argv: list[str] | None = None) -> Options:
     for lora in loras:
         if not lora.path.is_file():
             parser.error(f"--lora {lora.path} is not a file")
+    from export.controlnets import ControlNetSourceError, ControlNetSource, check_sources
+
+    try:
+        controlnets = tuple(ControlNetSource.parse(text) for text in args.controlnet)
+        check_sources(controlnets, args.model, get_spec(args.model))
+        for source in controlnets:
+            source.folder()
+    except ControlNetSourceError as error:
+        parser.error(str(error))
     options = Options(
         model=args.model, pipelines=_pipelines(parser, args.model, args.pipeline),
         out=args.out or Path("build") / args.model, weights=args.weights, random_init=args.random_init,
         face_models=args.face_models, stage=args.stage, backend=args.backend,
         precision=args.precision or ("fp32" if args.model.startswith("tiny") else "fp16"), attention=args.attention,
         vae_fp16_fix=args.vae_fp16_fix, components=tuple(args.components) if args.components else None,
-        loras=loras, base=args.base, instantid=args.instantid, ip_adapter=args.ip_adapter)
+        loras=loras, base=args.base, instantid=args.instantid, ip_adapter=args.ip_adapter, controlnets=controlnets)
     options.names()  # unknown --components: fail before any work
     _check_sources(parser, options, args.random_init)
     return options
