@@ -25,6 +25,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Optional, Union
 
 from runtime.images import ImageSource
+from runtime.ip_scales import PRESETS, BlockScales, BlockScaleError, parse_block_scales
 
 PIXEL_MULTIPLE = 64
 MAX_PROMPT_CHARS = 4000
@@ -52,7 +53,8 @@ class Param:
     max_length: of a string; choices: a callable returning the allowed strings (read when used).
     loop: requests must agree on it to share one denoising loop (part of `LoopSettings`).
     image: an image (Python: path, bytes, PIL or RGB array; CLI: a path; HTTP: base64 or a file part).
-    per_layer: a float, or one float per cross-attention layer (kept as a tuple).
+    per_layer: a float, one float per cross-attention layer (kept as a tuple), or per UNet block: a diffusers
+        block dict or a preset name (kept as `runtime.ip_scales.BlockScales`; JSON text of either is read too).
     flags: more CLI names than `--field-name` (e.g. '--face').
     """
 
@@ -107,9 +109,10 @@ class GenerateRequest:
                                            help="negative prompt; none: the model's default negative (SDXL: a zero embedding)")
     steps: int = param(30, ge=1, le=150, loop=True, help="denoising steps")
     guidance: float = param(5.0, ge=0.0, le=30.0, loop=True, help="classifier-free guidance; <= 1 disables CFG")
-    ip_scale: Union[float, tuple[float, ...]] = param(
+    ip_scale: Union[float, tuple[float, ...], BlockScales] = param(
         0.6, ge=0.0, le=4.0, loop=True, per_layer=True,
-        help="λ of the image tokens: one value, or one per cross-attention layer")
+        help="λ of the image tokens: one value, one per cross-attention layer, a diffusers block dict (InstantStyle, "
+        "e.g. {\"up\": {\"block_0\": [0.0, 1.0, 0.0]}}; layers it does not name: 0) or a preset: " + ", ".join(PRESETS))
     seed: int = param(0, ge=0, le=2**63 - 1, help="seed of the initial noise (one generator for the request's images)")
     width: Optional[int] = param(None, ge=PIXEL_MULTIPLE, le=8192, multiple_of=PIXEL_MULTIPLE,
                                  help="output width in px, with height; none: the model's resolution, square")
@@ -145,6 +148,16 @@ def _checked(spec: RequestField, value: Any) -> Any:
     if rule.image:
         return value
     if rule.per_layer:
+        if isinstance(value, str) and value not in PRESETS:
+            value = _json_scale(name, value)
+        if isinstance(value, (str, dict, BlockScales)):
+            try:
+                return parse_block_scales(value, rule.ge, rule.le)
+            except BlockScaleError as error:
+                raise RequestError(str(error)) from None
+        if not isinstance(value, (int, float, list, tuple)):
+            raise RequestError(f"{name} must be a number, a list of numbers, a block dict or a preset name "
+                               f"({', '.join(PRESETS)}), got {type(value).__name__}")
         values = [value] if isinstance(value, (int, float)) else list(value)
         if not values:
             raise RequestError(f"{name} is empty: give one value, or one per cross-attention layer")
@@ -160,6 +173,17 @@ def _checked(spec: RequestField, value: Any) -> Any:
             raise RequestError(f"{name} {value!r} is not one of {', '.join(rule.choices())}")
         return value
     return _number(name, value, kind, rule)
+
+
+def _json_scale(name: str, text: str) -> Any:
+    """A scale given as text (a form field, a CLI flag): JSON of a number, list or block dict."""
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise RequestError(f"{name} {text[:80]!r} is neither a preset ({', '.join(PRESETS)}) nor JSON of a number, "
+                           "a list or a block dict") from None
 
 
 def _members(annotation) -> tuple:
@@ -192,16 +216,29 @@ class InstantIDRequest(GenerateRequest):
 
     image: ImageSource | None = param(image=True, flags=("--face",),
                                       help="face photo: the identity, and the pose unless pose_image is given")
-    ip_scale: Union[float, tuple[float, ...]] = param(
+    ip_scale: Union[float, tuple[float, ...], BlockScales] = param(
         0.8, ge=0.0, le=4.0, loop=True, per_layer=True,
-        help="λ of the face tokens: one value, or one per cross-attention layer")
+        help="λ of the face tokens: one value, one per cross-attention layer, a diffusers block dict (InstantStyle, "
+        "e.g. {\"up\": {\"block_0\": [0.0, 1.0, 0.0]}}; layers it does not name: 0) or a preset: " + ", ".join(PRESETS))
     width: Optional[int] = param(None, ge=PIXEL_MULTIPLE, le=8192, multiple_of=PIXEL_MULTIPLE,
                                  help="output width in px, with height; none: the pose photo's InstantID size at "
                                  "the model's resolution")
     pose_image: ImageSource | None = param(None, image=True, flags=("--pose",),
                                            help="a second photo whose face sets the pose (keypoints)")
     controlnet_scale: float = param(0.8, ge=0.0, le=4.0, loop=True, help="IdentityNet (ControlNet) strength")
+    control_guidance_start: float = param(0.0, ge=0.0, le=1.0, loop=True,
+                                          help="fraction of the steps after which the IdentityNet starts (diffusers' "
+                                          "window: step i runs it when i/steps >= start and (i+1)/steps <= end)")
+    control_guidance_end: float = param(1.0, ge=0.0, le=1.0, loop=True,
+                                        help="fraction of the steps after which the IdentityNet stops (e.g. 0.6: "
+                                        "the last 40 % of the steps run without it, faster)")
     face_index: Optional[int] = param(None, ge=0, help="which face of the photo, largest first; none: the largest")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.control_guidance_start >= self.control_guidance_end:
+            raise RequestError(f"control_guidance_start ({self.control_guidance_start}) must be below "
+                               f"control_guidance_end ({self.control_guidance_end}): the IdentityNet runs between them")
 
 
 @dataclass(frozen=True)

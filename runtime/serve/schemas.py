@@ -10,10 +10,11 @@ import base64
 import binascii
 import functools
 import typing
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
+from runtime.ip_scales import PRESETS
 from runtime.pipelines import PIPELINES
 from runtime.requests import RequestField, request_fields
 
@@ -125,9 +126,9 @@ def _http_type(spec: RequestField):
     rule = spec.param
     if rule.image:
         return Optional[str]
-    if rule.per_layer:
+    if rule.per_layer:  # a number, one per layer, a diffusers block dict or a preset (runtime/ip_scales.py)
         value = Annotated[float, Field(ge=rule.ge, le=rule.le)]
-        return Union[value, Annotated[list[value], Field(min_length=1)]]
+        return Union[value, Annotated[list[value], Field(min_length=1)], dict[str, Any], Literal[tuple(PRESETS)]]
     if rule.choices is not None:
         return Literal[rule.choices()]  # type: ignore[valid-type]
     return spec.type
