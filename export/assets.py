@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from export.specs import ModelSpec
+from runtime.ip_scales import cross_attention_layer_names
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -84,6 +85,8 @@ def model_facts(spec: ModelSpec, num_cross_attn_layers: int, precision: str, att
         "default_resolution": spec.default_resolution,
         "trace_resolution": spec.trace_resolution,
         "num_cross_attn_layers": num_cross_attn_layers,
+        # the attn2 layers in the order of the UNet's ip_scale input: per-block λ (InstantStyle) maps onto them
+        "cross_attention_layers": cross_attention_layer_names(spec.unet),
         "text_tokens": spec.text_encoder["max_position_embeddings"],
         "cross_attention_dim": spec.cross_attention_dim,
         "text_embeds_dim": text_embeds,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from engine.manifest import load_manifest, verify_onnx
+from runtime.ip_scales import cross_attention_layer_names
 from runtime.text import ClipTokenizer
 
 
@@ -79,6 +80,19 @@ class Assets:
     def value(self, key: str, default=None):
         """A metadata value (e.g. 'default_resolution'), or `default`."""
         return self.metadata.get(key, default)
+
+    def cross_attention_layers(self) -> list[str]:
+        """The UNet's attn2 layer names in the order of its `ip_scale` input (the model fact
+        `cross_attention_layers`; for an older build, derived from assets/unet/config.json when present).
+        AssetError naming the re-export command when neither is there."""
+        names = self.metadata.get("cross_attention_layers")
+        if names:
+            return list(names)
+        config = self.folder / "unet" / "config.json"
+        if config.is_file():
+            return cross_attention_layer_names(json.loads(config.read_text()))
+        raise self._missing("cross_attention_layers in assets/model.json (the UNet's layer names, which per-block "
+                            "ip_scale needs)")
 
     def constant(self, name: str) -> torch.Tensor | None:
         """A cached tensor assets/<name>.npy (export.assets.save_negative_tokens); None if absent."""
