@@ -10,6 +10,8 @@ one) are the ones the build's model facts list (runtime.text.PromptEncoder). λ 
 layer), the ControlNet scale and the guidance are runtime inputs: changing them needs no rebuild
 and no new CUDA graph. A pipeline's `prepare(request)` turns its request (runtime/requests.py)
 into a `Prepared`; `run(prepared_list)` stacks those with equal `LoopSettings` into one loop call.
+A build exported with `--controlnet NAME=PATH` has extra ControlNets: a request's `controls` run them
+beside the IdentityNet (or alone, IP-Adapter), their residuals summed (runtime/controlnets.py).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from PIL import Image
 from engine.manifest import load_manifest
 from engine.profiles import parse_dim
 from runtime.assets import Assets
+from runtime.controlnets import MultiControlNet, build_controlnets, prepare_controls, stacked_control_feeds
 from runtime.loop import DenoiseCancelled, DenoiseLoop, LoopInputs, Progress, unet_conditioning
 from runtime.requests import (PIXEL_MULTIPLE, GenerateRequest, LoopSettings, ResolutionError, as_request, loop_settings,
                               round_size)
@@ -54,6 +57,7 @@ class Prepared:
     request: what was asked; settings: its loop settings at the output size.
     tokens / negative_tokens: (N, 77, C) text tokens; pooled / negative_pooled: (N, P);
     image_tokens / negative_image_tokens: (N, K, C); control_image: (1, 3, H, W) in [0, 1] (InstantID).
+    controls: the extra ControlNets' ((component, scale, control image (1, 3, H, W) in [0, 1]), ...).
     """
 
     request: GenerateRequest
@@ -65,6 +69,7 @@ class Prepared:
     image_tokens: torch.Tensor
     negative_image_tokens: torch.Tensor
     control_image: torch.Tensor | None = None
+    controls: tuple = ()
 
     @property
     def seed(self) -> int:
@@ -111,6 +116,8 @@ class _SDXLPipeline:
         self.latent_factor = int(self.assets.value("vae_scale_factor", 8))
         self.latent_channels = int(self.assets.value("latent_channels", 4))
         self.loop = DenoiseLoop(self.unet, self.controlnet, loop_mode)
+        self.controlnets = build_controlnets(self.manifest)  # extra ControlNets {name: component}, opened when used
+        self._loops: dict[tuple[str, ...], DenoiseLoop] = {(): self.loop}
         # (min, max) of the UNet's `sample` (rows, 4, h, w) where an engine serves it; ONNX Runtime: any size
         self.size_limits = self.assets.engine_range(self.unet_component) if trt else None
         self._constants: dict[str, torch.Tensor] = {}
@@ -249,15 +256,18 @@ class _SDXLPipeline:
             ip_tokens = torch.cat([stack("negative_image_tokens"), ip_tokens])
         unet_feeds = unet_conditioning(self.unet, text_tokens, ip_tokens, self.ip_scale_tensor(settings.ip_scale),
                                        text_embeds, height, width)
-        controlnet_feeds = None
+        controlnet_feeds, extras = None, tuple(c[0] for c in requests[0].controls)
         if self.controlnet is not None:
             control = torch.cat([r.control_image.to(self.device).expand(r.num_images, -1, -1, -1) for r in requests])
             controlnet_feeds = {"face_tokens": ip_tokens, "control_image": torch.cat([control, control]) if cfg
                                 else control, "text_embeds": text_embeds, "time_ids": unet_feeds["time_ids"],
                                 "conditioning_scale": torch.tensor([float(settings.controlnet_scale)],
                                                                    device=self.device)}
-        else:
+        elif not extras:
             unet_feeds.update(self._zero_residuals(rows, height, width))
+        if extras:
+            controlnet_feeds = {**(controlnet_feeds or {"text_embeds": text_embeds, "time_ids": unet_feeds["time_ids"]}),
+                                **stacked_control_feeds(requests, text_tokens, cfg, self.device)}
         plan = self.plan(settings.scheduler, settings.steps)
         latent_shape = (self.latent_channels, height // self.latent_factor, width // self.latent_factor)
         noise = [draw_noise(plan, (r.num_images, *latent_shape), torch.Generator("cpu").manual_seed(r.seed))
@@ -267,7 +277,7 @@ class _SDXLPipeline:
         inputs = LoopInputs(latents.to(self.device), None if step_noise is None else step_noise.to(self.device),
                             torch.tensor(float(settings.guidance), dtype=torch.float32, device=self.device),
                             unet_feeds, controlnet_feeds)
-        latents = self.loop.run(plan, inputs, should_stop, progress)
+        latents = self._loop_for(extras).run(plan, inputs, should_stop, progress)
         if should_stop is not None and should_stop():
             raise DenoiseCancelled("cancelled after the loop, before decoding: nobody waits for these images")
         results: list[Generation | NonFiniteError] = []
@@ -291,6 +301,14 @@ class _SDXLPipeline:
             raise result
         return result
 
+    def _loop_for(self, extras: tuple[str, ...]) -> DenoiseLoop:
+        """The loop over the UNet and the ControlNets of these extra components (one per set; graphs cached
+        per loop): the IdentityNet's (if any) residuals summed with theirs (runtime.controlnets.MultiControlNet)."""
+        if extras not in self._loops:
+            sessions = [self.open(component) for component in extras]
+            self._loops[extras] = DenoiseLoop(self.unet, MultiControlNet(self.controlnet, sessions), self.loop.mode)
+        return self._loops[extras]
+
     def request(self, request_or_image=None, prompt: str | None = None, negative_prompt: str | None = None,
                 **fields) -> GenerateRequest:
         """This pipeline's request: the one given, or one built from the keyword form (image, prompt,
@@ -302,8 +320,9 @@ class _SDXLPipeline:
         """A Prepared from image tokens (1|N, K, C), the request's prompts and the output size H x W px."""
         text = self._prompt_rows(request.prompt, request.negative_prompt, request.num_images)
         batch = _repeat_to(request.num_images)
+        controls = prepare_controls(request, self.controlnets, self.build_dir, height, width)
         return Prepared(request, loop_settings(request, height, width), *text, batch(tokens), batch(negative_tokens),
-                        control_image)
+                        control_image, controls=controls)
 
     def _zero_residuals(self, rows: int, height: int, width: int) -> dict[str, torch.Tensor]:
         """Zero ControlNet residuals (rows, C, h/2^k, w/2^k) float32 for a UNet served without a ControlNet."""
