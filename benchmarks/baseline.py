@@ -32,6 +32,7 @@ from PIL import Image
 
 from export import loaders
 from export.specs import ModelSpec
+from runtime.ip_scales import BlockScales, parse_block_scales
 
 SCHEDULERS = {
     "euler": ("EulerDiscreteScheduler", {}),
@@ -145,22 +146,25 @@ class SDXLBase:
             if isinstance(processor, IPAdapterAttnProcessor2_0):
                 processor.to(self.device, self.dtype)
         unet.set_attn_processor(processors)
-        self.ip_layers = [unet.attn_processors[name] for name in unet.attn_processors
-                          if name.endswith("attn2.processor")]
+        self.ip_layer_names = [name for name in unet.attn_processors if name.endswith("attn2.processor")]
+        self.ip_layers = [unet.attn_processors[name] for name in self.ip_layer_names]
         return diffusers_image_projection(unet, proj_state).to(self.device, self.dtype).eval()
 
     # -- loop ---------------------------------------------------------------------------------
     @torch.no_grad()
     def denoise(self, *, prompt_embeds, pooled, negative_embeds, negative_pooled, tokens, negative_tokens,
                 height, width, num_images, steps, guidance, ip_scale, seed, scheduler="euler",
-                controlnet=None, control_image=None, controlnet_scale=1.0) -> torch.Tensor:
+                controlnet=None, control_image=None, controlnet_scale=1.0, control_guidance_start=0.0,
+                control_guidance_end=1.0) -> torch.Tensor:
         """Run the sampling loop; returns final latents (num_images, 4, H/8, W/8).
 
         prompt_embeds/negative_embeds (1|N, 77, C); pooled (1|N, P); tokens/negative_tokens
         (1|N, K, C) image tokens; control_image (1, 3, H, W) in [0, 1] for the ControlNet,
-        which then gets the image tokens (not the text) as its context.
+        which then gets the image tokens (not the text) as its context. ip_scale: a float, one per
+        layer, or a block dict / preset (runtime.ip_scales). The ControlNet's step window is diffusers'
+        (StableDiffusionXLControlNetPipeline): step i of N scales it by 0 when i/N < start or (i+1)/N > end.
         """
-        set_ip_scale(self.ip_layers, ip_scale)
+        set_ip_scale(self.ip_layers, ip_scale, self.ip_layer_names)
         cfg = guidance > 1.0
 
         def batch(x):  # repeat (1|N, ...) conditioning to num_images rows
@@ -183,13 +187,15 @@ class SDXLBase:
         sched.set_timesteps(steps, device=self.device)
         generator = torch.Generator("cpu").manual_seed(seed)
         latents = self.initial_latents(num_images, height, width, generator, sched.init_noise_sigma)
-        for t in sched.timesteps:
+        count = len(sched.timesteps)
+        for i, t in enumerate(sched.timesteps):
             model_in = torch.cat([latents] * 2) if cfg else latents
             model_in = sched.scale_model_input(model_in, t)
             residuals = {}
             if controlnet is not None:
+                keep = 1.0 - float(i / count < control_guidance_start or (i + 1) / count > control_guidance_end)
                 down, mid = controlnet(model_in, t, encoder_hidden_states=face, controlnet_cond=control,
-                                       conditioning_scale=controlnet_scale, added_cond_kwargs=added,
+                                       conditioning_scale=controlnet_scale * keep, added_cond_kwargs=added,
                                        return_dict=False)
                 residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
             noise = self.unet(model_in, t, encoder_hidden_states=context, added_cond_kwargs=added,
@@ -228,8 +234,13 @@ def diffusers_image_projection(unet, proj_state: dict) -> torch.nn.Module:
     return module
 
 
-def set_ip_scale(layers: list, scale) -> None:
-    """λ on every diffusers IP-Adapter layer (a float) or per layer (a sequence as long as `layers`)."""
+def set_ip_scale(layers: list, scale, names: list[str] | None = None) -> None:
+    """λ on every diffusers IP-Adapter layer (a float), per layer (a sequence as long as `layers`), or per
+    block (a diffusers block dict, a preset name or BlockScales: runtime.ip_scales, over the layers' `names`)."""
+    if isinstance(scale, (str, dict, BlockScales)):
+        if names is None:
+            raise ValueError("a per-block ip_scale needs the layers' names")
+        scale = parse_block_scales(scale).layer_scales(names)
     scales = [float(scale)] * len(layers) if isinstance(scale, (int, float)) else [float(s) for s in scale]
     if len(scales) != len(layers):
         raise ValueError(f"ip_scale has {len(scales)} values but the UNet has {len(layers)} cross-attention layers")

@@ -75,7 +75,9 @@ class InstantIDBaseline(SDXLBase):
                                height=height, width=width, num_images=request.num_images, steps=request.steps,
                                guidance=request.guidance, ip_scale=request.ip_scale, seed=request.seed,
                                scheduler=request.scheduler, controlnet=self.controlnet,
-                               control_image=control_tensor(kps_image), controlnet_scale=request.controlnet_scale)
+                               control_image=control_tensor(kps_image), controlnet_scale=request.controlnet_scale,
+                               control_guidance_start=request.control_guidance_start,
+                               control_guidance_end=request.control_guidance_end)
         return Result(self.decode(latents) if decode else [], latents)
 
     def __call__(self, request_or_image, prompt: str | None = None, negative_prompt: str | None = None, *,
