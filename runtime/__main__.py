@@ -1,12 +1,15 @@
-"""Command line: generate images from a build directory, or serve them over HTTP.
+r"""Command line: generate images from a build directory, or serve them over HTTP.
 
-    python -m runtime generate --build build/tiny --face photo.jpg --prompt "a portrait" --out out.png
-    python -m runtime serve --build build/tiny --port 8000          # HTTP service (runtime/serve)
-    python -m runtime generate --pipeline ip-adapter-plus --build build/tiny --image ref.jpg \
-        --prompt "a cat" --steps 20 --num-images 2 --out cat.png      # writes cat-0.png, cat-1.png
+examples:
+  python -m runtime generate --build build/tiny --face build/tiny/astronaut.png --prompt "a portrait" \
+      --steps 4 --out out.png
+  python -m runtime serve --build build/tiny --port 8000          # HTTP service (docs/serving.md)
+  python -m runtime generate --pipeline ip-adapter-plus --build build/tiny --image ref.jpg \
+      --prompt "a cat" --steps 20 --num-images 2 --out cat.png      # writes cat-0.png, cat-1.png
 
-Errors a user can fix (no face, size outside the engine profile, missing build, NaN output) print
-one line saying what to do and exit with status 2.
+Errors a user can fix (a bad flag, no face, a size the engines or the memory cannot run, a missing
+build or backend, NaN output) print one line `error: ...` saying what to do and exit with status 2
+(-v shows the traceback). The request is checked against the build before any model loads.
 """
 from __future__ import annotations
 
@@ -16,19 +19,28 @@ import time
 import typing
 from pathlib import Path
 
-from engine.cache import EngineCheckError
-from engine.manifest import ManifestError
+from engine.manifest import load_manifest
+from runtime.console import Parser, StepProgress, backend_choice, check_backend, run_command
 from runtime.requests import RequestError, request_fields
 
+GENERATE_EXAMPLES = """examples:
+  python -m runtime generate --build build/tiny --face build/tiny/astronaut.png --prompt "a portrait" \\
+      --steps 4 --out out.png                  # InstantID (the tiny build: python -m export.tiny / make demo)
+  python -m runtime generate --build build/tiny --pipeline ip-adapter --image cat.jpg --prompt "a cat" \\
+      --width 256 --height 256 --num-images 2 --out cat.png      # writes cat-0.png, cat-1.png
+"""
 
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser of `python -m runtime`."""
     from runtime.pipelines import PIPELINES
 
-    root = argparse.ArgumentParser(prog="python -m runtime", description=__doc__.split("\n")[0])
-    commands = root.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="generate images")
+    root = Parser(prog="python -m runtime", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                  verbose=False)
+    commands = root.add_subparsers(dest="command", required=True, metavar="{generate,serve}")
+    gen = commands.add_parser("generate", help="generate images", description="Generate images from a build: "
+                              "one request, written as PNG (the request flags are runtime/requests.py's fields).",
+                              epilog=GENERATE_EXAMPLES)
     gen.add_argument("--build", type=Path, required=True, help="build directory (python -m export.build --out)")
     gen.add_argument("--pipeline", choices=tuple(PIPELINES),
                      help="default: the first of these the build has (an SD1.5 build has no instantid)")
@@ -36,8 +48,12 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--sheet", type=Path, default=None,
                      help="instantid: also write a contact sheet PNG here: the photo with the detected box and "
                      "landmarks, the keypoint control image, the ArcFace crop and the (first) output")
-    gen.add_argument("--backend", default="onnxruntime", help="onnxruntime | tensorrt | tensorrt-rtx | torch")
-    gen.add_argument("--loop", choices=("auto", "graph", "step-graphs", "eager"), default="auto")
+    gen.add_argument("--backend", default="onnxruntime", type=backend_choice,
+                     help="onnxruntime (CPU or GPU) | tensorrt | tensorrt-rtx (NVIDIA GPU, the build's engines) | "
+                     "torch (the build's torch.export programs)")
+    gen.add_argument("--loop", choices=("auto", "graph", "step-graphs", "eager"), default="auto",
+                     help="denoising loop on a GPU: one CUDA graph, a graph per step, or eager (auto: the fastest "
+                     "the backend allows)")
     gen.add_argument("--trust-torch-programs", action="store_true",
                      help="--backend torch: load the build's torch.export programs. They unpickle, so a crafted "
                      "program runs code: use only with a build you made or trust")
@@ -102,8 +118,12 @@ def _cli_type(spec):
 
 
 def _scale(text: str):
-    """'0.8' -> 0.8; '0.5,0.6,...' -> a list (one value per cross-attention layer)."""
-    values = [float(v) for v in text.split(",")]
+    """'0.8' -> 0.8; '0.5,0.6,...' -> a list (one value per cross-attention layer); other text (a
+    preset name, JSON of a block dict) as given: the request reads and checks it before anything loads."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        return text
     return values[0] if len(values) == 1 else values
 
 
@@ -152,13 +172,53 @@ def _request_names() -> set[str]:
     return {spec.name for entry in PIPELINES.values() for spec in request_fields(entry.request_type)}
 
 
+def check_before_loading(build: Path, backend: str, entry, request) -> None:
+    """What the build alone can refuse, before any model loads: a per-layer ip_scale of the wrong
+    length, and (runtime.serve.capacity.check_run) a size outside the engines' profile or beyond the
+    memory ONNX Runtime's attention needs. RequestError says what to change."""
+    from runtime.serve.capacity import check_run
+
+    metadata = load_manifest(build).metadata
+    scale, layers = getattr(request, "ip_scale", None), metadata.get("num_cross_attn_layers")
+    if isinstance(scale, (list, tuple)) and layers is not None and len(scale) != int(layers):
+        raise RequestError(f"--ip-scale has {len(scale)} values but this build's UNet has {layers} cross-attention "
+                           "layers: give one number, or one per layer")
+    width, height = request.width, request.height
+    if width is None and entry.face:  # InstantID: the (pose) photo's size at the model's resolution
+        width, height = _photo_size(request.pose_image or request.image, int(metadata.get("default_resolution", 1024)))
+    elif width is None:
+        width = height = int(metadata.get("default_resolution", 1024))
+    if width is not None:
+        check_run(build, backend, entry.name, width, height, request.num_images, request.guidance)
+
+
+def _photo_size(photo, resolution: int) -> tuple[int | None, int | None]:
+    """InstantID's output size for a photo path (runtime.images.model_size), or (None, None) when the
+    photo cannot be read yet (the pipeline then says why) or is not a path."""
+    from PIL import Image
+
+    from runtime.images import ImageError, model_size
+
+    if not isinstance(photo, (str, Path)):
+        return None, None
+    try:
+        with Image.open(photo) as image:
+            return model_size(*image.size, resolution)
+    except (OSError, ValueError, ImageError):
+        return None, None
+
+
 def generate(args) -> list[Path]:
     """Run one request; returns the written files."""
     entry, request = cli_request(args)
     if args.sheet is not None and not entry.face:
         raise RequestError(f"--sheet shows the face analysis of an InstantID request: leave it out for {entry.name}")
+    check_before_loading(args.build, args.backend, entry, request)
+    check_backend(args.backend)
     pipe = entry.open(args.build, args.backend, loop_mode=args.loop, trust_programs=args.trust_torch_programs)
-    images = pipe(request)
+    progress = StepProgress()
+    images = pipe(request, progress=progress)
+    progress.finish()
     pipe.save_runtime_caches()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.sheet is not None:
@@ -174,24 +234,18 @@ def generate(args) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (2 for errors the user can fix)."""
+    """Entry point; returns the exit status (2 for errors the user can fix, runtime.console)."""
+    return run_command(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     if args.command == "serve":
         from runtime.serve.__main__ import serve
 
         return serve(args)
-    from runtime.face import NoFaceError
-    from runtime.images import ImageError
-    from runtime.pipelines import NonFiniteError, ResolutionError
-    from runtime.sessions import SessionError
-
     start = time.perf_counter()
-    try:
-        paths = generate(args)
-    except (NoFaceError, ResolutionError, NonFiniteError, SessionError, EngineCheckError, ManifestError,
-            ImageError, RequestError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    paths = generate(args)
     for path in paths:
         print(path)
     print(f"{len(paths)} image(s) in {time.perf_counter() - start:.1f} s", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from runtime.__main__ import _scale, main, parser
+from runtime.console import UsageError
 
 
 def test_generate_arguments():
@@ -12,7 +13,8 @@ def test_generate_arguments():
                                 "--pipeline", "ip-adapter-plus", "--ip-scale", "0.5,0.6", "--scheduler", "dpmpp_2m"])
     assert args.image == "p.jpg" and args.ip_scale == [0.5, 0.6] and args.scheduler == "dpmpp_2m"
     assert _scale("0.7") == 0.7
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="argument --scheduler: invalid choice: 'heun'.*see python -m runtime "
+                       "generate --help"):
         parser().parse_args(["generate", "--build", "b", "--face", "p", "--prompt", "x", "--out", "o",
                              "--scheduler", "heun"])
 

@@ -1,9 +1,13 @@
-"""Serve a build directory over HTTP (uvicorn, one process, one GPU worker thread).
+r"""Serve a build directory over HTTP (uvicorn, one process, one GPU worker thread).
 
-    python -m runtime.serve --build build/tiny --port 8000
-    python -m runtime.serve --build build/sdxl --backend tensorrt --max-queue 32 --max-batch 2
+examples:
+  python -m runtime.serve --build build/tiny --port 8000
+  curl --fail-with-body -F image=@build/tiny/astronaut.png -F prompt="a portrait" -F steps=4 \
+      -o out.png http://127.0.0.1:8000/v1/instantid
+  python -m runtime.serve --build build/sdxl --backend tensorrt --max-queue 32 --max-batch 2
 
-See docs/serving.md for the endpoints, the request fields and the error table.
+See docs/serving.md for the endpoints, the request fields and the error table. Each request is
+logged as one line (method, path, status, time in ms) unless --no-access-log.
 """
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import logging
 import sys
 from pathlib import Path
 
+from runtime.console import Parser, backend_choice, check_backend, run_command
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The serve flags (shared with `python -m runtime serve`)."""
@@ -19,8 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     parser.add_argument("--build", type=Path, required=True, help="build directory (python -m export.build --out)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to accept remote clients)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--backend", default="onnxruntime", help="onnxruntime | tensorrt | tensorrt-rtx | torch")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    parser.add_argument("--backend", default="onnxruntime", type=backend_choice,
+                        help="onnxruntime (CPU or GPU) | tensorrt | tensorrt-rtx (NVIDIA GPU, the build's engines) | "
+                        "torch (the build's torch.export programs)")
     parser.add_argument("--pipelines", default="", help=f"comma-separated subset of {','.join(PIPELINES)} "
                         "(default: every pipeline the build has)")
     parser.add_argument("--max-queue", type=int, default=16, help="waiting requests beyond this get 429")
@@ -48,17 +56,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="steps of the warm-up generation (default: the requests' default, 30, where the loop "
                         "is captured in a CUDA graph, so the first request replays it; else 2)")
     parser.add_argument("--warmup-size", type=int, default=None, help="default: the model's resolution")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice, one per core)")
     parser.add_argument("--trust-torch-programs", action="store_true",
                         help="--backend torch: load the build's torch.export programs. They unpickle, so a crafted "
                         "program runs code at start-up: use only with a build you made or trust")
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                        help="server log level (the access log is at info)")
+    parser.add_argument("--no-access-log", dest="access_log", action="store_false",
+                        help="do not log one line per request (method, path, status, time in ms)")
     return parser
 
 
 def add_subcommand(commands) -> argparse.ArgumentParser:
     """Register `serve` on the subparsers of `python -m runtime` (runtime/__main__.py)."""
-    return add_arguments(commands.add_parser("serve", help="HTTP service over a build (docs/serving.md)"))
+    return add_arguments(commands.add_parser("serve", help="HTTP service over a build (docs/serving.md)",
+                                             description=__doc__.split("\n\n")[0],
+                                             epilog=__doc__.split("\n\n", 1)[1]))
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -73,6 +86,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"error: {args.build} is not a build directory (no manifest.json): build one with "
               f"python -m export.build --model tiny --stage onnx --out {args.build}", file=sys.stderr)
         return 2
+    check_backend(args.backend)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     limits = limits_for(args.build, args.backend, [n for n in args.pipelines.split(",") if n], args.max_side,
                         args.memory_gb, args.max_batch, max_body_bytes=int(args.max_body_mb * 2**20),
@@ -92,7 +106,8 @@ def serve(args: argparse.Namespace) -> int:
                                                     trust_programs=args.trust_torch_programs), stop)
     server = build_server(app, args.host, args.port, args.log_level, header_timeout_s=args.header_timeout_s,
                           grace_s=args.shutdown_grace_s,
-                          before_shutdown=lambda: app.state.serve.begin_shutdown(args.shutdown_grace_s))
+                          before_shutdown=lambda: app.state.serve.begin_shutdown(args.shutdown_grace_s),
+                          access_log=args.access_log)
     server.run()
     if failed:
         print(f"error: start-up failed: {type(failed[0]).__name__}: {failed[0]} (the log above has the traceback)",
@@ -102,9 +117,10 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m runtime.serve`."""
-    parser = argparse.ArgumentParser(prog="python -m runtime.serve", description=__doc__.split("\n")[0])
-    return serve(add_arguments(parser).parse_args(argv))
+    """Entry point of `python -m runtime.serve` (a user mistake: one `error:` line, status 2)."""
+    parser = Parser(prog="python -m runtime.serve", description=__doc__.split("\n\n")[0],
+                    epilog=__doc__.split("\n\n", 1)[1])
+    return run_command(lambda args: serve(add_arguments(parser).parse_args(args)), argv)
 
 
 if __name__ == "__main__":

@@ -130,8 +130,7 @@ def limits_for(build_dir: str | os.PathLike, backend: str, pipelines: list[str],
 
     manifest = load_manifest(Path(build_dir))
     entries = [PIPELINES[name] for name in pipelines or available_pipelines(build_dir) if name in PIPELINES]
-    stepped = [entry.unet for entry in entries] + (["controlnet"] if any(
-        entry.pipeline.uses_controlnet for entry in entries) else [])
+    stepped = stepped_components(entries)
     sides = [(2048, "the default of 2048")] if max_side is None else [(max_side, "--max-side")]
     engines = engine_max_side(build_dir, stepped)
     if max_side is None and engines is not None:
@@ -153,6 +152,39 @@ def limits_for(build_dir: str | os.PathLike, backend: str, pipelines: list[str],
                           f"per request, from {source}, for ONNX Runtime's attention)"))
     side, reason = min(sides)
     return Limits(max_side=side, max_side_source=reason, memory_bytes=memory_bytes, attention_heads=heads, **fixed)
+
+
+def stepped_components(entries) -> list[str]:
+    """The components run at every denoising step by these registry entries: their UNets, and the
+    ControlNet when one of them uses it."""
+    return [entry.unet for entry in entries] + (["controlnet"] if any(
+        entry.pipeline.uses_controlnet for entry in entries) else [])
+
+
+def check_run(build_dir: str | os.PathLike, backend: str, pipeline: str, width: int, height: int,
+              num_images: int = 1, guidance: float = 5.0) -> None:
+    """Before anything loads (`python -m runtime generate`): RequestError when a width x height run of
+    `num_images` images does not fit the build's engine profile (TensorRT) or, on ONNX Runtime, the
+    memory its attention needs is more than this machine has now (`limits_for`, one request)."""
+    from runtime.pipelines import PIPELINES
+    from runtime.requests import RequestError
+
+    engines = engine_max_side(build_dir, stepped_components([PIPELINES[pipeline]]))
+    if engines is not None and backend.strip().lower() not in ("onnxruntime", "ort", "torch") and max(
+            width, height) > engines:
+        raise RequestError(f"{width}x{height} is larger than the build's engines allow ({engines} px per side): "
+                           f"ask for at most {engines}x{engines}, or rebuild the engines for larger sizes")
+    limits = limits_for(build_dir, backend, [pipeline])
+    if limits.memory_bytes is None:
+        return
+    rows = num_images * (2 if guidance > 1.0 else 1)
+    need = attention_bytes(width, height, rows, limits.attention_heads)
+    if need > limits.memory_bytes:
+        side = largest_square(limits.memory_bytes, rows, limits.attention_heads)
+        raise RequestError(f"{width}x{height} with {num_images} image(s) needs about {_gb(need)} for ONNX Runtime's "
+                           f"attention and this machine has {_gb(limits.memory_bytes)} free for it: ask for at most "
+                           f"{side}x{side} (the need grows with (width x height)^2), fewer images, or use a GPU "
+                           "backend (--backend tensorrt)")
 
 
 def _gb(size: int) -> str:

@@ -19,6 +19,8 @@ from typing import Callable
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from runtime.serve.access_log import AccessLog
+
 _BODY_408 = (b'{"error": {"status": 408, "kind": "header_timeout", "message": "the request headers did not arrive '
              b'in time: send the whole request at once"}}')
 RESPONSE_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
@@ -91,9 +93,10 @@ class GracefulServer(uvicorn.Server):
 
 def build_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
                  header_timeout_s: float = 10.0, grace_s: float = 30.0,
-                 before_shutdown: Callable[[], None] | None = None) -> GracefulServer:
+                 before_shutdown: Callable[[], None] | None = None, access_log: bool = True) -> GracefulServer:
     """A GracefulServer over `app` with the header deadline; `grace_s`: how long a shutdown waits
-    for the requests in flight (uvicorn's timeout_graceful_shutdown)."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
+    for the requests in flight (uvicorn's timeout_graceful_shutdown). access_log: one INFO line per
+    request on the logger runtime.serve.access (runtime.serve.access_log; uvicorn's own is off)."""
+    config = uvicorn.Config(AccessLog(app) if access_log else app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
                             http=header_timeout_protocol(header_timeout_s), timeout_graceful_shutdown=grace_s)
     return GracefulServer(config, before_shutdown)
