@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Optional, Union
 
+from runtime.controlnets import Control, ControlError, as_controls
 from runtime.images import ImageSource
 from runtime.ip_scales import PRESETS, BlockScales, BlockScaleError, parse_block_scales
 
@@ -56,6 +57,8 @@ class Param:
     per_layer: a float, one float per cross-attention layer (kept as a tuple), or per UNet block: a diffusers
         block dict or a preset name (kept as `runtime.ip_scales.BlockScales`; JSON text of either is read too).
     flags: more CLI names than `--field-name` (e.g. '--face').
+    controls: a list of extra ControlNet controls (`runtime.controlnets.Control`: name, image, scale, preprocess,
+        low, high; kept as a tuple of them; HTTP: a list of objects, images base64; CLI: repeatable --control).
     """
 
     help: str
@@ -68,6 +71,7 @@ class Param:
     image: bool = False
     per_layer: bool = False
     flags: tuple[str, ...] = ()
+    controls: bool = False
 
 
 def param(default: Any = MISSING, **spec) -> Any:
@@ -120,6 +124,11 @@ class GenerateRequest:
                                   help="output height in px, with width")
     num_images: int = param(1, ge=1, le=16, help="images generated from this request")
     scheduler: str = param("euler", choices=_schedulers, loop=True, help="scheduler preset (runtime/schedulers.py)")
+    controls: tuple[Control, ...] = param(
+        (), controls=True, loop=True, flags=("--control",),
+        help="extra ControlNets of the build (exported with --controlnet NAME=PATH), each {name, image, scale "
+        "(default 1), preprocess: 'none' (the image is the control map) or 'canny' (its canny map is computed, "
+        "thresholds low/high, default 100/200)}; residuals summed with the IdentityNet's")
 
     def __post_init__(self):
         for spec in request_fields(type(self)):
@@ -147,6 +156,11 @@ def _checked(spec: RequestField, value: Any) -> Any:
     name, rule = spec.name, spec.param
     if rule.image:
         return value
+    if rule.controls:
+        try:
+            return as_controls(value)
+        except (ControlError, TypeError) as error:
+            raise RequestError(f"{name}: {error}") from None
     if rule.per_layer:
         if isinstance(value, str) and value not in PRESETS:
             value = _json_scale(name, value)

@@ -124,8 +124,8 @@ def test_one_instantid_request_from_http_cli_and_python(tiny_build, tmp_path, mo
     for request in (http_requests[0], cli_requests[0]):  # images compare apart: decoded, or a path
         assert np.array_equal(load_image(request.image), photo)
     assert loop_settings(expected, 128, 128).values == (
-        ("steps", 2), ("guidance", 4.0), ("ip_scale", 0.7), ("scheduler", "euler_a"), ("controlnet_scale", 0.6),
-        ("control_guidance_start", 0.0), ("control_guidance_end", 1.0))
+        ("steps", 2), ("guidance", 4.0), ("ip_scale", 0.7), ("scheduler", "euler_a"), ("controls", ()),
+        ("controlnet_scale", 0.6), ("control_guidance_start", 0.0), ("control_guidance_end", 1.0))
     for loop in (cli_loop, api_loop, object_loop):
         _assert_same_loop_call(http_loop, loop)
     assert http_loop[1].latents.shape == (1, 4, 16, 16) and http_loop[1].unet_feeds["text_tokens"].shape[0] == 2

@@ -24,8 +24,8 @@ from runtime.images import MAX_ASPECT_RATIO, MAX_SIDE, ImageError, instantid_siz
 from runtime.pipelines import PIPELINES
 from runtime.requests import GenerateRequest, LoopSettings, loop_settings
 from runtime.serve.capacity import attention_bytes, largest_square
-from runtime.serve.schemas import (IMAGE_FIELDS, REQUEST_MODELS, BadRequest, ServeFields, decode_base64,
-                                   format_validation_errors, shorten)
+from runtime.serve.schemas import (CONTROL_FIELDS, IMAGE_FIELDS, REQUEST_MODELS, BadRequest, ServeFields,
+                                   decode_base64, format_validation_errors, shorten)
 
 MAX_JSON_SEPARATORS = 50_000  # '[', '{', ',' and ':' in a JSON body: a request has a few hundred at most
 MEGAPIXEL = 2**20  # cost unit: one 1024 x 1024 image for one step
@@ -110,6 +110,7 @@ def validate(pipeline: str, fields: dict[str, Any]) -> tuple[ServeFields, dict[s
     model = REQUEST_MODELS[pipeline]
     images: dict[str, bytes] = {}
     text_fields = {}
+    fields, parts = _control_parts(pipeline, fields)
     for name, value in fields.items():
         if name in IMAGE_FIELDS[pipeline] and isinstance(value, (bytes, bytearray)):
             images[name] = bytes(value)
@@ -125,10 +126,40 @@ def validate(pipeline: str, fields: dict[str, Any]) -> tuple[ServeFields, dict[s
         value = getattr(body, name)
         if value is not None:
             images[name] = decode_base64(value, name)
+    for name in CONTROL_FIELDS[pipeline]:  # each control's image under '@<field>[<i>]' (decoded with the photos)
+        for index, control in enumerate(getattr(body, name)):
+            where = f"{name}[{index}].image"
+            if control.image.startswith("@"):
+                if control.image[1:] not in parts:
+                    raise BadRequest(f"{where} names the file part {shorten(control.image[1:], 80)!r}, which the "
+                                     f"multipart body does not have: send it, or the image as base64", 422,
+                                     "missing_image")
+                images[f"@{where}"] = parts[control.image[1:]]
+            else:
+                images[f"@{where}"] = decode_base64(control.image, where)
     if "image" not in images:
         raise BadRequest("no image: send the photo as the 'image' file part (multipart) or as base64 in "
                          "the 'image' field (JSON)", 422, "missing_image")
     return body, images
+
+
+def _control_parts(pipeline: str, fields: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """(fields, file parts) with a control list sent as JSON text (multipart) parsed, and the file parts its
+    images name ('@PART') taken out of the fields."""
+    fields, parts = dict(fields), {}
+    for name in CONTROL_FIELDS[pipeline]:
+        value = fields.get(name)
+        if isinstance(value, str):
+            try:
+                fields[name] = value = json.loads(value)
+            except ValueError:
+                raise BadRequest(f"{name} is not valid JSON: send a JSON list of {{name, image, scale, preprocess}} "
+                                 "objects", 422, "invalid_request") from None
+        for control in value if isinstance(value, list) else ():
+            image = control.get("image") if isinstance(control, dict) else None
+            if isinstance(image, str) and image.startswith("@") and isinstance(fields.get(image[1:]), bytes):
+                parts[image[1:]] = fields.pop(image[1:])
+    return fields, parts
 
 
 def to_request(pipeline: str, body: ServeFields, images: dict[str, Any]) -> GenerateRequest:
@@ -214,7 +245,8 @@ def resolve_request(pipeline: str, body: ServeFields, images: dict[str, bytes], 
         width = height = default_size
     if width is not None:  # known before decoding: refused before any photo is decoded
         check_size(width, height, body, limits)
-    decoded = {name: decode_image(data, name, limits) for name, data in images.items()}
+    decoded = {name: decode_image(data, name.lstrip("@"), limits) for name, data in images.items()}
+    controls = {name: decoded.pop(name) for name in list(decoded) if name.startswith("@")}  # control images
     if default_size is None:  # InstantID: every photo must survive the detection resize
         try:
             for photo in decoded.values():
@@ -227,6 +259,10 @@ def resolve_request(pipeline: str, body: ServeFields, images: dict[str, bytes], 
         if body.width is None:
             check_size(width, height, body, limits)
     request = replace(to_request(pipeline, body, decoded), width=width, height=height)
+    for name in CONTROL_FIELDS[pipeline]:
+        given = getattr(request, name)
+        images = [controls[f"@{name}[{index}].image"] for index in range(len(given))]
+        request = replace(request, **{name: tuple(replace(c, image=image) for c, image in zip(given, images))})
     return request, batch_key(pipeline, request)
 
 
@@ -268,7 +304,7 @@ async def parse_form(request: Request, body: bytes, limits: Limits) -> dict:
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:
-        form = await Request(request.scope, replay).form(max_files=4, max_fields=64,
+        form = await Request(request.scope, replay).form(max_files=8, max_fields=64,
                                                          max_part_size=limits.max_body_bytes)
     except (MultiPartException, HTTPException) as error:
         detail = getattr(error, "message", None) or getattr(error, "detail", error)

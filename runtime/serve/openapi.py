@@ -61,6 +61,10 @@ def _form_schema(schema: dict, image_fields: Sequence[str]) -> dict:
     for name in image_fields:
         properties[name] = {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream",
                             "description": properties[name].get("description", "")}
+    for name, prop in schema["properties"].items():  # a list of objects (controls) is sent as its JSON text
+        if prop.get("type") == "array" and "$ref" in prop.get("items", {}):
+            properties[name] = {"type": "string", "contentMediaType": "application/json",
+                                "description": prop.get("description", "")}
     return {**schema, "title": f"{schema['title']} (multipart)", "properties": properties}
 
 
@@ -155,6 +159,8 @@ def _type(prop: dict) -> str:
         return " | ".join(_type(member) for member in prop["anyOf"])
     if prop.get("type") == "array":
         return f"list of {_type(prop.get('items', {}))}"
+    if "$ref" in prop:  # a nested object, e.g. a control: its name
+        return prop["$ref"].rsplit("/", 1)[-1]
     return prop.get("type", "enum" if "enum" in prop else "any")
 
 

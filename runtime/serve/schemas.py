@@ -70,6 +70,7 @@ class ServeFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     image_fields: typing.ClassVar[tuple[str, ...]] = ()
+    control_fields: typing.ClassVar[tuple[str, ...]] = ()
 
     @field_validator("*", mode="before")
     @classmethod
@@ -87,7 +88,8 @@ class ServeFields(BaseModel):
         """The sent request's fields of the pipeline (images excluded: they arrive decoded)."""
         names = [name for name in type(self).model_fields if name not in SERVE_FIELDS
                  and name not in self.image_fields]
-        return {name: getattr(self, name) for name in names}
+        return {name: [control.model_dump() for control in getattr(self, name)] if name in self.control_fields
+                else getattr(self, name) for name in names}
 
     def check(self) -> None:
         """Cross-field rules of the serving fields; raises BadRequest."""
@@ -119,13 +121,31 @@ def http_model(request_type: type) -> type[ServeFields]:
     model = create_model(request_type.__name__, __base__=ServeFields, __doc__=request_type.__doc__,
                          __module__=__name__, **definitions, **SERVE_FIELDS)
     model.image_fields = tuple(spec.name for spec in specs if spec.param.image)
+    model.control_fields = tuple(spec.name for spec in specs if spec.param.controls)
     return model
+
+
+class Control(BaseModel):
+    """One extra ControlNet of a request (runtime.controlnets.Control): the build's ControlNet `name`, its
+    control image and scale; `preprocess` 'canny' computes the canny map of a photo on the server."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    name: str = Field(min_length=1, max_length=32, description="a ControlNet of the build (controlnet_<name>)")
+    image: str = Field(min_length=1, description="the control image: base64 (JSON), or '@PART' naming a file part "
+                                                 "of a multipart body")
+    scale: float = Field(1.0, ge=0.0, le=4.0, description="its conditioning scale")
+    preprocess: Literal["none", "canny"] = Field("none", description="'none': the image is the control map; "
+                                                                     "'canny': its canny map is computed")
+    low: int = Field(100, ge=0, le=1000, description="canny's low threshold")
+    high: int = Field(200, ge=0, le=1000, description="canny's high threshold")
 
 
 def _http_type(spec: RequestField):
     rule = spec.param
     if rule.image:
         return Optional[str]
+    if rule.controls:
+        return list[Control]
     if rule.per_layer:  # a number, one per layer, a diffusers block dict or a preset (runtime/ip_scales.py)
         value = Annotated[float, Field(ge=rule.ge, le=rule.le)]
         return Union[value, Annotated[list[value], Field(min_length=1)], dict[str, Any], Literal[tuple(PRESETS)]]
@@ -139,6 +159,11 @@ def _http_field(spec: RequestField):
     if rule.image:
         needed = "; required" if spec.required else ""
         return Field(None, description=f"{rule.help}: base64 (JSON) or a file part (multipart){needed}")
+    if rule.controls:
+        from runtime.controlnets import MAX_CONTROLS
+
+        return Field([], max_length=MAX_CONTROLS, description=rule.help + " (multipart: JSON text, "
+                     "images as '@PART' file parts)")
     bounds = {} if rule.per_layer else {"ge": rule.ge, "le": rule.le, "multiple_of": rule.multiple_of,
                                         "max_length": rule.max_length}
     required = {"min_length": 1} if spec.required else {}  # a required text is not empty
@@ -148,6 +173,7 @@ def _http_field(spec: RequestField):
 
 REQUEST_MODELS = {name: http_model(entry.request_type) for name, entry in PIPELINES.items()}
 IMAGE_FIELDS = {name: model.image_fields for name, model in REQUEST_MODELS.items()}
+CONTROL_FIELDS = {name: model.control_fields for name, model in REQUEST_MODELS.items()}
 
 
 class ImageOut(BaseModel):
@@ -195,6 +221,8 @@ def format_validation_errors(errors: list[dict]) -> str:
     for error in sorted(errors, key=_off_member):  # a union field reports once per member type:
         loc = error.get("loc", ())                  # keep the member of the input's kind (a list: the list)
         where = shorten(str(loc[0]), 64) if loc else "body"  # an unknown field's name is the client's text
+        if len(loc) > 2 and isinstance(loc[1], int) and all(isinstance(part, str) for part in loc[2:]):
+            where += f"[{loc[1]}]." + shorten(".".join(loc[2:]), 64)  # a list of objects: controls[0].scale
         if where in seen:
             continue
         seen.add(where)
