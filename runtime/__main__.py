@@ -79,6 +79,8 @@ def add_request_arguments(group, entries) -> None:
         if spec.param.choices is not None:
             options.update(choices=spec.param.choices(), metavar=None)
         options["type"] = _cli_type(spec)
+        if spec.param.controls:  # repeatable: --control NAME=PATH[:SCALE[:PREPROCESS]]
+            options.update(action="append", metavar="NAME=PATH[:SCALE[:none|canny[/LOW/HIGH]]]")
         if spec.required:
             options["required"] = True
         group.add_argument(f"--{name.replace('_', '-')}", *spec.param.flags, **options)
@@ -113,6 +115,8 @@ def _cli_type(spec):
         return _scale
     if spec.param.image:
         return str
+    if spec.param.controls:
+        return _control
     members = typing.get_args(spec.type) or (spec.type,)
     return next((kind for kind in (int, float) if kind in members), str)
 
@@ -125,6 +129,16 @@ def _scale(text: str):
     except ValueError:
         return text
     return values[0] if len(values) == 1 else values
+
+
+def _control(text: str):
+    """'canny=photo.png:0.5:canny' -> runtime.controlnets.Control (argparse says what is wrong otherwise)."""
+    from runtime.controlnets import ControlError, parse_control
+
+    try:
+        return parse_control(text)
+    except ControlError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def cli_request(args: argparse.Namespace):
@@ -176,9 +190,15 @@ def check_before_loading(build: Path, backend: str, entry, request) -> None:
     """What the build alone can refuse, before any model loads: a per-layer ip_scale of the wrong
     length, and (runtime.serve.capacity.check_run) a size outside the engines' profile or beyond the
     memory ONNX Runtime's attention needs. RequestError says what to change."""
+    from runtime.controlnets import ControlError, build_controlnets, check_controls
     from runtime.serve.capacity import check_run
 
-    metadata = load_manifest(build).metadata
+    manifest = load_manifest(build)
+    metadata = manifest.metadata
+    try:
+        check_controls(getattr(request, "controls", ()), build_controlnets(manifest), build)
+    except ControlError as error:
+        raise RequestError(str(error)) from None
     scale, layers = getattr(request, "ip_scale", None), metadata.get("num_cross_attn_layers")
     if isinstance(scale, (list, tuple)) and layers is not None and len(scale) != int(layers):
         raise RequestError(f"--ip-scale has {len(scale)} values but this build's UNet has {layers} cross-attention "
