@@ -11,7 +11,14 @@ One step, as the baseline (benchmarks/baseline.py `SDXLBase.denoise`) computes i
 Tensors: latents (B, 4, h, w) float32 (h, w = H/8, W/8); rows R = 2B with CFG (guidance > 1), else B.
 Every per-request value (conditioning, λ per layer, ControlNet scale, guidance, the initial and
 per-step noise) is a tensor in `LoopInputs`, so a captured graph replays with new values copied
-into its static buffers; shapes, step count, scheduler and CFG on/off key the graph.
+into its static buffers; shapes, step count, scheduler, CFG on/off and the ControlNet's step window
+key the graph.
+
+The ControlNet step window (diffusers' control_guidance_start / _end, `control_window`): on the steps
+`LoopInputs.controlnet_steps` marks False the ControlNet session (every ControlNet it sums) is not run
+at all and the UNet gets zero residuals, as diffusers' conditioning scale 0 gives; in a graph those are
+the ControlNet's bound output buffers (the UNet's residual inputs), zeroed when the loop leaves the
+window. A window without any step drops the ControlNet from the call.
 
 `DenoiseLoop(unet, controlnet, mode).run(plan, inputs, should_stop)` picks the path: with capturable
 sessions (TensorRT, torch on CUDA), the whole loop is captured once per key and replayed; if capture
@@ -37,6 +44,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from runtime.control_window import ResidualBuffers, off_window_residuals, zero_residuals
 from runtime.schedulers import SchedulePlan, new_state, scale_model_input, step
 from runtime.sessions import Session
 from runtime.streams import TORCH_CUDA, aligned_copy
@@ -69,6 +77,7 @@ class LoopInputs:
         time_ids (R, 6) (SDXL only: `unet_conditioning`); without a ControlNet also the zero residuals.
     controlnet_feeds: face_tokens (R, K, C), control_image (R, 3, H, W), text_embeds, time_ids,
         conditioning_scale (1,) float32; None without a ControlNet.
+    controlnet_steps: per step, whether the ControlNet runs (`control_window`); None: every step.
     """
 
     latents: torch.Tensor
@@ -76,17 +85,23 @@ class LoopInputs:
     guidance: torch.Tensor
     unet_feeds: dict[str, torch.Tensor]
     controlnet_feeds: dict[str, torch.Tensor] | None = None
+    controlnet_steps: tuple[bool, ...] | None = None
 
     @property
     def cfg(self) -> bool:
         return self.unet_feeds["text_tokens"].shape[0] == 2 * self.latents.shape[0]
 
+    def runs_controlnet(self, i: int) -> bool:
+        """Whether step i runs the ControlNet (inside the window)."""
+        return self.controlnet_steps is None or self.controlnet_steps[i]
+
     def key(self) -> tuple:
-        """Everything a captured graph depends on besides values: shapes and dtypes."""
+        """Everything a captured graph depends on besides values: shapes, dtypes and the ControlNet's steps."""
         def describe(feeds):
             return None if feeds is None else tuple(sorted((k, tuple(v.shape), v.dtype) for k, v in feeds.items()))
         noise = None if self.step_noise is None else tuple(self.step_noise.shape)
-        return (tuple(self.latents.shape), noise, describe(self.unet_feeds), describe(self.controlnet_feeds))
+        return (tuple(self.latents.shape), noise, describe(self.unet_feeds), describe(self.controlnet_feeds),
+                self.controlnet_steps)
 
     def tensors(self) -> list[tuple[str, torch.Tensor]]:
         """(path, tensor) for every tensor, in a fixed order (for copying into static buffers)."""
@@ -130,8 +145,10 @@ def denoise_step(unet: Session, controlnet: Session | None, plan: SchedulePlan, 
     model_in = scale_model_input(plan, i, model_in)
     timestep = plan.timesteps[i].reshape(1)
     feeds = {"sample": model_in, "timestep": timestep, **inputs.unet_feeds}
-    if controlnet is not None:
+    if controlnet is not None and inputs.runs_controlnet(i):
         feeds.update(controlnet.run({"sample": model_in, "timestep": timestep, **inputs.controlnet_feeds}))
+    elif controlnet is not None:  # off the window: zero residuals, the ControlNet is not run
+        feeds.update(off_window_residuals(unet, controlnet, inputs, i, model_in))
     noise = unet.run(feeds)["noise_pred"]
     if inputs.cfg:
         uncond, cond = noise.chunk(2)
@@ -253,7 +270,10 @@ class _StepGraphs:
         self.pairs = []
         try:
             for i in range(plan.num_steps):
-                self.pairs.append(bind_step(unet, controlnet, plan, self.static, self.pairs[0] if i else None))
+                pair = bind_step(unet, controlnet, plan, self.static, self.pairs[0] if i else None)
+                if controlnet is not None and not self.static.runs_controlnet(i):
+                    pair = (pair[0], ResidualBuffers(pair[1]))  # never enqueued: keep its buffers, not its context
+                self.pairs.append(pair)
             latents = self.static.latents
             for i, bound in enumerate(self.pairs):  # one enqueue per context before capture
                 latents = denoise_step(*bound, plan, i, latents, self.static, self.state)
@@ -328,17 +348,35 @@ class DenoiseLoop:
             mode = "graph" if self.can_capture else "eager"
         if mode != "eager" and not self.can_capture:
             raise RuntimeError("CUDA graphs need TensorRT (or torch) sessions on a CUDA device; use mode='eager'")
+        controlnet, inputs = self._window(plan, inputs)
         device = self.unet.device
         if not self.cuda.available(device):  # ONNX Runtime / CPU: no streams
             self.last_path = "eager"
-            return denoise_eager(self.unet, self.controlnet, plan, inputs, should_stop=should_stop, progress=progress)
+            return denoise_eager(self.unet, controlnet, plan, inputs, should_stop=should_stop, progress=progress)
         if self._stream is None:
             self._stream = self.cuda.new_stream(device)
         caller = self.cuda.current_stream(device)
         with self.cuda.fork(self._stream, device):
-            latents = self._run(plan, inputs, mode, should_stop, progress)
+            latents = self._run(controlnet, plan, inputs, mode, should_stop, progress)
         self.cuda.keep_alive(latents, caller)
         return latents
+
+    def _window(self, plan: SchedulePlan, inputs: LoopInputs) -> tuple[Session | None, LoopInputs]:
+        """(the ControlNet this call runs, its inputs): without a step in the ControlNet's window, none (the
+        UNet gets zero residuals, as a build without a ControlNet); ValueError for a window of another length."""
+        steps = inputs.controlnet_steps
+        if steps is None or self.controlnet is None:
+            return self.controlnet, inputs
+        if len(steps) != plan.num_steps:
+            raise ValueError(f"controlnet_steps has {len(steps)} entries for {plan.num_steps} steps: give one per "
+                             "step (runtime.loop.control_window)")
+        if any(steps):
+            return self.controlnet, inputs
+        latents = inputs.latents
+        rows = latents.shape[0] * (2 if inputs.cfg else 1)
+        zeros = zero_residuals(self.unet, rows, *latents.shape[2:])
+        return None, replace(inputs, unet_feeds={**inputs.unet_feeds, **zeros}, controlnet_feeds=None,
+                             controlnet_steps=None)
 
     def warm_up(self, plan: SchedulePlan, inputs: LoopInputs) -> str:
         """Prepare the path `run` takes at this plan (step count, scheduler) and these shapes: capture its
@@ -347,15 +385,15 @@ class DenoiseLoop:
         self.run(plan, inputs)
         return self.last_path
 
-    def _run(self, plan, inputs, mode, should_stop, progress):
+    def _run(self, controlnet, plan, inputs, mode, should_stop, progress):
         if mode == "eager":
             self.last_path = "eager"
-            return denoise_eager(self.unet, self.controlnet, plan, inputs, should_stop=should_stop, progress=progress)
+            return denoise_eager(self.unet, controlnet, plan, inputs, should_stop=should_stop, progress=progress)
         key = (plan.name, plan.num_steps, plan.timesteps_host, inputs.key(), _pool_generation(self.unet),
-               _pool_generation(self.controlnet))
+               _pool_generation(controlnet))
         runner = self._graphs.get(key)
         if runner is None:
-            runner = self._capture(plan, inputs, mode)
+            runner = self._capture(controlnet, plan, inputs, mode)
             self._graphs[key] = runner
             while len(self._graphs) > GRAPH_CACHE_SIZE:
                 _, evicted = self._graphs.popitem(last=False)
@@ -363,15 +401,15 @@ class DenoiseLoop:
         self._graphs.move_to_end(key)
         if runner == "eager":
             self.last_path = "eager"
-            return denoise_eager(self.unet, self.controlnet, plan, inputs, should_stop=should_stop, progress=progress)
+            return denoise_eager(self.unet, controlnet, plan, inputs, should_stop=should_stop, progress=progress)
         self.last_path = "graph" if isinstance(runner, _WholeLoopGraph) else "step-graphs"
         return runner(inputs, should_stop, progress)
 
-    def _capture(self, plan, inputs, mode):
+    def _capture(self, controlnet, plan, inputs, mode):
         order = [_WholeLoopGraph, _StepGraphs] if mode == "graph" else [_StepGraphs]
         for kind in order:
             try:
-                return kind(self.unet, self.controlnet, plan, inputs, self.cuda, self._stream)
+                return kind(self.unet, controlnet, plan, inputs, self.cuda, self._stream)
             except CaptureRefused as reason:
                 log.warning("CUDA graph capture is not possible (%s); running the loop eager", reason)
                 return "eager"

@@ -205,3 +205,131 @@ def test_cuda_graph_loop_equals_eager_and_replays_new_values(mode, name, batch):
         assert loop.last_path == mode
         torch.testing.assert_close(latents, eager.run(plan, inputs), rtol=1e-5, atol=1e-5)
     assert len(loop._graphs) == 1
+
+
+# ---- the ControlNet step window (control_guidance_start / _end) ---------------------------------
+
+def _diffusers_keep(num_steps, start, end):
+    """diffusers' StableDiffusionXLControlNetPipeline: controlnet_keep[i] (1.0 runs it at full scale)."""
+    return [1.0 - float(i / num_steps < start or (i + 1) / num_steps > end) for i in range(num_steps)]
+
+
+def test_control_window_is_diffusers_keep():
+    from runtime.control_window import control_window
+
+    for steps in (1, 3, 4, 7, 10, 30):
+        for start, end in ((0.0, 1.0), (0.0, 0.5), (0.0, 0.6), (0.25, 1.0), (0.3, 0.7), (0.9, 1.0), (0.0, 0.05)):
+            window = control_window(steps, start, end)
+            keep = _diffusers_keep(steps, start, end)
+            assert (window is None) == all(keep) and (window is None or list(map(float, window)) == keep)
+    for start, end in ((0.5, 0.5), (0.6, 0.4), (-0.1, 1.0), (0.0, 1.1)):
+        with pytest.raises(ValueError, match="control_guidance_start < control_guidance_end"):
+            control_window(4, start, end)
+
+
+class _Counting(torch.nn.Module):
+    def __init__(self, module):
+        super().__init__()
+        self.module, self.calls = module, 0
+
+    def forward(self, *args):
+        self.calls += 1
+        return self.module(*args)
+
+
+def _windowed_reference(name, steps, cond, start, end, cn_scale=0.4):
+    """The baseline loop with diffusers' window: the ControlNet scaled by keep[i] (0 off the window)."""
+    sched = make_scheduler(SCHEDULER_CONFIG, name)
+    sched.set_timesteps(steps)
+    generator = torch.Generator("cpu").manual_seed(3)
+    latents = torch.randn((1, 4, 8, 8), generator=generator) * sched.init_noise_sigma
+    unet, controlnet, keep = ToyUNet(), ToyControlNet(), _diffusers_keep(steps, start, end)
+    for i, t in enumerate(sched.timesteps):
+        model_in = sched.scale_model_input(torch.cat([latents] * 2), t)
+        t1 = t.reshape(1).float()
+        down, mid = controlnet(model_in, t1, cond["ip_tokens"], cond["control_image"], cond["text_embeds"],
+                               cond["time_ids"], torch.tensor([cn_scale * keep[i]]))
+        noise = unet(model_in, t1, cond["text_tokens"], cond["ip_tokens"], torch.full((4,), 0.7),
+                     cond["text_embeds"], cond["time_ids"], down, mid)
+        uncond, positive = noise.chunk(2)
+        latents = sched.step(uncond + 5.0 * (positive - uncond), t, latents, generator=generator,
+                             return_dict=False)[0]
+    return latents
+
+
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m"])
+@pytest.mark.parametrize("start,end", [(0.0, 0.5), (0.25, 1.0), (0.3, 0.7), (0.9, 1.0), (0.0, 1.0)])
+def test_eager_window_equals_diffusers_and_runs_the_controlnet_only_inside(name, start, end):
+    from runtime.control_window import control_window
+
+    unet, controlnet = _sessions()
+    controlnet.module = counter = _Counting(controlnet.module)
+    cond = _conditioning(1)
+    plan, inputs = _inputs(name, 5, 1, 5.0, 0.7, 0.4, 3, cond)
+    inputs.controlnet_steps = control_window(5, start, end)
+    latents = DenoiseLoop(unet, controlnet).run(plan, inputs)
+    torch.testing.assert_close(latents, _windowed_reference(name, 5, cond, start, end), rtol=1e-5, atol=1e-5)
+    assert counter.calls == sum(_diffusers_keep(5, start, end))
+
+
+def test_a_window_of_another_length_is_refused():
+    unet, controlnet = _sessions()
+    plan, inputs = _inputs("euler", 4, 1, 5.0, 0.5, 0.5, 0, _conditioning(1))
+    inputs.controlnet_steps = (True, False)
+    with pytest.raises(ValueError, match="controlnet_steps has 2 entries for 4 steps"):
+        DenoiseLoop(unet, controlnet).run(plan, inputs)
+
+
+def _named_world(flavour="tensorrt"):
+    """tests/test_trt_contract.py's World (TensorRT and CUDA doubles), its sessions' dynamic axes named as the
+    engines' manifests name them, so the eager loop can size zero residuals off the window."""
+    from runtime.trt import TrtSession
+    from tests.test_trt_contract import World, _infos
+
+    names = {"sample": ("2B", 4, "latent_height", "latent_width"), "control_image": ("2B", 3, "height", "width"),
+             "down_residual_0": ("2B", 4, "latent_height", "latent_width"),
+             "mid_residual": ("2B", 1, "latent_height", "latent_width")}
+    world = World(flavour)
+    for attr, engine in (("unet", world.unet_engine), ("controlnet", world.controlnet_engine)):
+        inputs, outputs = _infos(engine.spec)
+        inputs = [TensorSpec(i.name, i.dtype, names.get(i.name, ("2B",) + tuple(i.shape[1:])) if i.shape[0] != 1
+                             or i.name in names else i.shape, min=i.min, max=i.max) for i in inputs]
+        setattr(world, attr, TrtSession(engine, world.trt, inputs, outputs, name=attr, device="cpu",
+                                        memory=world.memory, cuda=world.cuda))
+    return world
+
+
+def _enqueues(engine, kind):
+    return sum(1 for entry in engine.log if entry.kind == kind)
+
+
+@pytest.mark.parametrize("mode", ["graph", "step-graphs"])
+@pytest.mark.parametrize("start,end", [(0.0, 0.5), (0.5, 1.0), (0.3, 0.7), (0.9, 1.0)])
+def test_graph_paths_run_the_controlnet_only_inside_the_window(mode, start, end):
+    """Against the TensorRT/CUDA doubles: each replay enqueues the ControlNet exactly on the in-window steps,
+    equals the eager loop with the same window (zero residuals off it), replays again with the same result
+    (the residual buffers zeroed as it leaves the window), and the window keys the graph."""
+    from runtime.control_window import control_window
+    from tests.test_trt_contract import loop_inputs
+
+    world, reference = _named_world(), _named_world()
+    loop, eager = DenoiseLoop(world.unet, world.controlnet, mode=mode), DenoiseLoop(reference.unet,
+                                                                                   reference.controlnet, mode="eager")
+    steps = 5
+    plan, full = loop_inputs("dpmpp_2m", steps, 1, 8, 3)
+    window = control_window(steps, start, end)
+    windowed = LoopInputs(full.latents, full.step_noise, full.guidance, full.unet_feeds, full.controlnet_feeds,
+                          window)
+    inside = sum(_diffusers_keep(steps, start, end))
+    expected, expected_full = eager.run(plan, windowed), eager.run(plan, full)
+    assert _enqueues(reference.controlnet_engine, "eager") == inside + steps
+    for inputs, wanted, runs in ((full, expected_full, steps), (windowed, expected, inside),
+                                 (windowed, expected, inside), (full, expected_full, steps)):
+        before = _enqueues(world.controlnet_engine, "replay")
+        latents = loop.run(plan, inputs)
+        assert loop.last_path == mode
+        assert _enqueues(world.controlnet_engine, "replay") - before == runs
+        torch.testing.assert_close(latents, wanted, rtol=0, atol=0)
+    assert len(loop._graphs) == 2  # the default window and this one: two keys, each captured once
+    assert not torch.equal(expected, expected_full)
+    assert all(not context.errors for engine in world.engines() for context in engine.contexts)

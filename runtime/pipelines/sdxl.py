@@ -25,9 +25,10 @@ import torch
 from PIL import Image
 
 from engine.manifest import load_manifest
-from engine.profiles import parse_dim
 from runtime.assets import Assets
 from runtime.controlnets import MultiControlNet, build_controlnets, prepare_controls, stacked_control_feeds
+from runtime.control_window import control_window, zero_residuals
+from runtime.ip_scales import BlockScales
 from runtime.loop import DenoiseCancelled, DenoiseLoop, LoopInputs, Progress, unet_conditioning
 from runtime.requests import (PIXEL_MULTIPLE, GenerateRequest, LoopSettings, ResolutionError, as_request, loop_settings,
                               round_size)
@@ -172,9 +173,16 @@ class _SDXLPipeline:
             self._constants[name] = value
         return value
 
-    def ip_scale_tensor(self, ip_scale: float | Sequence[float]) -> torch.Tensor:
-        """λ as the UNet's ip_scale input (L,) float32: one value for every layer or one per layer."""
+    def ip_scale_tensor(self, ip_scale: float | Sequence[float] | BlockScales) -> torch.Tensor:
+        """λ as the UNet's ip_scale input (L,) float32: one value for every layer, one per layer, or per block
+        (`runtime.ip_scales.BlockScales` over the build's cross-attention layer names)."""
         layers = self.unet.input("ip_scale").shape[0]
+        if isinstance(ip_scale, BlockScales):
+            names = self.assets.cross_attention_layers()
+            if len(names) != layers:
+                raise ValueError(f"the build's model facts name {len(names)} cross-attention layers but its UNet takes "
+                                 f"{layers} ip_scale values: re-export the build")
+            ip_scale = ip_scale.layer_scales(names)
         if isinstance(ip_scale, (int, float)):
             return torch.full((layers,), float(ip_scale), dtype=torch.float32, device=self.device)
         values = torch.as_tensor([float(s) for s in ip_scale], dtype=torch.float32, device=self.device)
@@ -264,7 +272,7 @@ class _SDXLPipeline:
                                 "conditioning_scale": torch.tensor([float(settings.controlnet_scale)],
                                                                    device=self.device)}
         elif not extras:
-            unet_feeds.update(self._zero_residuals(rows, height, width))
+            unet_feeds.update(zero_residuals(self.unet, rows, height // self.latent_factor, width // self.latent_factor))
         if extras:
             controlnet_feeds = {**(controlnet_feeds or {"text_embeds": text_embeds, "time_ids": unet_feeds["time_ids"]}),
                                 **stacked_control_feeds(requests, text_tokens, cfg, self.device)}
@@ -274,9 +282,12 @@ class _SDXLPipeline:
                  for r in requests]
         latents = torch.cat([n[0] for n in noise])
         step_noise = None if noise[0][1] is None else torch.cat([n[1] for n in noise], dim=1)
+        window = None  # the ControlNets' steps (InstantID's control_guidance_start / _end)
+        if controlnet_feeds is not None and hasattr(settings, "control_guidance_end"):
+            window = control_window(settings.steps, settings.control_guidance_start, settings.control_guidance_end)
         inputs = LoopInputs(latents.to(self.device), None if step_noise is None else step_noise.to(self.device),
                             torch.tensor(float(settings.guidance), dtype=torch.float32, device=self.device),
-                            unet_feeds, controlnet_feeds)
+                            unet_feeds, controlnet_feeds, window)
         latents = self._loop_for(extras).run(plan, inputs, should_stop, progress)
         if should_stop is not None and should_stop():
             raise DenoiseCancelled("cancelled after the loop, before decoding: nobody waits for these images")
@@ -323,15 +334,6 @@ class _SDXLPipeline:
         controls = prepare_controls(request, self.controlnets, self.build_dir, height, width)
         return Prepared(request, loop_settings(request, height, width), *text, batch(tokens), batch(negative_tokens),
                         control_image, controls=controls)
-
-    def _zero_residuals(self, rows: int, height: int, width: int) -> dict[str, torch.Tensor]:
-        """Zero ControlNet residuals (rows, C, h/2^k, w/2^k) float32 for a UNet served without a ControlNet."""
-        def size(dim) -> int:  # axis names per engine/profiles.py, e.g. 'latent_height/2'
-            return dim if isinstance(dim, int) else parse_dim(dim).value({"height": height, "width": width}[
-                parse_dim(dim).base], dim)
-
-        return {info.name: torch.zeros((rows, *map(size, info.shape[1:])), device=self.device)
-                for info in self.unet.inputs if info.name.startswith(("down_residual_", "mid_residual"))}
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """Latents (B, 4, h, w) -> B PIL RGB images, as the baseline's decode; NonFiniteError on NaN."""
