@@ -6,7 +6,7 @@ gives to each dynamic ONNX axis (`dim_param`). This module owns that naming conv
 
 Naming convention (the exporter names every dynamic axis of every input AND output so)
 --------------------------------------------------------------------------------------
-A dynamic axis is named by a small expression over six base symbols::
+A dynamic axis is named by a small expression over these symbols::
 
     symbol          meaning                                   default range (min, opt, max)
     batch   | B     images per request                        1, 1, 4
@@ -14,6 +14,8 @@ A dynamic axis is named by a small expression over six base symbols::
     width   | W     image width in pixels (multiple of 64)    512, 1024, 1536
     latent_height   height / 8 (the VAE factor)               64, 128, 192
     latent_width    width / 8                                 64, 128, 192
+    text_tokens     prompt tokens: 77 per chunk of 75 BPE     77, 77, 231
+                    tokens (runtime/text.py), so 77·k
 
     dim := [k] [*] symbol [ (/ | //) d ]   |   symbol * k [ (/ | //) d ]
            k, d positive integers; spaces allowed
@@ -27,8 +29,11 @@ because guidance <= 1 runs one row per image); ``latent_height``; ``latent_heigh
 Rules for the exporter:
 - Name *every* dynamic axis, outputs included (the legacy exporter's guessed names for
   outputs can be wrong: a stride-2 output may come out named ``latent_height``).
-- Axes that do not depend on geometry (77 text tokens, 2048 channels, 16 face tokens, the
-  number of ip-scale entries) stay static integers.
+- Axes that do not depend on geometry (2048 channels, 16 face tokens, the number of ip-scale
+  entries, the text encoders' 77 input ids) stay static integers. The one exception is the text
+  conditioning a UNet (or a ControlNet that reads the prompt) takes: its token axis is named
+  TEXT_TOKENS_AXIS (``text_tokens``), so long prompts run on the same engine; its range is
+  ``Geometry.text_tokens`` (``python -m engine ... --text-tokens 77:77:308``).
 - Use ``2B`` (or ``2*batch``) exactly where the component's batch carries CFG pairs
   (unet, controlnet); ``batch`` for per-request components (encoders, vae_decoder, arcface).
 - Every value must be an integer across the whole range: with the default geometry,
@@ -50,6 +55,8 @@ from typing import Mapping, Sequence
 
 LATENT_FACTOR = 8          # SDXL VAE: latent = pixels / 8
 PIXEL_MULTIPLE = 64        # UNet needs latents divisible by 8 (3 downsamplings)
+TEXT_TOKENS_AXIS = "text_tokens"  # the dynamic axis of the prompt tokens (UNet `text_tokens`)
+TEXT_CHUNK = 77            # one prompt chunk: BOS + 75 tokens + EOS; the text axis is a multiple
 
 
 class ProfileError(ValueError):
@@ -93,25 +100,32 @@ class Geometry:
     batch: images per request (CFG doubles it for ``2B`` axes).
     height, width: pixels, multiples of 64; latent sizes are these / 8.
     decode_batch: images per VAE decoder call (the runtime decodes one at a time).
+    text_tokens: prompt tokens the UNet takes, multiples of 77 (one chunk each); the max is the
+        longest prompt served untruncated (231: 3 chunks, 225 BPE tokens).
     """
 
     batch: Range = field(default_factory=lambda: Range(1, 1, 4))
     height: Range = field(default_factory=lambda: Range(512, 1024, 1536))
     width: Range = field(default_factory=lambda: Range(512, 1024, 1536))
     decode_batch: Range = field(default_factory=lambda: Range(1, 1, 1))
+    text_tokens: Range = field(default_factory=lambda: Range(TEXT_CHUNK, TEXT_CHUNK, 3 * TEXT_CHUNK))
 
     def __post_init__(self):
-        for name in ("height", "width"):
+        for name, multiple, unit in (("height", PIXEL_MULTIPLE, "px"), ("width", PIXEL_MULTIPLE, "px"),
+                                     ("text_tokens", TEXT_CHUNK, "tokens")):
             value = getattr(self, name)
-            bad = [v for v in (value.min, value.opt, value.max) if v % PIXEL_MULTIPLE]
+            bad = [v for v in (value.min, value.opt, value.max) if v % multiple]
             if bad:
-                raise ProfileError(f"{name} {bad} is not a multiple of {PIXEL_MULTIPLE} px; "
-                                   f"round the serving size to a multiple of {PIXEL_MULTIPLE}")
+                raise ProfileError(f"{name} {bad} is not a multiple of {multiple} {unit}; "
+                                   f"round it to a multiple of {multiple}")
 
     @classmethod
-    def fixed(cls, batch: int = 1, height: int = 1024, width: int = 1024) -> "Geometry":
-        """Static-shape fast path: one serving size, min = opt = max for every axis."""
-        return cls(Range(batch, batch, batch), Range(height, height, height), Range(width, width, width))
+    def fixed(cls, batch: int = 1, height: int = 1024, width: int = 1024,
+              text_tokens: Range | None = None) -> "Geometry":
+        """Static-shape fast path: one serving size, min = opt = max for batch, height and width (the
+        text axis keeps its default range unless given: prompt lengths vary per request)."""
+        return cls(Range(batch, batch, batch), Range(height, height, height), Range(width, width, width),
+                   text_tokens=text_tokens or cls().text_tokens)
 
     @property
     def is_static(self) -> bool:
@@ -119,8 +133,8 @@ class Geometry:
         return all(r.min == r.max for r in (self.batch, self.height, self.width))
 
     def base_ranges(self) -> dict[str, Range]:
-        """Base symbol -> range in its own units: {"batch", "height", "width"}."""
-        return {"batch": self.batch, "height": self.height, "width": self.width}
+        """Base symbol -> range in its own units: {"batch", "height", "width", "text_tokens"}."""
+        return {"batch": self.batch, "height": self.height, "width": self.width, "text_tokens": self.text_tokens}
 
     def for_component(self, component: str) -> "Geometry":
         """The geometry `component`'s profile is made from: the VAE decoder's batch is decode_batch."""
@@ -151,6 +165,7 @@ _SYMBOLS = {
     "height": ("height", 1), "H": ("height", 1),
     "width": ("width", 1), "W": ("width", 1),
     "latent_height": ("height", LATENT_FACTOR), "latent_width": ("width", LATENT_FACTOR),
+    TEXT_TOKENS_AXIS: (TEXT_TOKENS_AXIS, 1),
 }
 _EXPR = re.compile(r"^(?:(\d+)\s*\*?\s*)?([A-Za-z_]\w*)(?:\s*\*\s*(\d+))?(?:\s*//?\s*(\d+))?$")
 

@@ -18,7 +18,8 @@ controlnet       sample float (2B, 4, latent_height, latent_width),             
                  control_image float (2B, 3, height, width) RGB in [0, 1],              (2B, 640, lh/2, lw/2) x2, (2B, 640, lh/4, lw/4),
                  text_embeds float (2B, 1280), time_ids float (2B, 6),                  (2B, 1280, lh/4, lw/4) x2; mid (2B, 1280, lh/4, lw/4)
                  conditioning_scale float32 (1,)                                        (every residual already x conditioning_scale)
-unet_<pipeline>  sample, timestep, text_tokens float (2B, 77, 2048) [both encoders' hidden_states concatenated],
+unet_<pipeline>  sample, timestep, text_tokens float (2B, text_tokens, 2048) [both encoders' hidden_states
+                 concatenated; 77·k tokens for a prompt of k chunks, a dynamic axis (engine.profiles.TEXT_TOKENS_AXIS)],
                  ip_tokens float (2B, K, 2048) [K = 16 instantid / 4 ip_adapter / 16 ip_adapter_plus],
                  ip_scale float32 (L,) [λ per cross-attention layer, L = 70 for SDXL], text_embeds, time_ids,
                  down_residual_0..8, mid_residual [as the controlnet outputs; zeros without a ControlNet]
@@ -44,12 +45,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.profiles import parse_dim
+from engine.profiles import TEXT_CHUNK, TEXT_TOKENS_AXIS, parse_dim
 from engine.tensors import TensorSpec
 from export.adapters import cross_attention_layers
 from export.attention import fuse_decoupled_attention, set_layer_scales
 
-TEXT_TOKENS = 77
+TEXT_TOKENS = TEXT_CHUNK   # the text encoders' input ids: one prompt chunk
+TRACE_TEXT_TOKENS = 2 * TEXT_CHUNK  # the text axis where `sizes` has none: 2 chunks, so no size-1 multiple
 
 
 @dataclass
@@ -63,11 +65,12 @@ class Component:
 
 
 def dim_value(dim: int | str, sizes: dict[str, int]) -> int:
-    """Size of one axis for base sizes {'batch', 'height', 'width'} (pixels), e.g. 'latent_height/2'."""
+    """Size of one axis for base sizes {'batch', 'height', 'width'} (pixels) and optionally 'text_tokens'
+    (else TRACE_TEXT_TOKENS), e.g. 'latent_height/2'."""
     if isinstance(dim, int):
         return dim
     expr = parse_dim(dim)
-    return expr.value(sizes[expr.base], dim)
+    return expr.value({TEXT_TOKENS_AXIS: TRACE_TEXT_TOKENS, **sizes}[expr.base], dim)
 
 
 def example_inputs(component: Component, sizes: dict[str, int], seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -318,7 +321,7 @@ def unet_component(name: str, unet: nn.Module, num_ip_tokens: int, attention: st
     dtype, config = _dtype(unet), unet.config
     c = _conditioning(config, dtype)
     inputs = (c["sample"], c["timestep"],
-              TensorSpec("text_tokens", dtype, ("2B", TEXT_TOKENS, config.cross_attention_dim)),
+              TensorSpec("text_tokens", dtype, ("2B", TEXT_TOKENS_AXIS, config.cross_attention_dim)),
               TensorSpec("ip_tokens", dtype, ("2B", num_ip_tokens, config.cross_attention_dim)),
               TensorSpec("ip_scale", torch.float32, (len(layers),)),
               *(c[name] for name in ("text_embeds", "time_ids") if name in c), *residual_ios(config, dtype))

@@ -106,3 +106,20 @@ def test_parse_range():
         parse_range("1:4")
     with pytest.raises(ProfileError, match="min <= opt <= max"):
         parse_range("4:1:2")
+
+
+def test_text_tokens_axis_is_dynamic_in_prompt_chunks():
+    """The UNet's prompt tokens: one named axis (TEXT_TOKENS_AXIS), 77·k tokens, its range in Geometry."""
+    from engine.profiles import TEXT_CHUNK, TEXT_TOKENS_AXIS
+
+    text = ["2B", TEXT_TOKENS_AXIS, 2048]
+    assert TEXT_TOKENS_AXIS == "text_tokens" and TEXT_CHUNK == 77
+    assert shape_range(text, Geometry()) == ShapeRange((1, 77, 2048), (2, 77, 2048), (8, 231, 2048))
+    longer = Geometry(text_tokens=parse_range("77:154:308"))
+    assert dim_range(TEXT_TOKENS_AXIS, longer) == Range(77, 154, 308)
+    fixed = Geometry.fixed(1, 1024, 1024)  # a fixed serving size keeps the prompt lengths open
+    assert fixed.is_static and dim_range(TEXT_TOKENS_AXIS, fixed) == Range(77, 77, 231)
+    profile = profile_for({"sample": UNET_SAMPLE, "text_tokens": text}, longer)
+    assert solve_symbols({"text_tokens": text}, profile)[TEXT_TOKENS_AXIS] == Range(77, 154, 308)
+    with pytest.raises(ProfileError, match="multiple of 77"):
+        Geometry(text_tokens=Range(77, 77, 200))
