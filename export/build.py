@@ -1,12 +1,12 @@
 """`python -m export.build`: export every component of a pipeline to ONNX, write assets and the
 manifest, then (optionally) build the engines.
 
-    python -m export.build --model tiny|sdxl|tiny-sd15|sd15 [--pipeline instantid|ip-adapter|ip-adapter-plus|all]
-        [--weights DIR] [--base HUB_ID|FOLDER|FILE.safetensors] [--instantid HUB_ID|FOLDER]
-        [--ip-adapter HUB_ID|FOLDER|FILE] [--random-init] [--face-models DIR] [--out DIR] [--components NAME ...]
-        [--stage onnx|torch|engines|all]
-        [--backend tensorrt|tensorrt-rtx] [--precision fp16|fp32] [--attention stacked|unfused|fused]
-        [--vae-fp16-fix] [--controlnet NAME=HUB_ID|FOLDER ...]
+A component whose ONNX is already in the build folder and whose inputs are unchanged (the same
+checkpoint files by sha256, precision, attention form, LoRAs, exporter code and library versions:
+export.inputs) is kept, not exported again; `--force` re-exports it. Before any work, every
+checkpoint the selected components read is looked for, and one error lists what is missing.
+
+    python -m export.build --model tiny|sdxl|tiny-sd15|sd15 [...]   (--help lists every flag, with examples)
 
 Writes build/<model>/onnx/<component>.onnx, build/<model>/assets/ (export.assets) and
 build/<model>/manifest.json (engine.manifest). `--model tiny` (and `tiny-sd15`) without `--weights` first writes
@@ -32,7 +32,6 @@ face models stay ONNX (ONNX Runtime or TensorRT run them under every backend).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import resource
 import sys
@@ -41,30 +40,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from export import components as comps
+from export import inputs as export_inputs
+from export.cli import ArgumentParser, UserError, run
+from export.report import Row, component_line, quiet_libraries, say, summary_table
 from export.assets import model_facts, write_model_facts, write_scheduler_config, write_tokenizers
 from export.onnx_export import OPSET, export_component, trace_sizes
 from export.checkpoint_dims import PARTS, checkpoint_spec, count_cross_attn_layers
 from export.sources import PIPELINE_COMPONENTS, PIPELINE_PARTS, Sources, pipeline_components
 from export.specs import SPECS, get_spec
 from export.tiny import write_tiny
+from export.torch_programs import program_entry
 
 PIPELINES = tuple(PIPELINE_COMPONENTS)
+EPILOG = """examples:
+  python -m export.build --model tiny                      # the tiny test model: export + engines, ~4 min on a CPU
+  python -m export.build --model tiny --stage onnx --precision fp16 --out build/tiny-fp16
+  python -m export.build --model sdxl --pipeline instantid --weights ~/models --face-models ~/models/antelopev2
+  python -m export.build --model sdxl --base ~/ckpt/juggernaut.safetensors --lora style.safetensors:0.8
+  python -m export.build --model sdxl --random-init --stage onnx   # real architecture, random weights
+  python -m export.build --model tiny --stage engines --backend tensorrt-rtx   # engines of an existing export
+
+A second run with the same arguments keeps every component whose inputs did not change (--force: export all)."""
 TINY_MODELS = ("tiny", "tiny-sd15")  # without --weights, export.tiny writes their checkpoints first
-
-
-@dataclass
-class Row:
-    """One line of the summary table (params: the weights in the ONNX graph)."""
-
-    component: str
-    params: int
-    onnx_bytes: int
-    load_seconds: float     # loading / random-initialising the PyTorch modules
-    export_seconds: float   # trace + graph cleanup + save
-    peak_rss_gb: float      # process peak so far
 
 
 @dataclass
@@ -88,6 +87,7 @@ class Options:
     instantid: str | None = None   # --instantid: hub id or folder (ControlNetModel/, ip-adapter.bin)
     ip_adapter: str | None = None  # --ip-adapter: hub id, folder (h94/IP-Adapter layout) or adapter file
     controlnets: tuple = ()        # --controlnet NAME=PATH: export.controlnets.ControlNetSource
+    force: bool = False            # re-export components whose inputs are unchanged
 
     def model_spec(self):
         """The model's spec with the sources --base / --instantid / --ip-adapter name."""
@@ -109,8 +109,8 @@ class Options:
             return names
         unknown = sorted(set(self.components) - set(names))
         if unknown:
-            raise SystemExit(f"--components {unknown} are not part of pipelines {list(self.pipelines)}: "
-                             f"choose from {names}")
+            raise UserError(f"--components {' '.join(unknown)}: not part of pipelines {list(self.pipelines)} of "
+                            f"--model {self.model}; choose from {' '.join(names)}")
         return [name for name in names if name in self.components]
 
 
@@ -133,15 +133,25 @@ def _peak_rss_gb() -> float:
 
 def export_onnx(options: Options) -> list[Row]:
     """Export the selected components (ONNX, or torch.export programs with --stage torch), assets and
-    manifest entries; returns the summary rows."""
-    from engine.manifest import record_onnx, sha256_files, update_manifest
-    from export.torch_programs import export_program, io_specs
+    manifest entries, keeping those whose inputs are unchanged; returns the summary rows."""
+    from engine.manifest import load_manifest, record_onnx, update_manifest
 
     spec = options.model_spec()
     out = Path(options.out)
+    manifest = load_manifest(out) if (out / "manifest.json").is_file() else None
+    if manifest is not None and manifest.model != spec.name:
+        raise UserError(f"{out} holds an export of --model {manifest.model}, not {spec.name}: pass another --out")
+    names = options.names()
+    extra_controlnets = [c for c in options.controlnets if c.component in names]  # export.controlnets does them
+    names = [name for name in names if name not in {c.component for c in extra_controlnets}]
+    programs_only = options.stage == "torch"
+    if programs_only:
+        names = [name for name in names if name not in FACE_MODELS]
     weights = options.weights
     if options.model in TINY_MODELS and weights is None and not options.random_init:
         weights = write_tiny(out / "weights", spec=get_spec(options.model))
+    if not options.random_init:  # every missing checkpoint in one message, before any loading
+        export_inputs.check_available(spec, names, weights, options.face_models, options.vae_fp16_fix)
     # sizes from the files, not the spec: a local folder is read whole (cheap: configs and tensor
     # shapes), the hub only for the selected pipelines' checkpoints
     parts = PARTS if weights is not None else tuple(
@@ -150,9 +160,6 @@ def export_onnx(options: Options) -> list[Row]:
     dtype = torch.float16 if options.precision == "fp16" else torch.float32
     sources = Sources(spec, weights, options.random_init, dtype, out / "assets", options.attention,
                       options.face_models, options.vae_fp16_fix, loras=options.loras)
-    names = options.names()
-    extra_controlnets = [c for c in options.controlnets if c.component in names]  # export.controlnets does them
-    names = [name for name in names if name not in {c.component for c in extra_controlnets}]
     sizes = trace_sizes(spec.trace_resolution)
     flags = {"precision": options.precision, "attention": options.attention, "opset": OPSET,
              "trace_resolution": spec.trace_resolution, "torch": torch.__version__.split("+")[0],
@@ -161,27 +168,35 @@ def export_onnx(options: Options) -> list[Row]:
     if options.loras:  # a rebuild knows which LoRAs were fused (file, sha256, scale)
         flags["loras"] = [lora.record() for lora in options.loras]
     flags.update(options.source_records())  # and which base / adapter files were used
+    digests = export_inputs.DigestCache(out / ".export_digests.json")
+    exporter = export_inputs.exporter_version()
     rows, programs = [], {}
-    programs_only = options.stage == "torch"
-    if programs_only:
-        names = [name for name in names if name not in FACE_MODELS]
-    bar = tqdm(names, desc=f"{'torch' if programs_only else 'onnx'} ({spec.name}, {options.precision})",
-               unit="component")
-    for name in bar:
-        bar.set_postfix_str(name)
+    total = len(names) + len(extra_controlnets)
+    say(f"{'torch.export' if programs_only else 'ONNX'} export of {spec.name} ({options.precision}) to {out}: "
+        f"{total} components")
+    for index, name in enumerate(names, 1):
+        made_from = export_inputs.component_inputs(
+            spec, name, weights_dir=weights, face_dir=options.face_models, random_init=options.random_init,
+            flags=export_inputs.component_flags(name, _precision_of(name, options), options, flags, programs_only),
+            digests=digests, exporter=exporter)
+        reason = "forced" if options.force else export_inputs.why_export(manifest, name, made_from, out, digests,
+                                                                         programs_only)
+        if reason is None:
+            rows.append(_kept_row(manifest, name, programs_only))
+            say(component_line(index, total, rows[-1]))
+            continue
         path = out / "onnx" / f"{name}.onnx"
         start = time.perf_counter()
         made = sources.make(name)
         loaded = time.perf_counter() - start
+        status = f"exported ({reason})"
         if programs_only:
-            path = out / "torch" / f"{name}.pt2"
-            seconds = export_program(made, path)
-            programs[name] = {"path": f"torch/{name}.pt2", "sha256": sha256_files([path]),
-                              "size_bytes": path.stat().st_size, "torch": flags["torch"],
-                              "precision": _precision_of(name, options), "export_seconds": round(seconds, 2),
-                              **io_specs(made)}
+            programs[name] = program_entry(made, out, name, flags["torch"], _precision_of(name, options), made_from,
+                                           digests.sha256)
             del made
-            rows.append(Row(name, 0, path.stat().st_size, loaded, seconds, _peak_rss_gb()))
+            rows.append(Row(name, programs[name]["params"], programs[name]["size_bytes"], loaded,
+                            programs[name]["export_seconds"], _peak_rss_gb(), status))
+            say(component_line(index, total, rows[-1]))
             continue
         if isinstance(made, comps.Component):
             seconds = export_component(made, path, sizes)
@@ -189,16 +204,20 @@ def export_onnx(options: Options) -> list[Row]:
             seconds = made(path)
         del made
         record = record_onnx(out, spec.name, name, path, export_seconds=round(seconds, 2),
-                             export_flags={**flags, "precision": _precision_of(name, options)})
-        rows.append(Row(name, record.params, record.size_bytes, loaded, seconds, _peak_rss_gb()))
+                             export_flags={**flags, "precision": _precision_of(name, options), "inputs": made_from})
+        export_inputs.remember_onnx_digest(out, spec.name, name, record, digests)
+        rows.append(Row(name, record.params, record.size_bytes, loaded, seconds, _peak_rss_gb(), status))
+        say(component_line(index, total, rows[-1]))
+    digests.save()
     sources.release()
     if extra_controlnets and not programs_only:
         from export.controlnets import export_controlnets
 
-        for name, params, loaded, seconds in export_controlnets(out, spec.name, extra_controlnets, spec.unet, dtype,
-                                                                 sizes, {**flags, "precision": options.precision}):
+        for offset, (name, params, loaded, seconds) in enumerate(export_controlnets(
+                out, spec.name, extra_controlnets, spec.unet, dtype, sizes, {**flags, "precision": options.precision})):
             rows.append(Row(name, params, (out / "onnx" / f"{name}.onnx").stat().st_size, loaded, seconds,
                             _peak_rss_gb()))
+            say(component_line(len(names) + offset + 1, total, rows[-1]))
     write_scheduler_config(out / "assets", sources.scheduler_config())
     write_tokenizers(out / "assets", sources.tokenizers())
     facts = model_facts(spec, count_cross_attn_layers(spec.unet), options.precision, options.attention,
@@ -226,23 +245,12 @@ def _precision_of(name: str, options: Options) -> str:
     return options.precision
 
 
-def summary_table(rows: list[Row]) -> str:
-    """Plain-text table: component, params, file MB (ONNX or program), load s, export s, peak RSS so far."""
-    from engine.build_all import format_count
-
-    header = ("component", "params", "file MB", "load s", "export s", "peak RSS GB")
-    lines = [(r.component, format_count(r.params), f"{r.onnx_bytes / 1e6:.1f}", f"{r.load_seconds:.1f}",
-              f"{r.export_seconds:.1f}", f"{r.peak_rss_gb:.1f}") for r in rows]
-    total = ("total", format_count(sum(r.params for r in rows)), f"{sum(r.onnx_bytes for r in rows) / 1e6:.1f}",
-             f"{sum(r.load_seconds for r in rows):.1f}", f"{sum(r.export_seconds for r in rows):.1f}",
-             f"{max((r.peak_rss_gb for r in rows), default=0):.1f}")
-    table = [header, *lines, total]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    text = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-            for row in table]
-    text.insert(1, "  ".join("-" * w for w in widths))
-    text.insert(len(text) - 1, text[1])
-    return "\n".join(text)
+def _kept_row(manifest, name: str, programs_only: bool) -> Row:
+    if programs_only:
+        entry = manifest.metadata["torch_programs"][name]
+        return Row(name, entry.get("params", 0), entry["size_bytes"], 0.0, 0.0, _peak_rss_gb(), "unchanged, kept")
+    record = manifest.components[name].onnx
+    return Row(name, record.params, record.size_bytes, 0.0, 0.0, _peak_rss_gb(), "unchanged, kept")
 
 
 def build_engines(options: Options) -> None:
@@ -250,9 +258,12 @@ def build_engines(options: Options) -> None:
     try:
         from engine.build_all import build_all
     except ImportError as error:
-        raise SystemExit(f"--stage engines needs the engine package ({error}); export with --stage onnx") from None
+        raise UserError(f"--stage engines needs the engine package ({error}); export with --stage onnx") from None
     from engine.profiles import Geometry, Range
 
+    if not (Path(options.out) / "manifest.json").is_file():
+        raise UserError(f"{options.out} holds no export (no manifest.json): export first with python -m export.build "
+                        f"--model {options.model} --out {options.out} (--stage all exports, then builds the engines)")
     spec = get_spec(options.model)
     size = spec.default_resolution
     sizes = Range(max(64, size // 2 // 64 * 64), size, size * 3 // 2 // 64 * 64)
@@ -267,10 +278,14 @@ def build_engines(options: Options) -> None:
 
 def parse_args(argv: list[str] | None = None) -> Options:
     """Command line -> Options (defaults: all pipelines, out build/<model>, stage all)."""
-    parser = argparse.ArgumentParser(prog="python -m export.build", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, choices=sorted(SPECS))
-    parser.add_argument("--pipeline", default="all", choices=[*PIPELINES, "all"])
-    parser.add_argument("--weights", type=Path, help="folder laid out as the hub repositories (default: the "
+    parser = ArgumentParser(prog="python -m export.build", description=__doc__.split("\n\n")[0] + "\n\n"
+                            + __doc__.split("\n\n")[1], epilog=EPILOG)
+    parser.add_argument("--model", required=True, choices=sorted(SPECS),
+                        help="tiny / tiny-sd15: seeded test models written on the fly (no download); sdxl / sd15: "
+                             "the real checkpoints (--weights, the hub cache, or --random-init)")
+    parser.add_argument("--pipeline", default="all", choices=[*PIPELINES, "all"],
+                        help="which pipeline's components to export; all: every pipeline the model's family has")
+    parser.add_argument("--weights", type=Path, metavar="DIR", help="folder laid out as the hub repositories (default: the "
                                                      "hub cache; for tiny: write the tiny model to <out>/weights)")
     parser.add_argument("--base", metavar="HUB_ID|FOLDER|FILE",
                         help="the SDXL base: a hub id, a diffusers folder, or one .safetensors in the original "
@@ -281,20 +296,24 @@ def parse_args(argv: list[str] | None = None) -> Options:
                         help="IP-Adapter: a hub id or folder laid out as h94/IP-Adapter, or one adapter file "
                              "(plain or Plus, told by its tensors)")
     parser.add_argument("--random-init", action="store_true", help="real architecture, random weights")
-    parser.add_argument("--face-models", type=Path, help="antelopev2 folder (scrfd_10g_bnkps.onnx, glintr100.onnx)")
-    parser.add_argument("--out", type=Path, help="build directory (default build/<model>)")
+    parser.add_argument("--face-models", type=Path, metavar="DIR", help="antelopev2 folder (scrfd_10g_bnkps.onnx, glintr100.onnx)")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="build directory (default build/<model>)")
     parser.add_argument("--components", nargs="+", metavar="NAME",
-                        help="only these components of the pipelines (default: all of them)")
+                        help=f"only these components of the pipelines (default: all of them); one of "
+                             f"{', '.join(COMPONENTS)}, or controlnet_NAME of a --controlnet")
     parser.add_argument("--stage", default="all", choices=["onnx", "torch", "engines", "all"],
                         help="onnx: ONNX + assets; torch: torch.export programs (torch backend) + assets; "
                              "engines: TensorRT plans from the ONNX; all: onnx then engines")
-    parser.add_argument("--backend", choices=["tensorrt", "tensorrt-rtx"], help="engine backend (default: detect)")
-    parser.add_argument("--precision", choices=["fp16", "fp32"], help="default fp32 for the tiny models, fp16 otherwise")
+    parser.add_argument("--backend", choices=["tensorrt", "tensorrt-rtx"],
+                        help="engine backend (default: detect; a CPU-only machine builds with tensorrt-rtx)")
+    parser.add_argument("--precision", choices=["fp16", "fp32"],
+                        help="weights and activations (default: fp32 for the tiny models, fp16 otherwise; the face "
+                             "models and the VAE without --vae-fp16-fix stay fp32)")
     parser.add_argument("--attention", default="stacked", choices=["stacked", "unfused", "fused"],
                         help="decoupled attention in the UNet (export.attention): 'stacked' (default: one "
                              "masked MHA with doubled heads, fused by TensorRT into one kernel), 'unfused' "
                              "(two SDPAs: two fused kernels), 'fused' (concatenated keys, a softmax per "
-                             "segment: TensorRT fuses none of it)"),
+                             "segment: TensorRT fuses none of it)")
     parser.add_argument("--vae-fp16-fix", action="store_true", help="use the fp16-safe VAE (decoder in fp16)")
     parser.add_argument("--controlnet", action="append", default=[], metavar="NAME=HUB_ID|FOLDER",
                         help="an extra SDXL ControlNet (canny, depth, pose, ...) beside the IdentityNet, exported as "
@@ -302,7 +321,14 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="fuse a LoRA (kohya or diffusers/PEFT .safetensors) into the UNet and text encoders "
                              "before export; repeatable, scale default 1.0")
+    parser.add_argument("--force", action="store_true",
+                        help="export every selected component again, even those whose inputs are unchanged")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="the traceback of an error, and the engine builder's warnings")
     args = parser.parse_args(argv)
+    if args.face_models is not None and not args.face_models.is_dir():
+        parser.error(f"--face-models {args.face_models} is not a folder: pass the folder holding insightface's "
+                     "antelopev2 files (scrfd_10g_bnkps.onnx, glintr100.onnx)")
     if args.weights is not None and not args.weights.is_dir():
         parser.error(f"--weights {args.weights} is not a folder; omit it to use the hub cache")
     if args.weights is not None and args.random_init:
@@ -328,7 +354,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         face_models=args.face_models, stage=args.stage, backend=args.backend,
         precision=args.precision or ("fp32" if args.model.startswith("tiny") else "fp16"), attention=args.attention,
         vae_fp16_fix=args.vae_fp16_fix, components=tuple(args.components) if args.components else None,
-        loras=loras, base=args.base, instantid=args.instantid, ip_adapter=args.ip_adapter, controlnets=controlnets)
+        loras=loras, base=args.base, instantid=args.instantid, ip_adapter=args.ip_adapter, controlnets=controlnets,
+        force=args.force)
     options.names()  # unknown --components: fail before any work
     _check_sources(parser, options, args.random_init)
     return options
@@ -367,11 +394,16 @@ def _check_sources(parser, options: Options, random_init: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit code."""
+    """CLI entry point; returns the exit code (2 and one `error:` line for a user mistake: export.cli)."""
+    return run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for name in ("export", "engine"):  # our progress notes; the graph libraries' INFO chatter stays off
         logging.getLogger(name).setLevel(logging.INFO)
     options = parse_args(argv)
+    quiet_libraries(verbose="-v" in argv or "--verbose" in argv)
     if options.model == "tiny":
         torch.set_num_threads(1)  # tiny graphs are overhead-bound; OpenMP spinning on a shared CPU is 50x slower
     if options.stage in ("onnx", "all"):

@@ -66,10 +66,12 @@ def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
         with safe_open(str(path), framework="pt") as handle:
             return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    from export.weights import load_pickle
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = load_pickle(path, mmap=True)
     except RuntimeError:  # a legacy (non-zip) pickle cannot be mapped: read it whole
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_pickle(path)
     return {f"{group}.{key}": tuple(value.shape) for group, part in state.items() if isinstance(part, dict)
             for key, value in part.items()}
 

@@ -139,3 +139,27 @@ def export_arcface(source: Path, out: Path) -> float:
     output.shape = ir.Shape(("batch", output.shape[-1]))
     _save(model, Path(out), "arcface")
     return time.perf_counter() - start
+
+
+def check_face_model(path: Path, what: str) -> str | None:
+    """Why `path` is not the face model `what` names ('face detector' / 'face recogniser'), or None.
+
+    Reads the graph without its weights: one image input; SCRFD's nine outputs (n, 1|4|10), or one
+    embedding output for a recogniser. The message says which file to pass."""
+    import onnx
+
+    expected = "scrfd_10g_bnkps.onnx (antelopev2)" if "detector" in what else "glintr100.onnx (antelopev2)"
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # protobuf's DecodeError and friends: not an ONNX file
+        return (f"{path} is not an ONNX model ({type(error).__name__}): the {what} must be {expected}; "
+                "pass --face-models DIR with insightface's antelopev2 files")
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in initializers]
+    outputs = list(model.graph.output)
+    fits = len(inputs) == 1 and (len(outputs) == 9 if "detector" in what else len(outputs) == 1)
+    if not fits:
+        return (f"{path} has {len(inputs)} input(s) and {len(outputs)} output(s), not the {what} "
+                f"{expected} (1 image input, {'9 outputs' if 'detector' in what else '1 embedding output'}); "
+                "pass --face-models DIR with insightface's antelopev2 files")
+    return None

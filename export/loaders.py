@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from export.adapters import ImageProj, Resampler
 from export.single_file import load_part, weights_file
 from export.specs import ModelSpec, Source
-from export.weights import resolve
+from export.weights import load_pickle, resolve
 
 
 @dataclass
@@ -172,7 +172,7 @@ def read_adapter_checkpoint(path: Path) -> tuple[dict, dict]:
                 raise ValueError(f"{path}: unexpected key {key!r}; expected 'image_proj.*' or 'ip_adapter.*'")
             state[group][rest] = value
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_pickle(path)
     missing = {"image_proj", "ip_adapter"} - set(state)
     if missing:
         raise ValueError(f"{path} is not an IP-Adapter checkpoint: it lacks {sorted(missing)}")

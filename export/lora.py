@@ -89,7 +89,9 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
 
         with safe_open(str(path), framework="pt") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
-    return torch.load(path, map_location="cpu", weights_only=True), {}
+    from export.weights import load_pickle
+
+    return load_pickle(path), {}
 
 
 def detect_format(keys) -> str:

@@ -17,7 +17,6 @@ are `{i}.to_k_ip.weight` / `{i}.to_v_ip.weight`, `i` the odd indices of the UNet
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -99,15 +98,35 @@ def _fingerprint(spec: ModelSpec) -> str:
     return hashlib.sha256(repr(dataclasses.asdict(spec)).encode()).hexdigest()[:16]
 
 
-def main(argv: list[str] | None = None) -> None:
-    """CLI: write the tiny model to DIR."""
-    parser = argparse.ArgumentParser(prog="python -m export.tiny", description=__doc__.split("\n")[0])
-    parser.add_argument("folder", type=Path)
-    parser.add_argument("--model", choices=("tiny", "tiny-sd15"), default="tiny")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    print(write_tiny(args.folder, args.seed, get_spec(args.model)))
+EXAMPLES = """examples:
+  python -m export.tiny weights/tiny                       # then: python -m export.build --model sdxl --weights weights/tiny
+  python -m export.tiny weights/tiny-sd15 --model tiny-sd15 --seed 3
+
+python -m export.build --model tiny writes the same folder to <out>/weights by itself."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: write the tiny model to DIR (a mistake: one `error:` line, exit 2; export.cli)."""
+    from export.cli import ArgumentParser, run
+
+    def _main(argv: list[str]) -> int:
+        parser = ArgumentParser(prog="python -m export.tiny", description=__doc__.split("\n\n")[0], epilog=EXAMPLES)
+        parser.add_argument("folder", type=Path, help="where to write the model (created; kept when it already holds "
+                                                      "the same model and seed)")
+        parser.add_argument("--model", choices=("tiny", "tiny-sd15"), default="tiny",
+                            help="tiny: the SDXL family (InstantID, IP-Adapters, face models); tiny-sd15: SD1.5")
+        parser.add_argument("--seed", type=int, default=0, help="seed of every weight")
+        parser.add_argument("-v", "--verbose", action="store_true", help="the traceback of an error")
+        args = parser.parse_args(argv)
+        if args.folder.exists() and not args.folder.is_dir():
+            parser.error(f"{args.folder} is a file: pass a folder to write the model into")
+        print(write_tiny(args.folder, args.seed, get_spec(args.model)))
+        return 0
+
+    return run(_main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(main())

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from engine.profiles import parse_dim
+from engine.profiles import TEXT_CHUNK, TEXT_TOKENS_AXIS, parse_dim
 from export.components import Component, example_inputs
 
 PIXEL_UNIT = 64          # sizes are multiples of 64 px (runtime.pipelines.PIXEL_MULTIPLE)
 MAX_UNITS = 64           # up to 4096 px per side
 MAX_BATCH = 32           # rows of the batch axis
+MAX_TEXT_CHUNKS = 16     # prompt chunks of 77 tokens
 EXAMPLE_SIZES = {"batch": 2, "height": 2 * PIXEL_UNIT, "width": 3 * PIXEL_UNIT}  # no axis at 0/1 (specialised)
 
 
@@ -36,12 +37,17 @@ def dynamic_shapes(component: Component):
     (None for a fully static input), grouped as the forward's signature takes them (*residuals)."""
     roots = {"batch": torch.export.Dim("batch", min=1, max=MAX_BATCH),
              "height": torch.export.Dim("height_units", min=1, max=MAX_UNITS),
-             "width": torch.export.Dim("width_units", min=1, max=MAX_UNITS)}
+             "width": torch.export.Dim("width_units", min=1, max=MAX_UNITS),
+             TEXT_TOKENS_AXIS: TEXT_CHUNK * torch.export.Dim("text_chunks", min=1, max=MAX_TEXT_CHUNKS)}
 
     def axis(dim):
         if isinstance(dim, int):
             return None
         expr = parse_dim(dim)
+        if expr.base == TEXT_TOKENS_AXIS:  # prompt tokens: 77 per chunk
+            if expr.coef != 1 or expr.div != 1:
+                raise ProgramExportError(f"{component.name}: text axis '{dim}' scales the prompt tokens")
+            return roots[TEXT_TOKENS_AXIS]
         if expr.base == "batch":
             if expr.div != 1:
                 raise ProgramExportError(f"{component.name}: batch axis '{dim}' divides the batch")
@@ -88,3 +94,24 @@ def io_specs(component: Component) -> dict:
     def spec(io):
         return [io.name, io.dtype_name, list(io.shape)]
     return {"inputs": [spec(io) for io in component.inputs], "outputs": [spec(io) for io in component.outputs]}
+
+
+def parameter_count(component: Component) -> int:
+    """The weights the program carries: the module's parameters (each shared tensor once)."""
+    seen, count = set(), 0
+    for parameter in component.module.parameters():
+        if parameter.data_ptr() not in seen:
+            seen.add(parameter.data_ptr())
+            count += parameter.numel()
+    return count
+
+
+def program_entry(component: Component, build_dir: Path, name: str, torch_version: str, precision: str,
+                  made_from: dict, sha256) -> dict:
+    """Export `component` to <build_dir>/torch/<name>.pt2; returns its manifest entry (torch_programs):
+    path, sha256 (`sha256(path)`), size, parameter count, versions, the inputs it was made from, I/O."""
+    path = Path(build_dir) / "torch" / f"{name}.pt2"
+    seconds = export_program(component, path)
+    return {"path": f"torch/{name}.pt2", "sha256": sha256(path), "size_bytes": path.stat().st_size,
+            "torch": torch_version, "precision": precision, "export_seconds": round(seconds, 2),
+            "params": parameter_count(component), "inputs": made_from, **io_specs(component)}

@@ -19,6 +19,29 @@ class WeightsNotFound(FileNotFoundError):
     """A checkpoint file or folder is neither in the given folder nor obtainable from the hub."""
 
 
+class UnsafePickle(ValueError):
+    """A torch pickle that `torch.load(weights_only=True)` refuses: it holds code or objects, not only tensors."""
+
+
+def load_pickle(path: Path, **kwargs):
+    """`torch.load(path, map_location='cpu', weights_only=True)`; a file that holds more than tensors
+    raises UnsafePickle saying which file and how to convert it (never unpickled unsafely here)."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)|global '([\w.]+)'", str(error))
+        what = next((g for g in found.groups() if g), None) if found else None
+        raise UnsafePickle(
+            f"{path} contains Python code or objects{f' ({what})' if what else ''} that torch refuses to "
+            "unpickle safely (weights_only=True): convert it to .safetensors on a machine where you trust the "
+            f"file (python -m export.weights to-safetensors {path}) and pass the .safetensors file "
+            "instead") from None
+
+
 def local_root(source: Source) -> Path | None:
     """The folder of a source given as a local path (an absolute `repo_id`), else None (a hub id)."""
     root = Path(source.repo_id)
@@ -178,3 +201,51 @@ def source_record(value: str, flag: str) -> dict:
     files = sorted({p for pattern in _WEIGHT_FILES for p in where.rglob(pattern) if p.is_file()})
     return {"folder": where.name, "files": [{"file": p.relative_to(where).as_posix(), "sha256": sha256_of(p)}
                                             for p in files]}
+
+
+def to_safetensors(path: Path, out: Path | None = None) -> Path:
+    """Convert a trusted torch pickle to `.safetensors` (nested dicts flattened to `group.key`, as the
+    adapter and LoRA readers expect). Unpickles with weights_only=False: only for a file you trust."""
+    import torch
+    from safetensors.torch import save_file
+
+    def flat(prefix: str, value) -> dict:
+        if isinstance(value, torch.Tensor):
+            return {prefix: value.contiguous()}
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flat(f"{prefix}.{key}" if prefix else str(key),
+                                                                         item).items()}
+        return {}  # code, numbers, strings: not weights
+
+    tensors = flat("", torch.load(path, map_location="cpu", weights_only=False))
+    out = Path(out) if out else Path(path).with_suffix(".safetensors")
+    save_file(tensors, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m export.weights to-safetensors FILE [OUT]`."""
+    from export.cli import ArgumentParser, run
+
+    def _main(argv):
+        parser = ArgumentParser(prog="python -m export.weights", description="checkpoint file tools",
+                                epilog="example: python -m export.weights to-safetensors ip-adapter.bin")
+        commands = parser.add_subparsers(dest="command", required=True)
+        convert = commands.add_parser("to-safetensors", help="convert a trusted torch pickle (.bin/.pt) to "
+                                      ".safetensors; it is unpickled with weights_only=False",
+                                      formatter_class=parser.formatter_class)
+        convert.add_argument("file", type=Path, help="the pickle, from a source you trust")
+        convert.add_argument("out", type=Path, nargs="?", help="default: FILE with the .safetensors suffix")
+        args = parser.parse_args(argv)
+        if not args.file.is_file():
+            parser.error(f"{args.file} is not a file")
+        print(to_safetensors(args.file, args.out))
+        return 0
+
+    return run(_main, argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""What the build-time entry points (`python -m export.build`, `python -m export.tiny`, `python -m engine`)
+do with a user's mistake: one `error: <what to do>` line on stderr, exit status 2, no traceback
+(`-v` / `--verbose` keeps it, for a bug report).
+
+`UserError` is the base of the mistakes the code raises with a message that says what to do;
+`USER_ERRORS` adds the project's existing error classes that are user mistakes too (missing weights,
+a bad --base file, an unknown component, a manifest that is not there, ...). `ArgumentParser`
+turns argparse's usage dump into the same one line. Anything else is a bug: its traceback is shown.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from typing import Callable, Sequence
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs; the message says what to do instead."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a help that keeps the description's and the epilog's layout (examples), and one
+    `error:` line instead of the usage block on a bad argument."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        """One `error:` line on stderr, exit status 2 (argparse's status; the usage block stays in --help)."""
+        if wants_traceback(sys.argv[1:]):
+            traceback.print_stack()
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Description and epilog as written (their examples keep their lines); an option's default is
+    appended to its help unless the help already says it (or there is none: unset, or a switch)."""
+
+    def _get_help_string(self, action):
+        help_ = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in help_ or unset or not action.option_strings or action.default == []:
+            return help_
+        return f"{help_} (default: %(default)s)"
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes that mean "the user must change something" (imported lazily: the engine
+    classes pull in nothing heavy, the export ones only what export.build imports anyway)."""
+    classes: list[type[BaseException]] = [UserError]
+    for module, names in (("export.weights", ("WeightsNotFound", "SourceError", "UnsafePickle")),
+                          ("export.lora", ("LoraError",)),
+                          ("export.controlnets", ("ControlNetSourceError",)),
+                          ("export.single_file", ("SingleFileError",)),
+                          ("export.sources", ("UnsupportedComponent",)),
+                          ("export.checkpoint_dims", ("CheckpointMismatch",)),
+                          ("engine.manifest", ("ManifestError",)),
+                          ("engine.profiles", ("ProfileError",)),
+                          ("engine.backend", ("BackendError",))):
+        try:
+            imported = __import__(module, fromlist=list(names))
+        except ImportError:
+            continue
+        classes += [getattr(imported, name) for name in names if hasattr(imported, name)]
+    return tuple(classes)
+
+
+def wants_traceback(argv: Sequence[str]) -> bool:
+    return any(arg in ("-v", "--verbose") or (arg.startswith("-v") and set(arg[1:]) == {"v"}) for arg in argv)
+
+
+def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run an entry point's `main(argv)`; a user mistake becomes one `error:` line and exit 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = wants_traceback(argv)
+    try:
+        return main(argv) or 0
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exit_:  # a `raise SystemExit("message")` is a user mistake said in words
+        if isinstance(exit_.code, str):
+            return fail(exit_.code, verbose)
+        raise
+    except Exception as error:
+        if isinstance(error, user_errors()):
+            return fail(str(error), verbose)
+        raise
+
+
+def fail(message: str, verbose: bool) -> int:
+    """Print the one `error:` line (the traceback first with -v); returns the exit status."""
+    if verbose:
+        traceback.print_exc()
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE
