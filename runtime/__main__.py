@@ -21,6 +21,7 @@ from pathlib import Path
 
 from engine.manifest import load_manifest
 from runtime.console import Parser, StepProgress, backend_choice, check_backend, run_command
+from runtime.ip_scales import BlockScaleError, BlockScales
 from runtime.requests import RequestError, request_fields
 
 GENERATE_EXAMPLES = """examples:
@@ -203,6 +204,11 @@ def check_before_loading(build: Path, backend: str, entry, request) -> None:
     if isinstance(scale, (list, tuple)) and layers is not None and len(scale) != int(layers):
         raise RequestError(f"--ip-scale has {len(scale)} values but this build's UNet has {layers} cross-attention "
                            "layers: give one number, or one per layer")
+    if isinstance(scale, BlockScales) and metadata.get("cross_attention_layers"):  # its blocks exist in this UNet
+        try:
+            scale.layer_scales(metadata["cross_attention_layers"])
+        except BlockScaleError as error:
+            raise RequestError(f"--ip-scale: {error}") from None
     width, height = request.width, request.height
     if width is None and entry.face:  # InstantID: the (pose) photo's size at the model's resolution
         width, height = _photo_size(request.pose_image or request.image, int(metadata.get("default_resolution", 1024)))
