@@ -15,7 +15,9 @@ Stage shapes (B images, H x W pixels, CFG on: 2B rows through the per-step netwo
                   + ImageProj / Resampler (the cached negative is excluded)
   controlnet_step IdentityNet on (2B, 4, H/8, W/8), 16 face tokens, control image (2B, 3, H, W)
   unet_step       UNet on (2B, 4, H/8, W/8) with 77 text + K image tokens (93 for InstantID)
-  denoise_step    unet_step + controlnet_step;  denoise_loop = steps x denoise_step
+  denoise_step    unet_step + controlnet_step
+  denoise_loop    steps x unet_step + (steps inside the IdentityNet's window) x controlnet_step: the
+                  window (control_guidance_start / _end, runtime.control_window) skips it elsewhere
   vae_decode      VAE decoder on (B, 4, H/8, W/8)
   end_to_end      text_encoding + image_tokens + denoise_loop + vae_decode (face analysis: ONNX,
                   not counted)
@@ -35,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from export.specs import ModelSpec, get_spec
 from runtime.pipelines import PIPELINE_NAMES as PIPELINES
+from runtime.control_window import control_window
 from runtime.requests import InstantIDRequest, field_default
 TEXT_TOKENS = 77
 
@@ -49,6 +52,7 @@ class StageFlops:
     batch: int
     steps: int
     flops: dict[str, float]
+    controlnet_steps: int = 0  # the steps that run the IdentityNet (its window); 0 without one
 
 
 def count_flops(fn, *args, **kwargs) -> int:
@@ -176,8 +180,9 @@ def image_tokens_flops(spec: ModelSpec, pipeline: str, images: int = 1) -> int:
 
 
 def stage_flops(model: str | ModelSpec, pipeline: str, height: int, width: int, batch: int = 1,
-                steps: int = 30) -> StageFlops:
-    """FLOPs of every stage (module docstring) for B images of H x W pixels with CFG, `steps` steps."""
+                steps: int = 30, control_guidance_start: float = 0.0, control_guidance_end: float = 1.0) -> StageFlops:
+    """FLOPs of every stage (module docstring) for B images of H x W pixels with CFG, `steps` steps, the
+    IdentityNet run on the steps of its window (diffusers' control_guidance_start / _end)."""
     if pipeline not in PIPELINES:
         raise ValueError(f"unknown pipeline {pipeline!r}: choose one of {list(PIPELINES)}")
     spec = get_spec(model) if isinstance(model, str) else model
@@ -186,10 +191,13 @@ def stage_flops(model: str | ModelSpec, pipeline: str, height: int, width: int, 
     flops["unet_step"] = unet_step_flops(spec, pipeline, height, width, rows)
     flops["controlnet_step"] = controlnet_step_flops(spec, height, width, rows) if pipeline == "instantid" else 0
     flops["denoise_step"] = flops["unet_step"] + flops["controlnet_step"]
-    flops["denoise_loop"] = steps * flops["denoise_step"]
+    window = control_window(steps, control_guidance_start, control_guidance_end)
+    controlnet_steps = (steps if window is None else sum(window)) if flops["controlnet_step"] else 0
+    flops["denoise_loop"] = steps * flops["unet_step"] + controlnet_steps * flops["controlnet_step"]
     flops["vae_decode"] = vae_decode_flops(spec, height, width, batch)
     flops["end_to_end"] = flops["text_encoding"] + flops["image_tokens"] + flops["denoise_loop"] + flops["vae_decode"]
-    return StageFlops(spec.name, pipeline, (height, width), batch, steps, {k: float(v) for k, v in flops.items()})
+    return StageFlops(spec.name, pipeline, (height, width), batch, steps, {k: float(v) for k, v in flops.items()},
+                      controlnet_steps)
 
 
 @dataclass
