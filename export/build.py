@@ -210,6 +210,14 @@ def export_onnx(options: Options) -> list[Row]:
         say(component_line(index, total, rows[-1]))
     digests.save()
     sources.release()
+    if extra_controlnets and programs_only:
+        from export.controlnets import controlnet_programs
+
+        made = controlnet_programs(out, spec.name, extra_controlnets, spec.unet, dtype, flags["torch"], options.precision)
+        for offset, (name, entry) in enumerate(made.items()):
+            programs[name] = entry
+            rows.append(Row(name, entry["params"], entry["size_bytes"], 0.0, entry["export_seconds"], _peak_rss_gb()))
+            say(component_line(len(names) + offset + 1, total, rows[-1]))
     if extra_controlnets and not programs_only:
         from export.controlnets import export_controlnets
 

@@ -148,7 +148,7 @@ def export_controlnets(out: Path, model: str, sources, unet_config: dict, dtype:
                        flags: dict) -> list[tuple[str, int, float, float]]:
     """Export each source to out/onnx/controlnet_<name>.onnx and record it (with its source) in the manifest;
     metadata `controlnets` gains {name: component}. Returns (component, params, load s, export s) per source."""
-    from engine.manifest import record_onnx, update_manifest
+    from engine.manifest import record_onnx
     from export.onnx_export import export_component
 
     rows = []
@@ -161,6 +161,30 @@ def export_controlnets(out: Path, model: str, sources, unet_config: dict, dtype:
                              export_flags={**flags, "controlnet": source.record()})
         rows.append((source.component, record.params, loaded, seconds))
 
+    _remember(out, model, sources)
+    return rows
+
+
+def controlnet_programs(out: Path, model: str, sources, unet_config: dict, dtype: torch.dtype, torch_version: str,
+                        precision: str) -> dict[str, dict]:
+    """`--stage torch`: each source as out/torch/controlnet_<name>.pt2 (export.torch_programs); returns their
+    manifest entries (metadata torch_programs) and records metadata `controlnets`."""
+    from engine.manifest import sha256_files
+    from export.torch_programs import program_entry
+
+    entries = {}
+    for source in sources:
+        component = controlnet_component(source.name, load_controlnet(source, unet_config, dtype))
+        entries[source.component] = program_entry(component, out, source.component, torch_version, precision,
+                                                  {"controlnet": source.record()}, lambda path: sha256_files([path]))
+    _remember(out, model, sources)
+    return entries
+
+
+def _remember(out: Path, model: str, sources) -> None:
+    """metadata `controlnets` gains {name: component} for `sources`."""
+    from engine.manifest import update_manifest
+
     def change(manifest) -> None:
         known = dict(manifest.metadata.get("controlnets", {}))
         known.update({source.name: source.component for source in sources})
@@ -168,7 +192,6 @@ def export_controlnets(out: Path, model: str, sources, unet_config: dict, dtype:
 
     if sources:
         update_manifest(out, model, change)
-    return rows
 
 
 def write_tiny_controlnet(folder: Path, spec=None, seed: int = 20) -> Path:

@@ -146,8 +146,11 @@ def check_controls(controls: Sequence[Control], available: Collection[str], buil
 
 
 def build_controlnets(manifest) -> dict[str, str]:
-    """{name: component} of the build's extra ControlNets (components controlnet_<name> with an ONNX)."""
-    return {name[len(PREFIX):]: name for name in sorted(manifest.components) if name.startswith(PREFIX)}
+    """{name: component} of the build's extra ControlNets: components controlnet_<name> (ONNX, engines) and
+    metadata `controlnets` (also a --stage torch build's)."""
+    found = {name[len(PREFIX):]: name for name in manifest.components if name.startswith(PREFIX)}
+    found.update(manifest.metadata.get("controlnets", {}))
+    return dict(sorted(found.items()))
 
 
 def canny_map(rgb: np.ndarray, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> np.ndarray:
