@@ -101,6 +101,8 @@ def _fingerprint(spec: ModelSpec) -> str:
 EXAMPLES = """examples:
   python -m export.tiny weights/tiny                       # then: python -m export.build --model sdxl --weights weights/tiny
   python -m export.tiny weights/tiny-sd15 --model tiny-sd15 --seed 3
+  python -m export.tiny weights/tiny --controlnet            # + weights/tiny/controlnet-canny-tiny (a ControlNet
+                                                             #   for --controlnet canny=weights/tiny/controlnet-canny-tiny)
 
 python -m export.build --model tiny writes the same folder to <out>/weights by itself."""
 
@@ -116,11 +118,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--model", choices=("tiny", "tiny-sd15"), default="tiny",
                             help="tiny: the SDXL family (InstantID, IP-Adapters, face models); tiny-sd15: SD1.5")
         parser.add_argument("--seed", type=int, default=0, help="seed of every weight")
+        parser.add_argument("--controlnet", action="store_true",
+                            help="also write an extra SDXL ControlNet of the tiny UNet's geometry in diffusers' folder "
+                                 "format to FOLDER/controlnet-canny-tiny (export.controlnets; for export.build "
+                                 "--controlnet canny=FOLDER/controlnet-canny-tiny)")
         parser.add_argument("-v", "--verbose", action="store_true", help="the traceback of an error")
         args = parser.parse_args(argv)
+        if args.controlnet and args.model != "tiny":
+            parser.error("--controlnet: extra ControlNets are SDXL-family models: use --model tiny")
         if args.folder.exists() and not args.folder.is_dir():
             parser.error(f"{args.folder} is a file: pass a folder to write the model into")
         print(write_tiny(args.folder, args.seed, get_spec(args.model)))
+        if args.controlnet:
+            from export.controlnets import write_tiny_controlnet
+
+            print(write_tiny_controlnet(args.folder / "controlnet-canny-tiny", get_spec(args.model), seed=args.seed + 20))
         return 0
 
     return run(_main, argv)
