@@ -80,10 +80,12 @@ def _canny_pil(photo: np.ndarray, low: int = 100, high: int = 200) -> Image.Imag
     return Image.fromarray(np.concatenate([cv2.Canny(photo, low, high)[:, :, None]] * 3, axis=2))
 
 
-def test_instantid_with_canny_equals_diffusers_multicontrolnet(build, photo):
+@pytest.mark.parametrize("window", [(0.0, 1.0), (0.0, 0.6)], ids=["every-step", "window"])
+def test_instantid_with_canny_equals_diffusers_multicontrolnet(build, photo, window):
     """InstantID + canny (runtime, ONNX Runtime) vs StableDiffusionXLControlNetPipeline with
     MultiControlNetModel([IdentityNet on face tokens, canny]) and the face tokens through the UNet's
-    decoupled attention (diffusers' IP-Adapter path): latents rel <= 1e-5."""
+    decoupled attention (diffusers' IP-Adapter path): latents rel <= 1e-5. The request's ControlNet window
+    (control_guidance_start / _end) holds for every ControlNet, as diffusers applies one window to all."""
     from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
     from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
     from diffusers.models.embeddings import MultiIPAdapterImageProjection
@@ -96,7 +98,8 @@ def test_instantid_with_canny_equals_diffusers_multicontrolnet(build, photo):
     embedding = np.random.default_rng(3).standard_normal(512).astype(np.float32)
     kps_image = draw_kps(WIDTH, HEIGHT, KPS)
     pipe = InstantIDPipeline.from_build(build, "onnxruntime", threads=1)
-    fields = dict(steps=STEPS, seed=SEED, guidance=5.0, ip_scale=0.8, controlnet_scale=0.8)
+    fields = dict(steps=STEPS, seed=SEED, guidance=5.0, ip_scale=0.8, controlnet_scale=0.8,
+                  control_guidance_start=window[0], control_guidance_end=window[1])
     got = pipe.generate(embedding, kps_image, PROMPT, decode=False, **fields,
                         controls=[Control("canny", photo, scale=0.5, preprocess="canny")]).latents
     alone = pipe.generate(embedding, kps_image, PROMPT, decode=False, **fields).latents
@@ -118,9 +121,11 @@ def test_instantid_with_canny_equals_diffusers_multicontrolnet(build, photo):
     want = reference(PROMPT, image=[Image.fromarray(kps_image), _canny_pil(photo)],
                      controlnet_conditioning_scale=[0.8, 0.5], num_inference_steps=STEPS, guidance_scale=5.0,
                      height=HEIGHT, width=WIDTH, generator=torch.Generator().manual_seed(SEED),
+                     control_guidance_start=window[0], control_guidance_end=window[1],
                      ip_adapter_image_embeds=[embeds], output_type="latent").images
     error, effect = rel(got, want), rel(alone, want)
-    print(f"InstantID + canny vs diffusers MultiControlNet: latents rel {error:.1e} (without canny: {effect:.1e})")
+    print(f"InstantID + canny vs diffusers MultiControlNet, window {window}: latents rel {error:.1e} (without "
+          f"canny: {effect:.1e})")
     assert got.shape == want.shape == (1, 4, HEIGHT // 8, WIDTH // 8)
     assert error <= 1e-5 and effect > 1e-3  # equal, and the canny ControlNet did change the result
 
@@ -205,12 +210,18 @@ def _world_with_canny():
     world = World()
     world.canny_engine = EngineDouble(world.trt, world.cuda, _canny_engine_spec())
     world.canny = world.session(world.canny_engine, "controlnet_canny")
+    latent = ("2B", None, "latent_height", "latent_width")  # the axis names zero residuals are sized by
+    world.unet.inputs = tuple(replace(i, shape=tuple(d if n is None else n for d, n in zip(i.shape, latent)))
+                              if i.name.endswith("_residual_0") or i.name == "mid_residual" else i
+                              for i in world.unet.inputs)
     return world
 
 
-@pytest.mark.parametrize("identitynet", [True, False], ids=["instantid", "ip-adapter"])
+@pytest.mark.parametrize("identitynet,window", [(True, None), (False, None), (True, (False, True, True)),
+                                               (True, (True, False, True))],
+                         ids=["instantid", "ip-adapter", "instantid-window", "instantid-gap"])
 @pytest.mark.parametrize("mode", ["graph", "step-graphs"])
-def test_graph_paths_sum_into_the_unets_residual_buffers(identitynet, mode):
+def test_graph_paths_sum_into_the_unets_residual_buffers(identitynet, window, mode):
     """Whole-loop and per-step graphs over MultiControlNet equal the eager loop exactly, on a strict double of
     TensorRT and CUDA (aligned bindings, one context per graph, an enqueue before capture), replaying new
     control images and scales; the canny ControlNet changes the result."""
@@ -228,7 +239,8 @@ def test_graph_paths_sum_into_the_unets_residual_buffers(identitynet, mode):
         image = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
         extra = control_feeds(["controlnet_canny"], [image], [scale], plain.unet_feeds["text_tokens"])
         shared = {k: plain.controlnet_feeds[k] for k in ("text_embeds", "time_ids")}
-        inputs = replace(plain, controlnet_feeds={**(plain.controlnet_feeds if identitynet else shared), **extra})
+        inputs = replace(plain, controlnet_feeds={**(plain.controlnet_feeds if identitynet else shared), **extra},
+                         controlnet_steps=window)  # off the window no ControlNet runs, the UNet reads zeros
         if not identitynet:  # IP-Adapter: no IdentityNet; without the canny ControlNet the residuals are zeros
             shapes = {"down_residual_0": (2, 4, 8, 8), "mid_residual": (2, 1, 8, 8)}
             plain = replace(plain, unet_feeds={**plain.unet_feeds, **{k: torch.zeros(s) for k, s in shapes.items()}},
