@@ -23,6 +23,7 @@ from engine.manifest import load_manifest
 from runtime.console import Parser, StepProgress, backend_choice, check_backend, run_command
 from runtime.ip_scales import BlockScaleError, BlockScales
 from runtime.requests import RequestError, request_fields
+from runtime.sessions import program_timings, torch_sessions
 
 GENERATE_EXAMPLES = """examples:
   python -m runtime generate --build build/tiny --face build/tiny/astronaut.png --prompt "a portrait" \\
@@ -234,6 +235,19 @@ def _photo_size(photo, resolution: int) -> tuple[int | None, int | None]:
         return None, None
 
 
+def _log_to_stderr(name: str) -> None:
+    """INFO records of logger `name` as bare lines on stderr (once)."""
+    import logging
+
+    logger = logging.getLogger(name)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("  %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def generate(args) -> list[Path]:
     """Run one request; returns the written files."""
     entry, request = cli_request(args)
@@ -241,10 +255,16 @@ def generate(args) -> list[Path]:
         raise RequestError(f"--sheet shows the face analysis of an InstantID request: leave it out for {entry.name}")
     check_before_loading(args.build, args.backend, entry, request)
     check_backend(args.backend)
+    if args.backend == "torch":  # the slow start of this backend: say it, and a line per program as it opens
+        print(f"loading {entry.name}'s torch programs from {args.build} (torch.export.load deserialises each graph: "
+              "seconds per component on a CPU)...", file=sys.stderr, flush=True)
+        _log_to_stderr("runtime.sessions")
     pipe = entry.open(args.build, args.backend, loop_mode=args.loop, trust_programs=args.trust_torch_programs)
     progress = StepProgress()
     images = pipe(request, progress=progress)
     progress.finish()
+    for line in program_timings(torch_sessions(pipe), args.verbose):  # --backend torch: where its time went
+        print(line, file=sys.stderr)
     pipe.save_runtime_caches()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.sheet is not None:

@@ -18,7 +18,9 @@ graph calls: the session itself, or for TensorRT a context of its own) and `cuda
 """
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -34,7 +36,9 @@ from runtime.trt import DeviceMemoryPool, TrtBinding, TrtSession
 
 __all__ = ["BACKENDS", "DeviceMemoryPool", "OrtSession", "Session", "SessionError", "ShapeRangeError", "TensorSpec",
            "TorchSession", "TrtBinding", "TrtSession", "check_shape", "cuda_device", "normalize_backend",
-           "open_program", "open_session"]
+           "open_program", "open_session", "program_timings", "torch_sessions"]
+
+log = logging.getLogger("runtime.sessions")
 
 BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx", "torch")
 
@@ -46,6 +50,9 @@ class TorchSession(Session):
 
     For the `export.components` wrappers (the engines' I/O); capturable on CUDA, so the loop runs in CUDA
     graphs on a GPU without TensorRT. Inputs are cast to their TensorSpec dtype; outputs keep theirs.
+    timings: seconds per phase, {phase: s}: `open_program` adds 'checksum', 'load' (torch.export.load:
+    deserialising the graph and its symbolic shapes, most of a program's start) and 'module'; the first
+    run adds 'first_call', every run adds to 'calls' (with 'runs' counting them).
     """
 
     def __init__(self, module, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], name: str = "torch",
@@ -57,13 +64,19 @@ class TorchSession(Session):
         self.device = cuda_device(device) if device is not None else (
             parameter.device if parameter is not None else torch.device("cpu"))
         self.capturable = self.device.type == "cuda"
+        self.timings: dict[str, float] = {}
 
     def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Inputs cast to their TensorSpec dtype on `device`; outputs as the module returns them."""
         self.check_feeds(feeds)
         args = [feeds[info.name].to(self.device, info.dtype) for info in self.inputs]
+        start = time.perf_counter()
         with torch.inference_mode():
             result = self.module(*args)
+        seconds = time.perf_counter() - start  # CPU: the call's time; CUDA: its launch (no sync here)
+        self.timings.setdefault("first_call", seconds)
+        self.timings["calls"] = self.timings.get("calls", 0.0) + seconds
+        self.timings["runs"] = self.timings.get("runs", 0) + 1
         result = (result,) if isinstance(result, torch.Tensor) else tuple(result)
         if len(result) != len(self.outputs):
             raise SessionError(f"{self.name}: the module returned {len(result)} tensors, expected "
@@ -144,10 +157,12 @@ def open_program(build_dir: Path, component: str, manifest: Manifest, device=Non
     if path is None or not path.is_file():
         raise SessionError(f"{build_dir} has no torch program for '{component}'; export it: python -m export.build "
                            f"--model {manifest.model} --out {build_dir} --stage torch")
+    timings, start = {}, time.perf_counter()
     if verify_sha256 and sha256_files([path]) != record["sha256"]:
         raise SessionError(f"{path} does not match its manifest checksum (corrupt or replaced): re-export it "
                            f"(python -m export.build --model {manifest.model} --out {build_dir} --stage torch)")
     device = cuda_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    timings["checksum"], start = time.perf_counter() - start, time.perf_counter()
     try:
         program = torch.export.load(path)
     except Exception as error:  # a truncated or foreign file; torch raises several kinds
@@ -163,5 +178,46 @@ def open_program(build_dir: Path, component: str, manifest: Manifest, device=Non
         name, dtype, dims = entry
         return TensorSpec(name, torch_dtype(dtype), tuple(dims))
 
-    return TorchSession(program.module(), [spec(entry) for entry in record["inputs"]],
-                        [spec(entry) for entry in record["outputs"]], name=component, device=device)
+    timings["load"], start = time.perf_counter() - start, time.perf_counter()
+    module = program.module()
+    timings["module"] = time.perf_counter() - start
+    session = TorchSession(module, [spec(entry) for entry in record["inputs"]],
+                           [spec(entry) for entry in record["outputs"]], name=component, device=device)
+    session.timings.update(timings)
+    log.info("%s: torch program opened in %.1f s (checksum %.2f s, torch.export.load %.1f s, module %.2f s)",
+             component, sum(timings.values()), timings["checksum"], timings["load"], timings["module"])
+    return session
+
+
+def torch_sessions(owner) -> list[TorchSession]:
+    """The TorchSessions among `owner`'s attributes and their attributes (a pipeline's components)."""
+    found: dict[int, TorchSession] = {}
+    for value in vars(owner).values():
+        for candidate in [value, *getattr(value, "__dict__", {}).values()]:
+            if isinstance(candidate, TorchSession):
+                found[id(candidate)] = candidate
+    return list(found.values())
+
+
+def program_timings(sessions: Sequence[TorchSession], verbose: bool = False) -> list[str]:
+    """Where the torch backend's time went, as lines: one summary (programs loaded, of which
+    torch.export.load, first calls, then per call of the session that took longest in all, the UNet
+    in a generation), and with `verbose`
+    one line per session and phase. Seconds."""
+    if not sessions:
+        return []
+    total = lambda phase: sum(session.timings.get(phase, 0.0) for session in sessions)  # noqa: E731
+    opened = total("checksum") + total("load") + total("module")
+    slowest = max(sessions, key=lambda session: session.timings.get("load", 0.0))
+    busiest = max(sessions, key=lambda session: session.timings.get("calls", 0.0))  # the per-step one
+    runs = busiest.timings.get("runs", 0)
+    later = (busiest.timings.get("calls", 0.0) - busiest.timings.get("first_call", 0.0)) / max(runs - 1, 1)
+    lines = [f"torch programs: {len(sessions)} opened in {opened:.1f} s (torch.export.load {total('load'):.1f} s, "
+             f"most of it deserialising graphs and symbolic shapes; {slowest.name} {slowest.timings.get('load', 0):.1f} s), "
+             f"first calls {total('first_call'):.1f} s, then {later:.2f} s per {busiest.name} call ({runs} calls)"]
+    if verbose:
+        for session in sessions:
+            phases = ", ".join(f"{phase} {session.timings[phase]:.2f} s" for phase in
+                               ("checksum", "load", "module", "first_call", "calls") if phase in session.timings)
+            lines.append(f"  {session.name}: {phases}, {session.timings.get('runs', 0)} run(s)")
+    return lines
