@@ -333,3 +333,26 @@ def test_graph_paths_run_the_controlnet_only_inside_the_window(mode, start, end)
     assert len(loop._graphs) == 2  # the default window and this one: two keys, each captured once
     assert not torch.equal(expected, expected_full)
     assert all(not context.errors for engine in world.engines() for context in engine.contexts)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["graph", "step-graphs"])
+@pytest.mark.parametrize("start,end", [(0.0, 0.5), (0.5, 1.0), (0.9, 1.0)])
+def test_cuda_graph_window_equals_eager(mode, start, end):
+    """torch sessions on CUDA: the captured loop with a ControlNet window equals the eager loop with it."""
+    from runtime.control_window import control_window
+
+    device = torch.device("cuda")
+    unet, controlnet = _sessions()
+    for session in (unet, controlnet):
+        session.module.to(device)
+        session.device, session.capturable = device, True
+    plan = build_scheduler(SCHEDULER_CONFIG, "euler").plan(4, device)
+    loop, eager = DenoiseLoop(unet, controlnet, mode=mode), DenoiseLoop(unet, controlnet, mode="eager")
+    _, inputs = _inputs("euler", 4, 1, 5.0, 0.7, 0.4, 3, _conditioning(1, 3))
+    inputs = _to(inputs, device)
+    inputs.controlnet_steps = control_window(4, start, end)
+    for _ in range(2):
+        latents = loop.run(plan, inputs)
+        assert loop.last_path == mode
+        torch.testing.assert_close(latents, eager.run(plan, inputs), rtol=1e-5, atol=1e-5)
