@@ -1,25 +1,45 @@
-"""`python -m benchmarks latency|flops|report ...`: the benchmark commands under one name.
+r"""`python -m benchmarks <benchmark> ...`: the benchmark commands under one name.
 
-    python -m benchmarks latency --build build/tiny --backend onnxruntime --steps 4 --resolution 128 --out results
-    python -m benchmarks flops --model sdxl --resolution 1024 --peak
-    python -m benchmarks report results/latency.json
+benchmarks:
+  latency   per-stage latency of the PyTorch baseline and the runtime backends (latency.json/.md/.png)
+  flops     FLOPs of every stage and the device's matmul peak: the physical floor
+  load      N concurrent clients against a running server (python -m runtime.serve)
+  report    rewrite latency.md / latency.png from a latency.json
+
+examples:
+  python -m benchmarks latency --build build/tiny --steps 4 --runs 3 --out bench/
+  python -m benchmarks flops --model sdxl --resolution 1024 --peak
+  python -m benchmarks load --url http://127.0.0.1:8000 --clients 4 --seconds 30
+  python -m benchmarks report bench/latency.json
+
+`python -m benchmarks <benchmark> --help` (or python -m benchmarks.<benchmark> --help) for its flags.
 """
 from __future__ import annotations
 
 import sys
 
-COMMANDS = ("latency", "flops", "report")
+from runtime.console import UsageError, run_command
+
+COMMANDS = ("latency", "flops", "load", "report")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to benchmarks.<command>.main with the remaining arguments."""
-    argv = sys.argv[1:] if argv is None else argv
+    """Dispatch to benchmarks.<benchmark>.main with the remaining arguments; --help lists them."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in ("-h", "--help"):
+        print(f"usage: python -m benchmarks {{{','.join(COMMANDS)}}} [args]\n\n{__doc__.strip()}")
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: python -m benchmarks {{{'|'.join(COMMANDS)}}} [args]  (see --help of each)", file=sys.stderr)
-        return 2
+        what = "no benchmark given" if not argv else f"unknown benchmark {argv[0]!r}"
+        return run_command(lambda _: _refuse(f"{what}: choose one of {', '.join(COMMANDS)} "
+                                             "(see python -m benchmarks --help)"), argv)
     from importlib import import_module
 
     return import_module(f"benchmarks.{argv[0]}").main(argv[1:])
+
+
+def _refuse(message: str) -> int:
+    raise UsageError(message)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ CPU), so `measured / floor` says how far a stage is from compute-bound.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -35,8 +34,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from export.specs import ModelSpec, get_spec
+from export.specs import SPECS, ModelSpec, get_spec
 from runtime.pipelines import PIPELINE_NAMES as PIPELINES
+from runtime.console import run_command
 from runtime.control_window import control_window
 from runtime.requests import InstantIDRequest, field_default
 TEXT_TOKENS = 77
@@ -242,19 +242,33 @@ def measure_matmul_peak(device: str | torch.device | None = None, n: int | None 
     return MatmulPeak(str(device), str(dtype).removeprefix("torch."), n, seconds, 2.0 * n**3 / seconds)
 
 
+EXAMPLES = """examples:
+  python -m benchmarks.flops --model sdxl --pipeline instantid --resolution 1024 --steps 30
+  python -m benchmarks.flops --model tiny --resolution 128 --steps 4 --peak     # with this machine's floor
+"""
+
+
 def floor_seconds(flops: dict[str, float], peak_flops_per_s: float) -> dict[str, float]:
     """Seconds per stage if it ran at the matmul peak: FLOPs / peak."""
     return {stage: value / peak_flops_per_s for stage, value in flops.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the FLOPs of every stage (TFLOP) and, with --peak, the floor in seconds, as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.flops", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="sdxl", help="sdxl | tiny (architecture only: meta device)")
-    parser.add_argument("--pipeline", choices=PIPELINES, default="instantid")
-    parser.add_argument("--resolution", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=30)
+    """Print the FLOPs of every stage (TFLOP) and, with --peak, the floor in seconds, as JSON. A user
+    mistake is one `error:` line and status 2 (runtime.console)."""
+    return run_command(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    from runtime.console import Parser
+
+    parser = Parser(prog="python -m benchmarks.flops", description=__doc__.split("\n")[0], epilog=EXAMPLES)
+    parser.add_argument("--model", default="sdxl", choices=tuple(SPECS),
+                        help="model architecture (built on the meta device: no weights are needed)")
+    parser.add_argument("--pipeline", choices=PIPELINES, default="instantid", help="pipeline whose stages are counted")
+    parser.add_argument("--resolution", type=int, default=1024, help="output side in pixels (square)")
+    parser.add_argument("--batch", type=int, default=1, help="images per request (CFG doubles the rows)")
+    parser.add_argument("--steps", type=int, default=30, help="denoising steps")
     parser.add_argument("--peak", action="store_true", help="also measure this device's matmul peak")
     args = parser.parse_args(argv)
     counted = stage_flops(args.model, args.pipeline, args.resolution, args.resolution, args.batch, args.steps)

@@ -1,8 +1,10 @@
-"""Latency of the PyTorch baseline and every requested runtime backend, per stage, in one run.
+r"""Latency of the PyTorch baseline and every requested runtime backend, per stage, in one run.
 
-    python -m benchmarks.latency --build build/tiny --backend onnxruntime[,tensorrt,torch] \
-        --baseline torch --pipeline instantid --steps 4 --resolution 128 --batch 1 \
-        --runs 5 --warmup 1 --out results/tiny [--sweep-resolution 64,128 --sweep-batch 1,2]
+examples:
+  python -m benchmarks.latency --build build/tiny --steps 4 --runs 3 --out bench/   # baseline vs ONNX Runtime
+  python -m benchmarks.latency --build build/tiny --backend onnxruntime[,tensorrt,torch] \
+      --baseline torch --pipeline instantid --steps 4 --resolution 128 --batch 1 \
+      --runs 5 --warmup 1 --out results/tiny [--sweep-resolution 64,128 --sweep-batch 1,2]
 
 For each backend (the baseline first): load the pipeline, run one request (cold start = load to
 first image), then time every stage (benchmarks.stages) `--runs` times after `--warmup` untimed
@@ -43,6 +45,7 @@ import torch
 
 from benchmarks.stages import STAGES, BaselineRunner, RuntimeRunner, Workload, build_analyzer
 from benchmarks.timing import PeakMemory, machine_info, summarize, time_runs, timed
+from runtime.console import Parser, UsageError, backend_choice, run_command
 from runtime.pipelines import PIPELINES
 
 SCHEMA = "instantrt-latency/1"
@@ -98,10 +101,16 @@ def _sweep(runner, work: Workload, points: list[tuple[int, int]], runs: int, war
     return rows
 
 
+def say(name: str, text: str) -> None:
+    """One progress line per stage of the run on stderr, e.g. 'baseline: 5 runs of 7 stages...'."""
+    print(f"{name}: {text}", file=sys.stderr, flush=True)
+
+
 def measure_backend(name: str, make_runner, work: Workload, runs: int, warmup: int, device,
                     sweep_points: list[tuple[int, int]] = ()) -> tuple[BackendResult, torch.Tensor | None]:
     """Load, cold start, time every stage (and the sweep) for one backend; (result, final latents)."""
     result = BackendResult(name, available=False)
+    say(name, "loading...")
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -112,10 +121,12 @@ def measure_backend(name: str, make_runner, work: Workload, runs: int, warmup: i
             runner = make_runner()
         except Exception as error:  # missing backend, engines, build...: reported, not raised
             result.reason = _error(error)
+            say(name, f"unavailable: {result.reason}")
             return result, None
         result.available, result.device = True, str(runner.device)
         result.load_s = time.perf_counter() - begin
         memory.sample()  # engines, weights and contexts are resident now
+        say(name, f"loaded in {result.load_s:.1f} s; first request (cold start)...")
         try:
             stages = runner.stages(work)
             timed(stages["end_to_end"], runner.device)
@@ -123,10 +134,13 @@ def measure_backend(name: str, make_runner, work: Workload, runs: int, warmup: i
             memory.sample()  # activations, scratch, captured graphs of the first request
         except Exception as error:
             result.available, result.reason = False, f"first request failed: {_error(error)}"
+            say(name, result.reason)
             return result, None
+        say(name, f"cold start {result.cold_start_s:.1f} s; warm-up {warmup} + {runs} runs of {len(stages)} stages...")
         _time_stages(result, stages, runs, warmup, runner.device)
         latents = None if runner.latents is None else runner.latents.detach().float().cpu()
         if sweep_points:
+            say(name, f"sweep of {len(sweep_points)} (resolution, batch) points...")
             result.sweep = _sweep(runner, work, sweep_points, runs, warmup)
         result.notes.extend(runner.notes)
         del runner, stages
@@ -138,40 +152,59 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def _backends(text: str) -> str:
+    """--backend: each comma-separated name checked (runtime.console.backend_choice); 'none' kept."""
+    return ",".join(name if name == "none" else backend_choice(name) for name in
+                    (part.strip() for part in text.split(",")) if name)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    """The command line (module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.split("\n")[0])
+    """The command line (module docstring); a --build that is not a build is a UsageError."""
+    parser = Parser(prog="python -m benchmarks.latency", description=__doc__.split("\n\n")[0],
+                    epilog=__doc__.split("\n\n", 1)[1].split("\n\n")[0])
     parser.add_argument("--build", type=Path, help="build directory (python -m export.build --out); without it "
                         "only the baseline runs")
-    parser.add_argument("--backend", default="onnxruntime",
+    parser.add_argument("--backend", default="onnxruntime", type=_backends,
                         help="comma-separated runtime backends: onnxruntime, tensorrt, tensorrt-rtx, torch, ... "
                         "('none' for the baseline alone; torch: the build's torch.export programs when it has "
                         "them, else the export wrappers built from --weights / random init)")
     parser.add_argument("--trust-torch-programs", action="store_true",
                         help="--backend torch: load the build's torch.export programs (they unpickle, so a crafted "
                         "program runs code: only for a build you made or trust)")
-    parser.add_argument("--baseline", default="torch", choices=("torch", "none"))
-    parser.add_argument("--pipeline", default="instantid", choices=tuple(PIPELINES))
+    parser.add_argument("--baseline", default="torch", choices=("torch", "none"),
+                        help="the PyTorch (diffusers) baseline every backend is compared with, or none")
+    parser.add_argument("--pipeline", default="instantid", choices=tuple(PIPELINES), help="pipeline to time")
     parser.add_argument("--model", help="tiny | sdxl (default: the build's model, else tiny)")
     parser.add_argument("--weights", type=Path, help="baseline checkpoints folder (default: BUILD/weights if "
                         "present, else seeded random weights)")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=30, help="denoising steps per request")
     parser.add_argument("--resolution", type=int, default=None, help="pixels, square (default: model's)")
     parser.add_argument("--batch", type=int, default=1, help="images per request (CFG doubles the rows)")
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=5, help="timed runs of every stage (median, p90 of these)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs of every stage before the timed ones")
     parser.add_argument("--device", default=None, help="baseline device (default cuda if present)")
     parser.add_argument("--fp32", action="store_true", help="baseline in fp32 on a GPU too")
-    parser.add_argument("--loop", default="auto", help="runtime loop mode: auto | graph | step-graphs | eager")
+    parser.add_argument("--loop", default="auto", choices=("auto", "graph", "step-graphs", "eager"),
+                        help="runtime loop mode (graph modes need a GPU)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (set_num_threads) and ONNX Runtime (intra-op); default: theirs. "
                         "On a shared CPU use 1: spinning thread pools under contention cost 10x")
-    parser.add_argument("--sweep-resolution", type=_ints, default=[], help="e.g. 512,768,1024")
-    parser.add_argument("--sweep-batch", type=_ints, default=[], help="e.g. 1,2,4")
+    parser.add_argument("--sweep-resolution", type=_ints, default=[],
+                        help="also time the loop and end to end at these square sizes, e.g. 512,768,1024")
+    parser.add_argument("--sweep-batch", type=_ints, default=[],
+                        help="also time the loop and end to end at these batch sizes, e.g. 1,2,4")
     parser.add_argument("--no-floor", action="store_true", help="skip the FLOP count and matmul peak")
-    parser.add_argument("--no-plot", action="store_true")
-    parser.add_argument("--out", type=Path, required=True)
-    return parser.parse_args(argv)
+    parser.add_argument("--no-plot", action="store_true", help="write no PNG plots (JSON and markdown only)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for latency.json, latency.md and latency.png (created)")
+    args = parser.parse_args(argv)
+    if args.build is not None and not (args.build / "manifest.json").is_file():
+        raise UsageError(f"--build {args.build} is not a build directory (no manifest.json): build one with "
+                         f"python -m export.build --model tiny --stage onnx --out {args.build}, or leave --build "
+                         "out to time the baseline alone")
+    if args.runs < 1 or args.warmup < 0 or args.steps < 1:
+        raise UsageError("--runs and --steps must be at least 1 and --warmup at least 0")
+    return args
 
 
 def _model_and_weights(args) -> tuple[str, Path | None]:
@@ -261,6 +294,8 @@ def run(args: argparse.Namespace) -> dict:
         results.append(result)
         _save_partial(args.out, results)
     backends = [asdict(r) for r in results]
+    if not args.no_floor:
+        say("floor", "counting FLOPs and measuring the matmul peak...")
     floor = None if args.no_floor else _floor(model, work, base_device)
     ratios, speedups = derived(backends, floor)
     return {"schema": SCHEMA, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -276,7 +311,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run, then write latency.json / latency.md / latency.png under --out; prints the table."""
+    """Run, then write latency.json / latency.md / latency.png under --out; prints the table. A user
+    mistake is one `error:` line and status 2 (runtime.console)."""
+    return run_command(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     from benchmarks.report import write_outputs
 
     args = parse_args(argv)

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from runtime.console import Parser, UsageError, run_command
+
 # stages that add up to one request (denoise_step is inside denoise_loop; end_to_end is the sum)
 STACKED = ("face_analysis", "text_encoding", "image_tokens", "denoise_loop", "vae_decode")
 # what end_to_end runs, each of them also timed alone (face analysis is outside end_to_end)
@@ -273,19 +275,23 @@ def write_outputs(result: dict, out: Path, plot: bool = True) -> dict[str, Path]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Re-render the table and plots of a latency.json."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m benchmarks.report OUT/latency.json", file=sys.stderr)
-        return 2
-    source = Path(argv[0])
+    """Re-render the table and plots of a latency.json. A user mistake is one `error:` line and status
+    2 (runtime.console)."""
+    return run_command(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    parser = Parser(prog="python -m benchmarks.report", description=__doc__.split("\n")[0],
+                    epilog="examples:\n  python -m benchmarks.report results/tiny/latency.json   "
+                    "# rewrites latency.md / latency.png beside it\n")
+    parser.add_argument("latency_json", type=Path, help="a latency.json written by python -m benchmarks.latency")
+    source = parser.parse_args(argv).latency_json
     try:
         result = json.loads(source.read_text())
         result["config"], result["backends"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        print(f"error: {source} is not a latency.json written by python -m benchmarks.latency ({error})",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"{source} is not a latency.json written by python -m benchmarks.latency ({error}): give "
+                         "the latency.json of a benchmarks.latency --out folder") from None
     for path in write_outputs(result, source.parent).values():
         print(path)
     return 0
