@@ -308,15 +308,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runtime", "generate", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-
-
 @pytest.mark.slow
-def test_bad_controls_on_the_cli(build, tiny_build, tmp_path):
-    """Each mistake is one `error:` line and status 2; a good --control writes the image."""
+def test_bad_controls_on_the_cli(build, tiny_build, tmp_path, capsys):
+    """`python -m runtime generate` (its main, in-process): each mistake is one `error:` line and status 2; a good
+    --control writes the image."""
     from skimage import data
+
+    from runtime.__main__ import main
 
     photo, bad = tmp_path / "photo.png", tmp_path / "bad.png"
     Image.fromarray(data.astronaut()).save(photo)
@@ -330,11 +328,10 @@ def test_bad_controls_on_the_cli(build, tiny_build, tmp_path):
         (str(build), "canny"): "error: argument --controls/--control: --control canny: give NAME=PATH",
     }
     for (where, control), message in cases.items():
-        result = _cli("--build", where, *common, "--control", control)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and lines and lines[-1].startswith(message), result.stderr
-    result = _cli("--build", str(build), *common, "--control", f"canny={photo}:0.5:canny/80/160")
-    assert result.returncode == 0, result.stderr
+        status = main(["generate", "--build", where, *common, "--control", control])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert status == 2 and lines and lines[-1].startswith(message), lines
+    assert main(["generate", "--build", str(build), *common, "--control", f"canny={photo}:0.5:canny/80/160"]) == 0
     assert Image.open(tmp_path / "out.png").size == (128, 128)
 
 
