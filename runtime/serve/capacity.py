@@ -118,7 +118,8 @@ def limits_for(build_dir: str | os.PathLike, backend: str, pipelines: list[str],
                memory_gb: float | None = None, max_batch: int = 1, **fixed):
     """The `Limits` of a server over `build_dir` (`python -m runtime serve` calls it at start-up).
 
-    max_side: the flag; None derives it: the least of 2048, the served engines' profile (TensorRT)
+    max_side: the flag; None derives it: the least of 2048, the served engines' profile (TensorRT only:
+    ONNX Runtime and torch run any size a build's engines were not built for)
     and, on ONNX Runtime, the largest square a request of one image with CFG can run in memory.
     Memory (ONNX Runtime only): `memory_gb`, else `free_memory()` now, less the served components'
     ONNX weights and RUNTIME_BYTES; each request may use 1/max_batch of it, since up to max_batch
@@ -132,7 +133,7 @@ def limits_for(build_dir: str | os.PathLike, backend: str, pipelines: list[str],
     entries = [PIPELINES[name] for name in pipelines or available_pipelines(build_dir) if name in PIPELINES]
     stepped = stepped_components(entries)
     sides = [(2048, "the default of 2048")] if max_side is None else [(max_side, "--max-side")]
-    engines = engine_max_side(build_dir, stepped)
+    engines = engine_max_side(build_dir, stepped) if _runs_engines(backend) else None  # ORT, torch: any size
     if max_side is None and engines is not None:
         sides.append((engines, "the build's engine profile"))
     memory_bytes, heads = None, ATTENTION_HEADS.get(manifest.model, ATTENTION_HEADS["sdxl"])
@@ -169,9 +170,8 @@ def check_run(build_dir: str | os.PathLike, backend: str, pipeline: str, width: 
     from runtime.pipelines import PIPELINES
     from runtime.requests import RequestError
 
-    engines = engine_max_side(build_dir, stepped_components([PIPELINES[pipeline]]))
-    if engines is not None and backend.strip().lower() not in ("onnxruntime", "ort", "torch") and max(
-            width, height) > engines:
+    engines = engine_max_side(build_dir, stepped_components([PIPELINES[pipeline]])) if _runs_engines(backend) else None
+    if engines is not None and max(width, height) > engines:
         raise RequestError(f"{width}x{height} is larger than the build's engines allow ({engines} px per side): "
                            f"ask for at most {engines}x{engines}, or rebuild the engines for larger sizes")
     limits = limits_for(build_dir, backend, [pipeline])
@@ -185,6 +185,11 @@ def check_run(build_dir: str | os.PathLike, backend: str, pipeline: str, width: 
                            f"attention and this machine has {_gb(limits.memory_bytes)} free for it: ask for at most "
                            f"{side}x{side} (the need grows with (width x height)^2), fewer images, or use a GPU "
                            "backend (--backend tensorrt)")
+
+
+def _runs_engines(backend: str) -> bool:
+    """Whether `backend` runs the build's TensorRT engines (whose profiles bound the sizes)."""
+    return backend.strip().lower() not in ("onnxruntime", "ort", "torch", "pytorch")
 
 
 def _gb(size: int) -> str:
