@@ -204,7 +204,8 @@ def export_onnx(options: Options) -> list[Row]:
             seconds = made(path)
         del made
         record = record_onnx(out, spec.name, name, path, export_seconds=round(seconds, 2),
-                             export_flags={**flags, "precision": _precision_of(name, options), "inputs": made_from})
+                             export_flags={**flags, "precision": _precision_of(name, options),
+                                           "made_from": made_from})
         export_inputs.remember_onnx_digest(out, spec.name, name, record, digests)
         rows.append(Row(name, record.params, record.size_bytes, loaded, seconds, _peak_rss_gb(), status))
         say(component_line(index, total, rows[-1]))
@@ -293,8 +294,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
                              "the real checkpoints (--weights, the hub cache, or --random-init)")
     parser.add_argument("--pipeline", default="all", choices=[*PIPELINES, "all"],
                         help="which pipeline's components to export; all: every pipeline the model's family has")
-    parser.add_argument("--weights", type=Path, metavar="DIR", help="folder laid out as the hub repositories (default: the "
-                                                     "hub cache; for tiny: write the tiny model to <out>/weights)")
+    parser.add_argument("--weights", type=Path, metavar="DIR",
+                        help="folder laid out as the hub repositories (default: the hub cache; for tiny: write the "
+                             "tiny model to <out>/weights)")
     parser.add_argument("--base", metavar="HUB_ID|FOLDER|FILE",
                         help="the SDXL base: a hub id, a diffusers folder, or one .safetensors in the original "
                              "(SGM / A1111 / ComfyUI) layout, read offline with the shipped configs")
@@ -304,7 +306,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
                         help="IP-Adapter: a hub id or folder laid out as h94/IP-Adapter, or one adapter file "
                              "(plain or Plus, told by its tensors)")
     parser.add_argument("--random-init", action="store_true", help="real architecture, random weights")
-    parser.add_argument("--face-models", type=Path, metavar="DIR", help="antelopev2 folder (scrfd_10g_bnkps.onnx, glintr100.onnx)")
+    parser.add_argument("--face-models", type=Path, metavar="DIR",
+                        help="antelopev2 folder (scrfd_10g_bnkps.onnx, glintr100.onnx)")
     parser.add_argument("--out", type=Path, metavar="DIR", help="build directory (default build/<model>)")
     parser.add_argument("--components", nargs="+", metavar="NAME",
                         help=f"only these components of the pipelines (default: all of them); one of "

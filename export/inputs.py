@@ -6,7 +6,7 @@ selected components at once — in the folders given on the command line, under 
 the hub cache (the hub itself only when it answers) — and raises one UserError that lists each
 missing entry with the flags that would supply it. `component_inputs` is what a component was
 exported from: the files' sha256s, the flags that change its graph and the exporter's version; the
-manifest keeps it in the ONNX record's export flags (`inputs`), and `why_export` compares it on the
+manifest keeps it in the ONNX record's export flags (`made_from`), and `why_export` compares it on the
 next run, so a second export of unchanged inputs keeps the ONNX instead of tracing it again.
 """
 from __future__ import annotations
@@ -271,11 +271,11 @@ def why_export(manifest, name: str, inputs: dict, build_dir: Path, digests: Dige
     and its external data, or the torch program, with the recorded digest) from the same inputs."""
     if programs_only:
         entry = (manifest.metadata.get("torch_programs", {}) if manifest is not None else {}).get(name)
-        before = entry.get("inputs") if entry is not None else None
+        before = entry.get("made_from") if entry is not None else None
     else:
         entry = manifest.components.get(name) if manifest is not None else None
         entry = entry.onnx if entry is not None else None
-        before = entry.export_flags.get("inputs") if entry is not None else None
+        before = entry.export_flags.get("made_from") if entry is not None else None
     if entry is None:
         return "first export"
     if before is None:

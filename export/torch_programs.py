@@ -114,4 +114,4 @@ def program_entry(component: Component, build_dir: Path, name: str, torch_versio
     seconds = export_program(component, path)
     return {"path": f"torch/{name}.pt2", "sha256": sha256(path), "size_bytes": path.stat().st_size,
             "torch": torch_version, "precision": precision, "export_seconds": round(seconds, 2),
-            "params": parameter_count(component), "inputs": made_from, **io_specs(component)}
+            "params": parameter_count(component), "made_from": made_from, **io_specs(component)}

@@ -151,8 +151,9 @@ def test_refit_command_proves_the_plan_and_says_a_gpu_is_needed(builds, capsys, 
 
 
 def test_refit_command_names_what_is_missing(builds, capsys):
-    assert engine_cli(["refit", str(builds["plain"]), "--component", "unet", "--onnx", str(_onnx(builds["lora"]))]) == 1
-    assert f"has no ONNX of 'unet' to refit (components: {COMPONENT})" in capsys.readouterr().err
+    assert engine_cli(["refit", str(builds["plain"]), "--component", "unet", "--onnx", str(_onnx(builds["lora"]))]) == 2
+    assert f"--component unet: {builds['plain']} has no such component; choose from {COMPONENT}" in \
+        capsys.readouterr().err
     with pytest.raises(SystemExit):
         engine_cli(["refit", str(builds["plain"]), "--component", COMPONENT])
     assert "one of the arguments --from --onnx is required" in capsys.readouterr().err
