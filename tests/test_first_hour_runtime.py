@@ -63,6 +63,9 @@ def cases(build: Path, face: Path, grey: Path, empty: Path, port: int) -> dict[s
         "serve: not a build": (["-m", "runtime.serve", "--build", str(empty)], r"not a build directory.*export\.build"),
         "serve: tensorrt without tensorrt": (["-m", "runtime.serve", "--build", str(build), "--backend", "tensorrt"],
                                              r"TensorRT.*[Ii]nstall"),
+        "serve: a pipeline the build lacks": (["-m", "runtime.serve", "--build", str(build), "--pipelines",
+                                               "instantid,ip-adaptr"], r"--pipelines instantid,ip-adaptr: .* has "
+                                              r"instantid, ip-adapter.*choose among them"),
         "benchmarks: missing build": (["-m", "benchmarks", "latency", "--build", str(empty / "nobuild"), "--out",
                                        str(empty / "bench")], r"not a build directory \(no manifest\.json\): build "
                                       r"one with python -m export\.build"),

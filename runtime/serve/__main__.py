@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from runtime.console import Parser, backend_choice, check_backend, run_command
+from runtime.console import Parser, UsageError, backend_choice, check_backend, run_command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -79,22 +79,26 @@ def serve(args: argparse.Namespace) -> int:
     503, the running batch finishes). Returns 1 when the pipelines fail to load or warm up."""
     from runtime.serve.app import ServeConfig, create_app
     from runtime.serve.capacity import limits_for
-    from runtime.serve.served import load_pipelines
+    from runtime.serve.served import available_pipelines, load_pipelines
     from runtime.serve.server import build_server
 
     if not (args.build / "manifest.json").is_file():
         print(f"error: {args.build} is not a build directory (no manifest.json): build one with "
               f"python -m export.build --model tiny --stage onnx --out {args.build}", file=sys.stderr)
         return 2
+    names = [n.strip() for n in args.pipelines.split(",") if n.strip()]
+    have = available_pipelines(args.build)
+    if any(name not in have for name in names):
+        raise UsageError(f"--pipelines {args.pipelines}: {args.build} has {', '.join(have) or 'no pipeline'}: choose "
+                         "among them, or export the others (python -m export.build --pipeline NAME)")
     check_backend(args.backend)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    limits = limits_for(args.build, args.backend, [n for n in args.pipelines.split(",") if n], args.max_side,
+    limits = limits_for(args.build, args.backend, names, args.max_side,
                         args.memory_gb, args.max_batch, max_body_bytes=int(args.max_body_mb * 2**20),
                         max_image_pixels=args.max_image_pixels, max_cost=args.max_cost)
     config = ServeConfig(max_queue=args.max_queue, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                          timeout_s=args.timeout_s, limits=limits, body_timeout_s=args.body_timeout_s,
                          private_paths=(str(args.build), str(args.build.resolve())))
-    names = [n for n in args.pipelines.split(",") if n]
     failed: list[BaseException] = []
 
     def stop(error: BaseException) -> None:  # a build that cannot load or warm up never will: exit
