@@ -4,11 +4,12 @@ SD1.5, from diffusers modules.
 They reproduce the reference data flow (REFERENCE.md) and are the oracle of every parity test
 and the yardstick of every benchmark:
 
-- SDXL: prompt -> both CLIP text encoders -> penultimate hidden states concatenated (77 x 2048)
-  and the pooled projection, with time_ids as added conditioning; `negative_prompt=None` gives
-  zero negatives (SDXL's force_zeros_for_empty_prompt);
+- SDXL: prompt -> both CLIP text encoders -> penultimate hidden states concatenated (77·k x 2048,
+  k chunks of 75 tokens, weighting applied: the runtime's own encoding, benchmarks/baseline_text.py,
+  equal to compel's) and the pooled projection, with time_ids as added conditioning;
+  `negative_prompt=None` gives zero negatives (SDXL's force_zeros_for_empty_prompt);
 - SD1.5 (diffusers' StableDiffusionPipeline): prompt -> the one CLIP text encoder's last hidden
-  state (77 x 768), no added conditioning; `negative_prompt=None` encodes the empty prompt "";
+  state (77·k x 768), no added conditioning; `negative_prompt=None` encodes the empty prompt "";
 - image tokens attended beside the text tokens; negatives: Resampler(0) (InstantID), ImageProj(0)
   (IP-Adapter), encoder(zero image) -> Resampler (IP-Adapter Plus);
 - IdentityNet gets the face tokens only as context, the kps image and the conditioning scale;
@@ -32,6 +33,7 @@ from PIL import Image
 
 from export import loaders
 from export.specs import ModelSpec
+from benchmarks.baseline_text import torch_prompt_encoder
 from runtime.ip_scales import BlockScales, parse_block_scales
 
 SCHEDULERS = {
@@ -80,6 +82,7 @@ class SDXLBase:
                  vae_fp16_fix: bool = False):
         self.spec, self.device, self.dtype = spec, device, dtype
         self.text = loaders.load_text_stack(spec, weights_dir, random_init, dtype, device)
+        self.prompts = torch_prompt_encoder(self.text, spec, device)
         self.unet = loaders.load_unet(spec, weights_dir, random_init, dtype, device)
         vae_dtype = dtype if vae_fp16_fix else torch.float32
         self.vae = loaders.load_vae(spec, weights_dir, random_init, vae_dtype, device, fp16_fix=vae_fp16_fix)
@@ -90,28 +93,18 @@ class SDXLBase:
     @torch.no_grad()
     def encode_prompt(self, prompt: str | list[str], negative_prompt: str | list[str] | None
                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-        """(prompt_embeds (B,77,C), pooled (B,P), negative_embeds, negative_pooled) for B prompts; the
-        pooled pair is None without a second text encoder (SD1.5)."""
+        """(prompt_embeds (B,77·k,C), pooled (B,P), negative_embeds, negative_pooled) for B prompts, every row
+        k chunks long (runtime.text.PromptEncoder.rows); the pooled pair is None without a second text
+        encoder (SD1.5)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        embeds, pooled = self._encode(prompts)
-        if negative_prompt is None and self.spec.force_zeros_for_empty_prompt:
-            return embeds, pooled, torch.zeros_like(embeds), None if pooled is None else torch.zeros_like(pooled)
-        negative_prompt = "" if negative_prompt is None else negative_prompt
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        negative_embeds, negative_pooled = self._encode(negatives)
-        return embeds, pooled, negative_embeds, negative_pooled
-
-    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        hidden, pooled = [], None
-        penultimate = self.spec.text_context == "penultimate"
-        for tokenizer, encoder in self.text.pairs():
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids.to(self.device)
-            out = encoder(ids, output_hidden_states=penultimate)
-            hidden.append(out.hidden_states[-2] if penultimate else out.last_hidden_state)
-            if self.text.text_encoder_2 is not None:
-                pooled = out[0].to(self.dtype)  # text_encoder_2 runs last: its projected pooled output
-        return torch.cat(hidden, dim=-1).to(self.dtype), pooled
+        negatives = None if negative_prompt is None else \
+            [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        embeds, pooled, negative_embeds, negative_pooled = self.prompts.rows(prompts, negatives)
+        if self.text.text_encoder_2 is None:
+            pooled = negative_pooled = None
+        else:
+            pooled, negative_pooled = pooled.to(self.dtype), negative_pooled.to(self.dtype)
+        return embeds.to(self.dtype), pooled, negative_embeds.to(self.dtype), negative_pooled
 
     def time_ids(self, height: int, width: int, batch: int) -> torch.Tensor:
         """SDXL micro-conditioning (batch, 6): original size, crop (0, 0), target size."""

@@ -197,10 +197,13 @@ class BaselineRunner(_Runner):
 def session_feeds(session, sizes: dict[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
     """Seeded random inputs for every input of a runtime Session, shapes from its named axes.
 
-    sizes: {'batch': B, 'height': H, 'width': W} pixels (axis names follow engine/profiles.py).
-    Floats ~N(0, 1) (timestep 500, the scales at InstantID's request defaults), integers zero.
+    sizes: {'batch': B, 'height': H, 'width': W} pixels (axis names follow engine/profiles.py), optionally
+    'text_tokens' (default one prompt chunk, 77). Floats ~N(0, 1) (timestep 500, the scales at InstantID's
+    request defaults), integers zero.
     """
-    from engine.profiles import parse_dim
+    from engine.profiles import TEXT_CHUNK, TEXT_TOKENS_AXIS, parse_dim
+
+    sizes = {TEXT_TOKENS_AXIS: TEXT_CHUNK, **sizes}
 
     generator = torch.Generator().manual_seed(seed)
     feeds = {}

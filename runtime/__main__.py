@@ -261,8 +261,11 @@ def generate(args) -> list[Path]:
         _log_to_stderr("runtime.sessions")
     pipe = entry.open(args.build, args.backend, loop_mode=args.loop, trust_programs=args.trust_torch_programs)
     progress = StepProgress()
-    images = pipe(request, progress=progress)
+    generation = pipe(request, progress=progress, return_latents=True)
     progress.finish()
+    images = generation.images
+    for warning in generation.warnings:  # e.g. a prompt truncated to the UNet's text axis
+        print(f"warning: {warning}", file=sys.stderr)
     for line in program_timings(torch_sessions(pipe), args.verbose):  # --backend torch: where its time went
         print(line, file=sys.stderr)
     pipe.save_runtime_caches()

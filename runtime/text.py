@@ -14,8 +14,9 @@ two or SD1.5's one) into the UNet's text conditioning:
   empty prompt's encoding); a fragment below 1 is also lerped towards the prompt without it
   (compel's DownweightMode.REMOVE: our encoder graphs take no attention mask), by tan((1-w)·π/2);
   every chunk keeps its own EOS embedding (compel's default split mode, SENTENCES);
-- the pooled embedding (SDXL text_encoder_2's `text_embeds`) is that of the raw prompt text
-  truncated to 77 tokens, as compel computes it;
+- the pooled embedding (SDXL text_encoder_2's `text_embeds`) is that of the prompt's text without
+  its weighting syntax (the fragments joined), truncated to 77 tokens: compel's pooled embedding of
+  a prompt without syntax (compel itself pools the raw string, parentheses and numbers included);
 - at most `max_chunks` chunks (what the UNet's `text_tokens` axis takes, `text_capacity`): the last
   kept chunk takes the next 75 tokens, the rest is dropped and reported as a warning.
 
@@ -195,17 +196,23 @@ class PromptEncoder:
         self.zero_negative, self.cache_size = zero_negative, cache_size
         self.max_text_tokens, self.raise_hint = max_text_tokens, raise_hint
         self.max_chunks = None if max_text_tokens is None else max(1, max_text_tokens // CHUNK)
-        self._cache: OrderedDict[str, Encoded] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[tuple, str | None]] = OrderedDict()  # prompt -> ((tokens, pooled), warning)
 
     def __call__(self, prompt: str) -> tuple:
-        """(text tokens (1, 77·k, C), pooled (1, P) or (1, 0)) for one prompt, on the device; cached."""
-        return self.encode(prompt)[:2]
+        """(text tokens (1, 77·k, C), pooled (1, P) or (1, 0)) for one prompt, on the device; cached (the same
+        tuple while it stays in the cache)."""
+        return self._cached(prompt)[0]
 
     def encode(self, prompt: str) -> Encoded:
         """One prompt's Encoded (tokens, pooled, truncation warning), on the device; LRU-cached."""
+        (tokens, pooled), warning = self._cached(prompt)
+        return Encoded(tokens, pooled, warning)
+
+    def _cached(self, prompt: str) -> tuple[tuple, str | None]:
         cached = self._cache.get(prompt)
         if cached is None:
-            cached = self._cache[prompt] = self._encode(prompt)
+            tokens, pooled, warning = self._encode(prompt)
+            cached = self._cache[prompt] = ((tokens, pooled), warning)
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(prompt)
@@ -231,7 +238,7 @@ class PromptEncoder:
             if chunks.dropped and warning is None:
                 warning = self._warning(prompt, chunks, len(chunk_tokens(tokenizer, fragments, None).ids))
             if "text_embeds" in encoder.output_names:
-                pooled = run(tokenizer(prompt))["text_embeds"]
+                pooled = run(tokenizer(" ".join(text for text, _ in fragments)))["text_embeds"]
         width = max(h.shape[1] for h in hidden)  # (equal unless the tokenizers split differently)
         hidden = [torch.cat([h, *[self._empty(i)] * ((width - h.shape[1]) // CHUNK)], dim=1)
                   for i, h in enumerate(hidden)]

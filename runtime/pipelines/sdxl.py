@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ from runtime.requests import (PIXEL_MULTIPLE, GenerateRequest, LoopSettings, Res
                               round_size)
 from runtime.schedulers import build_scheduler, draw_noise
 from runtime.sessions import DeviceMemoryPool, Session, normalize_backend, open_session
-from runtime.text import prompt_encoder
+from runtime.text import prompt_encoder, text_capacity
 
 PROMPT_CACHE_SIZE = 16
 
@@ -45,10 +45,12 @@ class NonFiniteError(RuntimeError):
 
 @dataclass
 class Generation:
-    """images: B PIL RGB images; latents: (B, 4, H/8, W/8) float32 final latents before decoding."""
+    """images: B PIL RGB images; latents: (B, 4, H/8, W/8) float32 final latents before decoding;
+    warnings: what the user should know about the result (a prompt truncated to the UNet's text axis)."""
 
     images: list[Image.Image]
     latents: torch.Tensor
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -56,7 +58,8 @@ class Prepared:
     """One request's conditioning, ready for the loop (the pipelines' `prepare`); N = num_images.
 
     request: what was asked; settings: its loop settings at the output size.
-    tokens / negative_tokens: (N, 77, C) text tokens; pooled / negative_pooled: (N, P);
+    tokens / negative_tokens: (N, T, C) text tokens, T = 77·k (k prompt chunks, `settings.text_tokens`);
+    pooled / negative_pooled: (N, P);
     image_tokens / negative_image_tokens: (N, K, C); control_image: (1, 3, H, W) in [0, 1] (InstantID).
     controls: the extra ControlNets' ((component, scale, control image (1, 3, H, W) in [0, 1]), ...).
     """
@@ -71,6 +74,7 @@ class Prepared:
     negative_image_tokens: torch.Tensor
     control_image: torch.Tensor | None = None
     controls: tuple = ()
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def seed(self) -> int:
@@ -110,7 +114,9 @@ class _SDXLPipeline:
         self.controlnet = self.open("controlnet") if self.uses_controlnet else None
         self.vae_decoder = self.open("vae_decoder")
         self.device = self.unet.device
-        self.prompts = prompt_encoder(self.assets, self.open, self.device, PROMPT_CACHE_SIZE)
+        self.max_text_tokens, dynamic_text = text_capacity(self.unet)
+        self.prompts = prompt_encoder(self.assets, self.open, self.device, PROMPT_CACHE_SIZE, self.max_text_tokens,
+                                      self._text_hint(dynamic_text))
         self.text_encoder, self.text_encoder_2 = (*self.prompts.encoders, None)[:2]  # SD1.5: no text_encoder_2
         self.scheduler_config = self.assets.scheduler_config()
         self.vae_scaling_factor = self.assets.vae_scaling_factor
@@ -153,8 +159,19 @@ class _SDXLPipeline:
             getattr(session, "save_runtime_cache", lambda: None)()
 
     # -- conditioning ------------------------------------------------------------------------
+    def _text_hint(self, dynamic: bool) -> str:
+        """How to serve longer prompts with this build (the truncation warning's last words)."""
+        if not dynamic:
+            return (f"this build's UNet predates the dynamic text axis: re-export it (python -m export.build --model "
+                    f"{self.manifest.model} --out {self.build_dir}) to take prompts of up to 3 chunks, or more with "
+                    "python -m engine ... --text-tokens")
+        return (f"rebuild the UNet engine with a longer text axis: python -m engine {self.build_dir} --components "
+                f"{self.unet_component} --text-tokens 77:77:<77 x chunks> --force (ONNX Runtime and torch take "
+                "the default engine profile's 231)")
+
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(text_tokens (1, 77, C1+C2), pooled text_embeds (1, P); (1, 0) for SD1.5) for one prompt; LRU-cached."""
+        """(text_tokens (1, 77·k, C1+C2), pooled text_embeds (1, P); (1, 0) for SD1.5) for one prompt, k its
+        chunks (runtime.text); LRU-cached."""
         return self.prompts(prompt)
 
     def _prompt_rows(self, prompt, negative_prompt, num_images: int):
@@ -292,7 +309,7 @@ class _SDXLPipeline:
         if should_stop is not None and should_stop():
             raise DenoiseCancelled("cancelled after the loop, before decoding: nobody waits for these images")
         results: list[Generation | NonFiniteError] = []
-        for block in latents.split([r.num_images for r in requests]):
+        for request, block in zip(requests, latents.split([r.num_images for r in requests])):
             if not bool(torch.isfinite(block).all()):
                 results.append(NonFiniteError(
                     f"the denoising loop produced NaN/Inf latents ({self.unet_component}, {self.backend}): an fp16 "
@@ -300,7 +317,7 @@ class _SDXLPipeline:
                     "baseline to compare"))
                 continue
             try:
-                results.append(Generation(self.decode(block) if decode else [], block))
+                results.append(Generation(self.decode(block) if decode else [], block, list(request.warnings)))
             except NonFiniteError as error:
                 results.append(error)
         return results
@@ -328,12 +345,23 @@ class _SDXLPipeline:
 
     def _prepared(self, request: GenerateRequest, tokens: torch.Tensor, negative_tokens: torch.Tensor,
                   height: int, width: int, control_image=None) -> Prepared:
-        """A Prepared from image tokens (1|N, K, C), the request's prompts and the output size H x W px."""
+        """A Prepared from image tokens (1|N, K, C), the request's prompts and the output size H x W px. Its
+        settings carry the text length (`text_tokens`): requests whose prompts take different numbers of
+        chunks do not share a loop (padding a prompt with empty chunks would change its images)."""
         text = self._prompt_rows(request.prompt, request.negative_prompt, request.num_images)
         batch = _repeat_to(request.num_images)
         controls = prepare_controls(request, self.controlnets, self.build_dir, height, width)
-        return Prepared(request, loop_settings(request, height, width), *text, batch(tokens), batch(negative_tokens),
-                        control_image, controls=controls)
+        settings = loop_settings(request, height, width)
+        settings = replace(settings, values=(*settings.values, ("text_tokens", int(text[0].shape[1]))))
+        return Prepared(request, settings, *text, batch(tokens), batch(negative_tokens), control_image,
+                        controls=controls, warnings=self._prompt_warnings(request))
+
+    def _prompt_warnings(self, request: GenerateRequest) -> list[str]:
+        """The truncation warnings of the request's prompts (PromptEncoder.warnings), each once."""
+        def listed(value):
+            return None if value is None else [value] if isinstance(value, str) else list(value)
+
+        return self.prompts.warnings(listed(request.prompt), listed(request.negative_prompt))
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """Latents (B, 4, h, w) -> B PIL RGB images, as the baseline's decode; NonFiniteError on NaN."""

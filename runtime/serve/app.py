@@ -364,20 +364,24 @@ def error_response(name: str, error: BaseException, private_paths: tuple[str, ..
 
 def respond(name: str, request, images: list, timings: dict[str, float], started: float) -> Response:
     """Encode the generated images as the request asked (body bytes or JSON base64); adds the
-    'encode' and 'total' timings (seconds) to `timings`."""
+    'encode' and 'total' timings (seconds) to `timings`. The images' `warnings` (served.Images: a
+    truncated prompt) go into the JSON's `warnings`, or the `x-warnings` header of an image answer."""
     t0 = time.perf_counter()
     encoded = [encode_image(image, request.format, request.quality) for image in images]
     timings["encode"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
     header = ",".join(f"{stage}={seconds * 1000:.1f}" for stage, seconds in timings.items())
+    warnings = list(getattr(images, "warnings", ()))
     if request.output == "image":
-        return Response(encoded[0], media_type=FORMATS[request.format],
-                        headers={"x-seed": str(request.seed), "x-timings-ms": header})
+        headers = {"x-seed": str(request.seed), "x-timings-ms": header}
+        if warnings:  # one header line, ASCII (a prompt's other characters escaped)
+            headers["x-warnings"] = " | ".join(warnings).encode("ascii", "backslashreplace").decode()
+        return Response(encoded[0], media_type=FORMATS[request.format], headers=headers)
     body = GenerateResponse(
         pipeline=name, format=request.format, seed=request.seed,
         images=[ImageOut(data=base64.b64encode(data).decode(), width=image.width, height=image.height)
                 for data, image in zip(encoded, images)],
-        timings_ms={stage: round(seconds * 1000, 2) for stage, seconds in timings.items()})
+        timings_ms={stage: round(seconds * 1000, 2) for stage, seconds in timings.items()}, warnings=warnings)
     return JSONResponse(body.model_dump(), headers={"x-timings-ms": header})
 
 

@@ -79,8 +79,9 @@ def _generate_operation(name: str, model) -> dict:
             "application/json": {"schema": _ref(model)},
             "multipart/form-data": {"schema": {"$ref": REF.format(model=f"{model.__name__}Form")}}}},
         "responses": {
-            "200": {"description": "output='image': the encoded image (headers x-seed, x-timings-ms); "
-                                   "output='json': every image base64",
+            "200": {"description": "output='image': the encoded image (headers x-seed, x-timings-ms, and "
+                                   "x-warnings when a prompt was truncated); output='json': every image "
+                                   "base64, and `warnings`",
                     "content": {**images, "application/json": {"schema": _ref(GenerateResponse)},
                                 "text/event-stream": {"schema": {"type": "string"}}}},
             **_error_responses(GENERATE_ERRORS)}}}

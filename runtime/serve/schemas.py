@@ -192,6 +192,8 @@ class GenerateResponse(BaseModel):
     seed: int
     images: list[ImageOut]
     timings_ms: dict[str, float] = Field(description="decode, queue, run, encode, total")
+    warnings: list[str] = Field(default_factory=list, description="what the images did not get, e.g. a prompt "
+                                "truncated to the engine's text length (how many tokens, how to raise it)")
 
 
 class ErrorBody(BaseModel):

@@ -73,15 +73,29 @@ class ServedPipeline:
                 answered += 1
 
         yield from in_order()  # requests that failed to prepare are answered at once
-        for chunk in _chunks(ready, [prepared[i].num_images for i in ready],
-                             self.pipe.max_images(prepared[ready[0]].settings) if ready else None):
-            # the stacked loop stops only when every request in it is unwanted
-            should_stop = None if stops is None else (lambda chunk=chunk: all(stops[i]() for i in chunk))
-            outcome = _attempt(lambda: self.pipe.run([prepared[i] for i in chunk], should_stop=should_stop))
-            for n, i in enumerate(chunk):
-                result = outcome if isinstance(outcome, BaseException) else outcome[n]
-                results[i] = result if isinstance(result, BaseException) else result.images
-            yield from in_order()
+        groups: dict[Any, list[int]] = {}  # one key may still prepare to different settings (prompt lengths)
+        for i in ready:
+            groups.setdefault(prepared[i].settings, []).append(i)
+        for group in groups.values():
+            for chunk in _chunks(group, [prepared[i].num_images for i in group],
+                                 self.pipe.max_images(prepared[group[0]].settings)):
+                # the stacked loop stops only when every request in it is unwanted
+                should_stop = None if stops is None else (lambda chunk=chunk: all(stops[i]() for i in chunk))
+                outcome = _attempt(lambda: self.pipe.run([prepared[i] for i in chunk], should_stop=should_stop))
+                for n, i in enumerate(chunk):
+                    result = outcome if isinstance(outcome, BaseException) else outcome[n]
+                    results[i] = result if isinstance(result, BaseException) else Images(
+                        result.images, getattr(result, "warnings", ()))
+                yield from in_order()
+
+
+class Images(list):
+    """One request's answer: its PIL images (a list) and `warnings` for the user (e.g. a prompt truncated to
+    the UNet's text axis), which the HTTP answer carries."""
+
+    def __init__(self, images=(), warnings=()):
+        super().__init__(images)
+        self.warnings = list(warnings)
 
 
 def _attempt(call: Callable[[], Any]) -> Any:
