@@ -138,13 +138,14 @@ def test_instantid_takes_block_scales(tiny_build):
 
 
 def test_bad_blocks_say_which_blocks_exist(ip_adapter):
+    """Checked as the request is prepared (a server answers that request 422; its batch runs on)."""
     from skimage import data
 
-    with pytest.raises(BlockScaleError, match=r"down\.block_0.*blocks with cross-attention: down\.block_1 \(2 "
+    with pytest.raises(ValueError, match=r"down\.block_0.*blocks with cross-attention: down\.block_1 \(2 "
                        r"transformer layers\), down\.block_2 \(2 transformer layers\), mid \(1 transformer layer\), "
                        r"up\.block_0 \(3 transformer layers\), up\.block_1 \(3 transformer layers\)"):
         ip_adapter(data.coffee(), PROMPT, steps=1, ip_scale={"down": {"block_0": 1.0}}, width=SIZE, height=SIZE)
-    with pytest.raises(BlockScaleError, match=r"up\.block_0 has 3 transformer layers, got 2 values"):
+    with pytest.raises(ValueError, match=r"up\.block_0 has 3 transformer layers, got 2 values"):
         ip_adapter(data.coffee(), PROMPT, steps=1, ip_scale={"up": {"block_0": [1.0, 0.0]}}, width=SIZE, height=SIZE)
     sd15 = cross_attention_layer_names(get_spec("tiny-sd15").unet)  # SD1.5's up.block_0 has no attention
     with pytest.raises(BlockScaleError, match=r"preset 'style' is made for SDXL's block layout.*up\.block_1 \(3"):

@@ -25,10 +25,10 @@ import torch
 from PIL import Image
 
 from engine.manifest import load_manifest
-from runtime.assets import Assets
+from runtime.assets import AssetError, Assets
 from runtime.controlnets import MultiControlNet, build_controlnets, prepare_controls, stacked_control_feeds
 from runtime.control_window import control_window, zero_residuals
-from runtime.ip_scales import BlockScales
+from runtime.ip_scales import BlockScaleError, BlockScales
 from runtime.loop import DenoiseCancelled, DenoiseLoop, LoopInputs, Progress, unet_conditioning
 from runtime.requests import (PIXEL_MULTIPLE, GenerateRequest, LoopSettings, ResolutionError, as_request, loop_settings,
                               round_size)
@@ -348,6 +348,11 @@ class _SDXLPipeline:
         """A Prepared from image tokens (1|N, K, C), the request's prompts and the output size H x W px. Its
         settings carry the text length (`text_tokens`): requests whose prompts take different numbers of
         chunks do not share a loop (padding a prompt with empty chunks would change its images)."""
+        if isinstance(request.ip_scale, BlockScales):  # its blocks are this UNet's: the request's error, not its loop's
+            try:
+                self.ip_scale_tensor(request.ip_scale)
+            except (BlockScaleError, AssetError) as error:
+                raise ValueError(str(error)) from None
         text = self._prompt_rows(request.prompt, request.negative_prompt, request.num_images)
         batch = _repeat_to(request.num_images)
         controls = prepare_controls(request, self.controlnets, self.build_dir, height, width)
