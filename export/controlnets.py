@@ -8,7 +8,8 @@ context, which is the text (as diffusers' StableDiffusionXLControlNetPipeline / 
 InstantID's full pipeline feed every ControlNet but the IdentityNet):
 
     sample float (2B, 4, latent_height, latent_width), timestep float32 (1,),
-    text_tokens float (2B, 77, 2048)          [the UNet's text_tokens input: same axis spec],
+    text_tokens float (2B, text_tokens, 2048) [the UNet's text_tokens input, the same dynamic axis: 77·k tokens
+                                               for a prompt of k chunks],
     control_image float (2B, 3, height, width) RGB in [0, 1] (diffusers' control image processor, no normalisation),
     text_embeds float (2B, 1280), time_ids float (2B, 6), conditioning_scale float32 (1,)
     -> down_residual_0..8, mid_residual      [the IdentityNet's names and shapes, already x conditioning_scale]
@@ -29,7 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from export.components import TEXT_TOKENS, Component, _conditioning, residual_ios
+from engine.profiles import TEXT_TOKENS_AXIS
+from export.components import Component, _conditioning, residual_ios
 from export.specs import Source
 
 PREFIX = "controlnet_"
@@ -138,7 +140,7 @@ def controlnet_component(name: str, controlnet: nn.Module) -> Component:
     config = controlnet.config
     c = _conditioning(config, dtype)
     inputs = (c["sample"], c["timestep"],
-              TensorSpec("text_tokens", dtype, ("2B", TEXT_TOKENS, config.cross_attention_dim)),
+              TensorSpec("text_tokens", dtype, ("2B", TEXT_TOKENS_AXIS, config.cross_attention_dim)),
               TensorSpec("control_image", dtype, ("2B", 3, "height", "width")),
               c["text_embeds"], c["time_ids"], TensorSpec("conditioning_scale", torch.float32, (1,)))
     return Component(PREFIX + name, TextControlNet(controlnet).eval(), inputs, residual_ios(config, dtype))

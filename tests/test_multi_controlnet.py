@@ -165,6 +165,23 @@ def test_ip_adapter_with_canny_equals_diffusers_controlnet_pipeline(build, photo
     assert got.shape == want.shape and error <= 1e-5
 
 
+def test_a_long_prompt_reaches_the_extra_controlnets(build, photo):
+    """A prompt of two 77-token chunks: the extra ControlNet takes the same (2B, 154, C) text tokens as the UNet
+    (the shared dynamic text axis), and its residuals still change the result."""
+    from runtime.pipelines import IPAdapterPipeline
+
+    pipe = IPAdapterPipeline.from_build(build, "onnxruntime", threads=1)
+    assert pipe.open("controlnet_canny").input("text_tokens").shape[1] == pipe.unet.input("text_tokens").shape[1]
+    prompt = ", ".join(["a portrait of an astronaut in a white suit"] * 12)  # > 75 tokens: two chunks
+    fields = dict(steps=2, seed=SEED, width=128, height=128, return_latents=True, decode=False)
+    prepared = pipe.prepare(photo, prompt, controls=[Control("canny", photo, scale=0.7, preprocess="canny")], steps=2,
+                            width=128, height=128)
+    assert prepared.tokens.shape[1] == 154
+    got = pipe.run([prepared], decode=False)[0].latents
+    plain = pipe(photo, prompt, **fields).latents
+    assert torch.isfinite(got).all() and rel(got, plain) > 1e-3
+
+
 @pytest.mark.parametrize("low,high,size", [(100, 200, (HEIGHT, WIDTH)), (50, 120, (512, 512)), (150, 250, (320, 192))])
 def test_host_canny_is_cv2_canny_through_diffusers_control_processor(photo, low, high, size):
     """The control tensor of preprocess='canny' equals cv2.Canny + diffusers' ControlNet image processor
