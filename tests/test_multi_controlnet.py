@@ -372,6 +372,8 @@ def test_controls_over_http(build, photo, tmp_path):
     url = f"http://127.0.0.1:{port}/v1/ip-adapter"
     try:
         wait_process_ready(f"http://127.0.0.1:{port}", process, log, 180)
+        schema = httpx.get(f"http://127.0.0.1:{port}/v1/schema", timeout=30).json()
+        assert schema["pipelines"]["ip-adapter"]["controlnets"] == ["canny"]  # what `controls` may name
         body = {"prompt": PROMPT, "image": base64.b64encode(png).decode(), "width": 128, "height": 128, "steps": 2,
                 "seed": 4}
         control = {"name": "canny", "image": base64.b64encode(png).decode(), "scale": 0.6, "preprocess": "canny"}

@@ -125,6 +125,7 @@ class _SDXLPipeline:
         self.loop = DenoiseLoop(self.unet, self.controlnet, loop_mode)
         self.controlnets = build_controlnets(self.manifest)  # extra ControlNets {name: component}, opened when used
         self._loops: dict[tuple[str, ...], DenoiseLoop] = {(): self.loop}
+        self._extra_sessions: dict[str, Session] = {}  # the extra ControlNets opened so far
         # (min, max) of the UNet's `sample` (rows, 4, h, w) where an engine serves it; ONNX Runtime: any size
         self.size_limits = self.assets.engine_range(self.unet_component) if trt else None
         self._constants: dict[str, torch.Tensor] = {}
@@ -155,7 +156,7 @@ class _SDXLPipeline:
 
     def save_runtime_caches(self) -> None:
         """TensorRT-RTX: store the kernels JIT-compiled so far beside each plan, for a faster next start."""
-        for session in list(vars(self).values()):
+        for session in [*vars(self).values(), *self._extra_sessions.values()]:
             getattr(session, "save_runtime_cache", lambda: None)()
 
     # -- conditioning ------------------------------------------------------------------------
@@ -333,7 +334,10 @@ class _SDXLPipeline:
         """The loop over the UNet and the ControlNets of these extra components (one per set; graphs cached
         per loop): the IdentityNet's (if any) residuals summed with theirs (runtime.controlnets.MultiControlNet)."""
         if extras not in self._loops:
-            sessions = [self.open(component) for component in extras]
+            for component in extras:
+                if component not in self._extra_sessions:
+                    self._extra_sessions[component] = self.open(component)
+            sessions = [self._extra_sessions[component] for component in extras]
             self._loops[extras] = DenoiseLoop(self.unet, MultiControlNet(self.controlnet, sessions), self.loop.mode)
         return self._loops[extras]
 

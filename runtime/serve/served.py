@@ -181,5 +181,6 @@ def load_pipelines(build_dir: str | os.PathLike, backend: str = "onnxruntime", n
         served[name] = ServedPipeline(name, pipe, None if entry.face else resolution,
                                       warmup_call(pipe, entry, size, steps),
                                       {"backend": pipe.backend, "model": pipe.manifest.model,
-                                       "default_resolution": resolution})
+                                       "default_resolution": resolution,
+                                       "controlnets": sorted(getattr(pipe, "controlnets", {}))})  # for `controls`
     return served
