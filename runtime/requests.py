@@ -266,7 +266,7 @@ class IPAdapterRequest(GenerateRequest):
 class LoopSettings:
     """What requests sharing one denoising loop must agree on: the output size in pixels and the
     request's fields marked `loop=True`, as (name, value) pairs read as attributes
-    (`settings.steps`, `settings.ip_scale`: a float or a per-layer tuple)."""
+    (`settings.steps`, `settings.ip_scale`: a float, a per-layer tuple or BlockScales)."""
 
     height: int
     width: int
