@@ -93,12 +93,18 @@ def _check_result(result: dict, out: Path, backends: list[str]) -> None:
     assert (out / "latency.png").stat().st_size > 1000
 
 
-def test_harness_baseline_alone(tmp_path):
-    """No build: the baseline runs, a requested runtime backend is reported unavailable."""
+def test_harness_baseline_alone(tmp_path, capsys):
+    """No build: the baseline runs, a requested runtime backend is reported unavailable; a line per
+    stage of the run on stderr, the Hugging Face loading bars and diffusers' empty notice filtered."""
     out = tmp_path / "out"
     argv = ["--backend", "onnxruntime", "--pipeline", "instantid", "--model", "tiny", "--steps", "2",
             "--resolution", "64", "--runs", "1", "--warmup", "0", "--threads", "1", "--out", str(out)]
     assert latency.main(argv) == 0
+    err = capsys.readouterr().err
+    for line in ("baseline: loading...", "baseline: loaded in", "baseline: cold start",
+                 "warm-up 0 + 1 runs of 7 stages", "floor: counting FLOPs"):
+        assert line in err, err
+    assert "should be kept in float32: []" not in err
     result = json.loads((out / "latency.json").read_text())
     _check_result(result, out, ["baseline", "onnxruntime"])
     ort = result["backends"][1]

@@ -91,6 +91,7 @@ def runs(tiny_build, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedPr
     Image.fromarray(np.full((200, 200, 3), 128, np.uint8)).save(grey)
     table = cases(tiny_build, face, grey, empty, free_port())
     table["verbose keeps the traceback"] = (table["ip-scale wrong count"][0] + ["-v"], "")
+    table["a good run"] = (table["steps 0"][0][:-2] + ["--steps", "2", "--width", "64", "--height", "64"], "")
 
     def run(command: list[str]) -> subprocess.CompletedProcess:
         return subprocess.run([PY, *command], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -119,6 +120,32 @@ def test_verbose_keeps_the_traceback(runs):
     process, _ = runs["verbose keeps the traceback"]
     assert process.returncode != 0 and "Traceback (most recent call last)" in process.stderr
     assert "cross-attention layers" in process.stderr.splitlines()[-1]
+
+
+def test_a_good_run_reports_its_steps_on_one_line(runs):
+    """Not a terminal: no bar, one line at the end with the steps and their pace."""
+    process, _ = runs["a good run"]
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert re.search(r"^denoised 2 steps at [\d.]+ s/step \([\d.]+ s with the prompt and image encoding\)$",
+                     process.stderr, re.M), process.stderr
+    assert "\r" not in process.stderr and "error:" not in process.stderr and "Warning" not in process.stderr
+
+
+def test_progress_draws_a_bar_on_a_terminal():
+    from runtime.console import StepProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    progress = StepProgress(stream=stream, width=8)
+    for done in range(1, 5):
+        progress(done, 4)
+    progress.finish()
+    text = stream.getvalue()
+    assert "\rdenoising [##......] 1/4" in text and "\rdenoising [########] 4/4" in text
+    assert text.endswith("\n") and "denoised 4 steps at" in text.splitlines()[-1]
 
 
 # ---- --help --------------------------------------------------------------------------------------
