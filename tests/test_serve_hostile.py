@@ -273,7 +273,8 @@ def free_port() -> int:
 
 
 def test_a_start_up_that_cannot_succeed_exits_non_zero(build):
-    """A wrong backend or an unknown pipeline: the process logs why and exits 1, never serving 503."""
+    """A wrong backend or an unknown pipeline: refused before uvicorn starts, one error line and exit
+    status 2 (runtime.console), never serving 503."""
     runs = {"backend": ["--backend", "no-such-backend"], "pipeline": ["--pipelines", "no-such-pipeline"]}
     started = time.monotonic()
     processes = {name: subprocess.Popen(serve_command(build, free_port(), *flags), cwd=REPO, stdout=subprocess.PIPE,
@@ -281,9 +282,9 @@ def test_a_start_up_that_cannot_succeed_exits_non_zero(build):
     outputs = {name: process.communicate(timeout=60)[0] for name, process in processes.items()}
     elapsed = time.monotonic() - started
     print(f"both exited after {elapsed:.1f} s")
-    assert {name: process.returncode for name, process in processes.items()} == {"backend": 1, "pipeline": 1}, outputs
+    assert {name: process.returncode for name, process in processes.items()} == {"backend": 2, "pipeline": 2}, outputs
     assert "no-such-backend" in outputs["backend"] and "no-such-pipeline" in outputs["pipeline"]
-    assert all("start-up failed" in output for output in outputs.values())
+    assert all(output.startswith("error: ") and output.count("\n") == 1 for output in outputs.values()), outputs
     assert elapsed < 30
 
 
