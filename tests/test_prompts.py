@@ -137,14 +137,14 @@ def test_embeddings_equal_compel(ip_adapter, tiny_build):
     assert float((rows[2] - negative).abs().max()) <= 1e-5 and float((rows[3] - negative_pooled).abs().max()) <= 1e-5
 
 
-def diffusers_latents(weights: Path, embeds) -> torch.Tensor:
-    """diffusers' SDXL pipeline + load_ip_adapter on the tiny files, fed compel's embeddings."""
+@pytest.fixture(scope="module")
+def diffusers_pipe(tiny_build):
+    """diffusers' SDXL pipeline + load_ip_adapter on the tiny files."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-    from PIL import Image
-    from skimage import data
 
     from export import loaders
 
+    weights = tiny_build / "weights"
     text = loaders.load_text_stack(TINY, weights)
     pipe = StableDiffusionXLPipeline(
         vae=loaders.load_vae(TINY, weights), text_encoder=text.text_encoder, text_encoder_2=text.text_encoder_2,
@@ -154,6 +154,14 @@ def diffusers_latents(weights: Path, embeds) -> torch.Tensor:
     pipe.load_ip_adapter(str(weights / "IP-Adapter"), subfolder="sdxl_models",
                          weight_name="ip-adapter_sdxl_vit-h.safetensors", image_encoder_folder="models/image_encoder")
     pipe.set_ip_adapter_scale(IP_SCALE)
+    return pipe
+
+
+def diffusers_latents(pipe, embeds) -> torch.Tensor:
+    """The diffusers pipeline's final latents, fed compel's embeddings."""
+    from PIL import Image
+    from skimage import data
+
     prompt_embeds, pooled, negative_embeds, negative_pooled = embeds
     with torch.no_grad():
         return pipe(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative_embeds,
@@ -170,10 +178,10 @@ def runtime_generation(pipe, prompt: str, negative: str | None = None, **fields)
 
 
 @pytest.mark.parametrize("negative", [None, NEGATIVE], ids=["zero-negative", "negative"])
-def test_long_weighted_prompt_latents_equal_diffusers_with_compel(negative, ip_adapter, tiny_build):
+def test_long_weighted_prompt_latents_equal_diffusers_with_compel(negative, ip_adapter, diffusers_pipe, tiny_build):
     """Runtime (ONNX Runtime, fp32) = diffusers fed compel's embeddings of the same prompt text."""
     generation = runtime_generation(ip_adapter, LONG, negative)
-    expected = diffusers_latents(tiny_build / "weights", compel_embeddings(tiny_build / "weights", LONG, negative))
+    expected = diffusers_latents(diffusers_pipe, compel_embeddings(tiny_build / "weights", LONG, negative))
     error = relative_error(generation.latents.numpy(), expected.numpy())
     print(f"long weighted prompt ({negative=}): runtime vs diffusers+compel latents rel {error:.2e}")
     assert error <= 1e-5 and generation.warnings == []
