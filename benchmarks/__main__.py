@@ -5,6 +5,7 @@ benchmarks:
   flops     FLOPs of every stage and the device's matmul peak: the physical floor
   load      N concurrent clients against a running server (python -m runtime.serve)
   report    rewrite latency.md / latency.png from a latency.json
+  control_window  what the IdentityNet's step window saves: loop FLOPs and measured loop time
 
 examples:
   python -m benchmarks latency --build build/tiny --steps 4 --runs 3 --out bench/
@@ -20,7 +21,7 @@ import sys
 
 from runtime.console import UsageError, run_command
 
-COMMANDS = ("latency", "flops", "load", "report")
+COMMANDS = ("latency", "flops", "load", "report", "control_window")
 
 
 def main(argv: list[str] | None = None) -> int:
