@@ -211,3 +211,14 @@ def test_load_generator_report(server, tmp_path):
     assert status == 0 and report["errors"] == 0 and report["ok"] == report["requests"] > 0
     assert report["answers_by_status"] == {"200": report["ok"]} and report["latency_ms"]["p99"] > 0
     assert report["rss_mb"]["samples"] and report["rss_mb"]["end"] > 10
+
+
+def test_request_errors_raised_while_preparing_are_the_clients_422():
+    """A RequestError (a field out of bounds found while a request is prepared) is the client's mistake."""
+    from runtime.requests import RequestError, ResolutionError
+    from runtime.serve.app import classify
+
+    assert classify(RequestError("ip_scale block 'down.block_9' does not exist")) == (
+        422, "invalid_request", "ip_scale block 'down.block_9' does not exist")
+    assert classify(ResolutionError("4096x4096 is outside"))[:2] == (422, "invalid_request")
+    assert classify(KeyError("x"))[:2] == (500, "internal")

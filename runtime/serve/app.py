@@ -143,7 +143,7 @@ def classify(error: BaseException) -> tuple[int, str, str]:
         return 503, "shutting_down", str(error)
     if isinstance(error, (DeadlineExceeded, TimeoutError)):
         return 504, "timeout", str(error) or "the request did not finish within its timeout: retry later"
-    if name == "ResolutionError" or (isinstance(error, ValueError) and name == "ValueError"):
+    if name in ("ResolutionError", "RequestError") or (isinstance(error, ValueError) and name == "ValueError"):
         return 422, "invalid_request", str(error)
     if name == "NonFiniteError":
         return 500, "non_finite", str(error)
