@@ -28,8 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     """Dispatch to benchmarks.<benchmark>.main with the remaining arguments; --help lists them."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] and argv[0] in ("-h", "--help"):
-        print(f"usage: python -m benchmarks {{{','.join(COMMANDS)}}} [args]\n\n{__doc__.strip()}")
-        return 0
+        return run_command(_usage, argv)
     if not argv or argv[0] not in COMMANDS:
         what = "no benchmark given" if not argv else f"unknown benchmark {argv[0]!r}"
         return run_command(lambda _: _refuse(f"{what}: choose one of {', '.join(COMMANDS)} "
@@ -37,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     from importlib import import_module
 
     return import_module(f"benchmarks.{argv[0]}").main(argv[1:])
+
+
+def _usage(_argv) -> int:
+    print(f"usage: python -m benchmarks {{{','.join(COMMANDS)}}} [args]\n\n{__doc__.strip()}", flush=True)
+    return 0
 
 
 def _refuse(message: str) -> int:

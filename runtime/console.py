@@ -74,7 +74,7 @@ def run_command(main: Callable[[list[str]], int], argv: list[str] | None = None,
                 errors: tuple[type[BaseException], ...] = ()) -> int:
     """main(argv) with the shared error handling: a user mistake (user_errors() and `errors`) is one
     `error: ...` line on stderr and status 2, unless argv has -v / --verbose (then it re-raises);
-    Ctrl-C is 'interrupted' and status 130. Library warnings of NOISY_WARNINGS are filtered."""
+    Ctrl-C is 'interrupted' and status 130; a closed output pipe ends quietly with status 141. Library warnings of NOISY_WARNINGS are filtered."""
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = any(arg in VERBOSE_FLAGS for arg in argv)
     with warnings.catch_warnings():
@@ -84,6 +84,9 @@ def run_command(main: Callable[[list[str]], int], argv: list[str] | None = None,
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # output piped into a reader that stopped (`... --help | head`): end quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
         except Exception as error:
             if verbose or not isinstance(error, user_errors() + tuple(errors)):
                 raise

@@ -189,3 +189,17 @@ def test_help_teaches(entry, monkeypatch):
         if f"\n  {flag} " in text:
             after = text.split(f"\n  {flag} ", 1)[1].split("\n  -", 1)[0]
             assert "default" in after, f"{entry}: {flag} hides its default"
+
+
+def test_help_piped_into_a_reader_that_stops_ends_quietly():
+    """`python -m benchmarks --help | head -1`: output into a pipe nobody reads ends quietly, no traceback."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone: every write is a broken pipe
+    try:
+        writer = subprocess.run([PY, "-m", "benchmarks", "--help"], stdout=write_end, stderr=subprocess.PIPE,
+                                text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in writer.stderr and writer.returncode == 141, writer.stderr
