@@ -36,96 +36,18 @@ import logging
 import resource
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from export import components as comps
 from export import inputs as export_inputs
-from export.cli import ArgumentParser, UserError, run
+from export.cli import UserError, run
+from export.options import (COMPONENTS, FACE_MODELS, PIPELINES, TINY_MODELS, Options,  # noqa: F401 (re-exported)
+                            components_for, parse_args, precision_of)
+from export.pipelines import PIPELINE_PARTS, pipeline_components
 from export.report import Row, component_line, quiet_libraries, say, summary_table
-from export.assets import model_facts, write_model_facts, write_scheduler_config, write_tokenizers
-from export.onnx_export import OPSET, export_component, trace_sizes
-from export.checkpoint_dims import PARTS, checkpoint_spec, count_cross_attn_layers
-from export.sources import PIPELINE_COMPONENTS, PIPELINE_PARTS, Sources, pipeline_components
-from export.specs import SPECS, get_spec
-from export.tiny import write_tiny
-from export.torch_programs import program_entry
+from export.specs import get_spec
 
-PIPELINES = tuple(PIPELINE_COMPONENTS)
-EPILOG = """examples:
-  python -m export.build --model tiny                      # the tiny test model: export + engines, ~4 min on a CPU
-  python -m export.build --model tiny --stage onnx --precision fp16 --out build/tiny-fp16
-  python -m export.build --model sdxl --pipeline instantid --weights ~/models --face-models ~/models/antelopev2
-  python -m export.build --model sdxl --base ~/ckpt/juggernaut.safetensors --lora style.safetensors:0.8
-  python -m export.build --model sdxl --random-init --stage onnx   # real architecture, random weights
-  python -m export.build --model tiny --stage engines --backend tensorrt-rtx   # engines of an existing export
-
-A second run with the same arguments keeps every component whose inputs did not change (--force: export all)."""
-TINY_MODELS = ("tiny", "tiny-sd15")  # without --weights, export.tiny writes their checkpoints first
-
-
-@dataclass
-class Options:
-    """Everything the CLI decides (see `parse_args`)."""
-
-    model: str
-    pipelines: tuple[str, ...]
-    out: Path
-    weights: Path | None = None
-    random_init: bool = False
-    face_models: Path | None = None
-    stage: str = "all"
-    backend: str | None = None
-    precision: str = "fp32"
-    attention: str = "stacked"
-    vae_fp16_fix: bool = False
-    components: tuple[str, ...] | None = None
-    loras: tuple = ()  # export.lora.LoraSpec, fused into the UNet and text encoders
-    base: str | None = None        # --base: hub id, diffusers folder or single .safetensors
-    instantid: str | None = None   # --instantid: hub id or folder (ControlNetModel/, ip-adapter.bin)
-    ip_adapter: str | None = None  # --ip-adapter: hub id, folder (h94/IP-Adapter layout) or adapter file
-    controlnets: tuple = ()        # --controlnet NAME=PATH: export.controlnets.ControlNetSource
-    force: bool = False            # re-export components whose inputs are unchanged
-
-    def model_spec(self):
-        """The model's spec with the sources --base / --instantid / --ip-adapter name."""
-        from export.weights import with_sources
-
-        return with_sources(get_spec(self.model), self.base, self.instantid, self.ip_adapter)
-
-    def source_records(self) -> dict:
-        """{'base' | 'instantid' | 'ip_adapter': what was given (file + sha256, folder files, or hub id)}."""
-        from export.weights import source_record
-
-        given = {"base": self.base, "instantid": self.instantid, "ip_adapter": self.ip_adapter}
-        return {key: source_record(value, "--" + key.replace("_", "-")) for key, value in given.items() if value}
-
-    def names(self) -> list[str]:
-        """The components to export/build: the pipelines' (or the `components` subset), in build order."""
-        names = components_for(get_spec(self.model), self.pipelines) + [c.component for c in self.controlnets]
-        if self.components is None:
-            return names
-        unknown = sorted(set(self.components) - set(names))
-        if unknown:
-            raise UserError(f"--components {' '.join(unknown)}: not part of pipelines {list(self.pipelines)} of "
-                            f"--model {self.model}; choose from {' '.join(names)}")
-        return [name for name in names if name in self.components]
-
-
-def components_for(spec, pipelines) -> list[str]:
-    """Component names of `spec`'s pipelines (less the text encoders its family lacks), deduplicated, in
-    a fixed (manifest) order."""
-    wanted = {name for pipeline in pipelines for name in pipeline_components(spec, pipeline)}
-    return [name for name in COMPONENTS if name in wanted]
-
-
-COMPONENTS = ("text_encoder", "text_encoder_2", "image_encoder", "face_detector", "arcface", "face_proj",
-              "image_proj", "image_proj_plus", "controlnet", "unet_instantid", "unet_ip_adapter",
-              "unet_ip_adapter_plus", "vae_decoder")  # every component, in build (and manifest) order
-FACE_MODELS = ("face_detector", "arcface")
-
+# torch, diffusers and the ONNX tooling load in export_onnx: a mistake on the command line is answered
+# before them (seconds, not a minute on a busy machine)
 
 def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -149,9 +71,25 @@ def export_onnx(options: Options) -> list[Row]:
         names = [name for name in names if name not in FACE_MODELS]
     weights = options.weights
     if options.model in TINY_MODELS and weights is None and not options.random_init:
+        from export.tiny import write_tiny
+
+        quiet_libraries(options.verbose)  # saving the tiny checkpoints goes through diffusers / transformers
+        say(f"{options.model} checkpoints (seeded random weights, the real formats): {out / 'weights'}")
         weights = write_tiny(out / "weights", spec=get_spec(options.model))
     if not options.random_init:  # every missing checkpoint in one message, before any loading
         export_inputs.check_available(spec, names, weights, options.face_models, options.vae_fp16_fix)
+    import torch
+
+    from export import components as comps
+    from export.assets import model_facts, write_model_facts, write_scheduler_config, write_tokenizers
+    from export.checkpoint_dims import PARTS, checkpoint_spec, count_cross_attn_layers
+    from export.onnx_export import OPSET, export_component, trace_sizes
+    from export.sources import Sources
+    from export.torch_programs import program_entry
+
+    quiet_libraries(options.verbose)
+    if options.model == "tiny":
+        torch.set_num_threads(1)  # tiny graphs are overhead-bound; OpenMP spinning on a shared CPU is 50x slower
     # sizes from the files, not the spec: a local folder is read whole (cheap: configs and tensor
     # shapes), the hub only for the selected pipelines' checkpoints
     parts = PARTS if weights is not None else tuple(
@@ -177,7 +115,7 @@ def export_onnx(options: Options) -> list[Row]:
     for index, name in enumerate(names, 1):
         made_from = export_inputs.component_inputs(
             spec, name, weights_dir=weights, face_dir=options.face_models, random_init=options.random_init,
-            flags=export_inputs.component_flags(name, _precision_of(name, options), options, flags, programs_only),
+            flags=export_inputs.component_flags(name, precision_of(name, options), options, flags, programs_only),
             digests=digests, exporter=exporter)
         reason = "forced" if options.force else export_inputs.why_export(manifest, name, made_from, out, digests,
                                                                          programs_only)
@@ -191,7 +129,7 @@ def export_onnx(options: Options) -> list[Row]:
         loaded = time.perf_counter() - start
         status = f"exported ({reason})"
         if programs_only:
-            programs[name] = program_entry(made, out, name, flags["torch"], _precision_of(name, options), made_from,
+            programs[name] = program_entry(made, out, name, flags["torch"], precision_of(name, options), made_from,
                                            digests.sha256)
             del made
             rows.append(Row(name, programs[name]["params"], programs[name]["size_bytes"], loaded,
@@ -204,7 +142,7 @@ def export_onnx(options: Options) -> list[Row]:
             seconds = made(path)
         del made
         record = record_onnx(out, spec.name, name, path, export_seconds=round(seconds, 2),
-                             export_flags={**flags, "precision": _precision_of(name, options),
+                             export_flags={**flags, "precision": precision_of(name, options),
                                            "made_from": made_from})
         export_inputs.remember_onnx_digest(out, spec.name, name, record, digests)
         rows.append(Row(name, record.params, record.size_bytes, loaded, seconds, _peak_rss_gb(), status))
@@ -246,14 +184,6 @@ def export_onnx(options: Options) -> list[Row]:
     return rows
 
 
-def _precision_of(name: str, options: Options) -> str:
-    if name in ("face_detector", "arcface"):
-        return "fp32"
-    if name == "vae_decoder" and not options.vae_fp16_fix:
-        return "fp32"
-    return options.precision
-
-
 def _kept_row(manifest, name: str, programs_only: bool) -> Row:
     if programs_only:
         entry = manifest.metadata["torch_programs"][name]
@@ -285,125 +215,6 @@ def build_engines(options: Options) -> None:
               geometry=Geometry(height=sizes, width=sizes))
 
 
-def parse_args(argv: list[str] | None = None) -> Options:
-    """Command line -> Options (defaults: all pipelines, out build/<model>, stage all)."""
-    parser = ArgumentParser(prog="python -m export.build", description=__doc__.split("\n\n")[0] + "\n\n"
-                            + __doc__.split("\n\n")[1], epilog=EPILOG)
-    parser.add_argument("--model", required=True, choices=sorted(SPECS),
-                        help="tiny / tiny-sd15: seeded test models written on the fly (no download); sdxl / sd15: "
-                             "the real checkpoints (--weights, the hub cache, or --random-init)")
-    parser.add_argument("--pipeline", default="all", choices=[*PIPELINES, "all"],
-                        help="which pipeline's components to export; all: every pipeline the model's family has")
-    parser.add_argument("--weights", type=Path, metavar="DIR",
-                        help="folder laid out as the hub repositories (default: the hub cache; for tiny: write the "
-                             "tiny model to <out>/weights)")
-    parser.add_argument("--base", metavar="HUB_ID|FOLDER|FILE",
-                        help="the SDXL base: a hub id, a diffusers folder, or one .safetensors in the original "
-                             "(SGM / A1111 / ComfyUI) layout, read offline with the shipped configs")
-    parser.add_argument("--instantid", metavar="HUB_ID|FOLDER",
-                        help="InstantID: a hub id or folder holding ControlNetModel/ and ip-adapter.bin")
-    parser.add_argument("--ip-adapter", metavar="HUB_ID|FOLDER|FILE",
-                        help="IP-Adapter: a hub id or folder laid out as h94/IP-Adapter, or one adapter file "
-                             "(plain or Plus, told by its tensors)")
-    parser.add_argument("--random-init", action="store_true", help="real architecture, random weights")
-    parser.add_argument("--face-models", type=Path, metavar="DIR",
-                        help="antelopev2 folder (scrfd_10g_bnkps.onnx, glintr100.onnx)")
-    parser.add_argument("--out", type=Path, metavar="DIR", help="build directory (default build/<model>)")
-    parser.add_argument("--components", nargs="+", metavar="NAME",
-                        help=f"only these components of the pipelines (default: all of them); one of "
-                             f"{', '.join(COMPONENTS)}, or controlnet_NAME of a --controlnet")
-    parser.add_argument("--stage", default="all", choices=["onnx", "torch", "engines", "all"],
-                        help="onnx: ONNX + assets; torch: torch.export programs (torch backend) + assets; "
-                             "engines: TensorRT plans from the ONNX; all: onnx then engines")
-    parser.add_argument("--backend", choices=["tensorrt", "tensorrt-rtx"],
-                        help="engine backend (default: detect; a CPU-only machine builds with tensorrt-rtx)")
-    parser.add_argument("--precision", choices=["fp16", "fp32"],
-                        help="weights and activations (default: fp32 for the tiny models, fp16 otherwise; the face "
-                             "models and the VAE without --vae-fp16-fix stay fp32)")
-    parser.add_argument("--attention", default="stacked", choices=["stacked", "unfused", "fused"],
-                        help="decoupled attention in the UNet (export.attention): 'stacked' (default: one "
-                             "masked MHA with doubled heads, fused by TensorRT into one kernel), 'unfused' "
-                             "(two SDPAs: two fused kernels), 'fused' (concatenated keys, a softmax per "
-                             "segment: TensorRT fuses none of it)")
-    parser.add_argument("--vae-fp16-fix", action="store_true", help="use the fp16-safe VAE (decoder in fp16)")
-    parser.add_argument("--controlnet", action="append", default=[], metavar="NAME=HUB_ID|FOLDER",
-                        help="an extra SDXL ControlNet (canny, depth, pose, ...) beside the IdentityNet, exported as "
-                             "controlnet_NAME; repeatable (export/controlnets.py)")
-    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                        help="fuse a LoRA (kohya or diffusers/PEFT .safetensors) into the UNet and text encoders "
-                             "before export; repeatable, scale default 1.0")
-    parser.add_argument("--force", action="store_true",
-                        help="export every selected component again, even those whose inputs are unchanged")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="the traceback of an error, and the engine builder's warnings")
-    args = parser.parse_args(argv)
-    if args.face_models is not None and not args.face_models.is_dir():
-        parser.error(f"--face-models {args.face_models} is not a folder: pass the folder holding insightface's "
-                     "antelopev2 files (scrfd_10g_bnkps.onnx, glintr100.onnx)")
-    if args.weights is not None and not args.weights.is_dir():
-        parser.error(f"--weights {args.weights} is not a folder; omit it to use the hub cache")
-    if args.weights is not None and args.random_init:
-        parser.error("--weights and --random-init exclude each other")
-    from export.lora import LoraSpec
-
-    loras = tuple(LoraSpec.parse(text) for text in args.lora)
-    for lora in loras:
-        if not lora.path.is_file():
-            parser.error(f"--lora {lora.path} is not a file")
-    from export.controlnets import ControlNetSourceError, ControlNetSource, check_sources
-
-    try:
-        controlnets = tuple(ControlNetSource.parse(text) for text in args.controlnet)
-        check_sources(controlnets, args.model, get_spec(args.model))
-        for source in controlnets:
-            source.folder()
-    except ControlNetSourceError as error:
-        parser.error(str(error))
-    options = Options(
-        model=args.model, pipelines=_pipelines(parser, args.model, args.pipeline),
-        out=args.out or Path("build") / args.model, weights=args.weights, random_init=args.random_init,
-        face_models=args.face_models, stage=args.stage, backend=args.backend,
-        precision=args.precision or ("fp32" if args.model.startswith("tiny") else "fp16"), attention=args.attention,
-        vae_fp16_fix=args.vae_fp16_fix, components=tuple(args.components) if args.components else None,
-        loras=loras, base=args.base, instantid=args.instantid, ip_adapter=args.ip_adapter, controlnets=controlnets,
-        force=args.force)
-    options.names()  # unknown --components: fail before any work
-    _check_sources(parser, options, args.random_init)
-    return options
-
-
-def _pipelines(parser, model: str, pipeline: str) -> tuple[str, ...]:
-    """--pipeline as the pipelines to build: 'all' is every pipeline the model's family has."""
-    family = get_spec(model).pipelines
-    if pipeline == "all":
-        return tuple(family)
-    if pipeline not in family:
-        parser.error(f"--model {model} has no {pipeline} pipeline: choose --pipeline {' | '.join(family)} or all"
-                     + (" (InstantID's adapter and IdentityNet are SDXL models)" if pipeline == "instantid" else ""))
-    return (pipeline,)
-
-
-def _check_sources(parser, options: Options, random_init: bool) -> None:
-    """Fail before any work on a --base / --instantid / --ip-adapter that cannot be used."""
-    from export.single_file import SingleFileError
-    from export.weights import SourceError, WeightsNotFound
-
-    given = [flag for flag, value in (("--base", options.base), ("--instantid", options.instantid),
-                                      ("--ip-adapter", options.ip_adapter)) if value]
-    if given and random_init:
-        parser.error(f"{' and '.join(given)} and --random-init exclude each other")
-    try:
-        spec = options.model_spec()
-    except (SourceError, SingleFileError, WeightsNotFound) as error:
-        parser.error(str(error))
-    if options.ip_adapter and Path(options.ip_adapter).is_file():  # one adapter file: plain or Plus
-        plus = spec.ip_adapter_plus_source != get_spec(options.model).ip_adapter_plus_source
-        pipeline = "ip-adapter-plus" if plus else "ip-adapter"
-        if pipeline not in options.pipelines:
-            parser.error(f"--ip-adapter {options.ip_adapter} is {'an IP-Adapter Plus' if plus else 'a plain IP-Adapter'}"
-                         f" checkpoint, used by --pipeline {pipeline} (or all), not by {list(options.pipelines)}")
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (2 and one `error:` line for a user mistake: export.cli)."""
     return run(_main, argv)
@@ -414,9 +225,7 @@ def _main(argv: list[str]) -> int:
     for name in ("export", "engine"):  # our progress notes; the graph libraries' INFO chatter stays off
         logging.getLogger(name).setLevel(logging.INFO)
     options = parse_args(argv)
-    quiet_libraries(verbose="-v" in argv or "--verbose" in argv)
-    if options.model == "tiny":
-        torch.set_num_threads(1)  # tiny graphs are overhead-bound; OpenMP spinning on a shared CPU is 50x slower
+    logging.getLogger("engine.trt").setLevel(logging.INFO if options.verbose else logging.ERROR)  # builder chatter
     if options.stage in ("onnx", "all"):
         rows = export_onnx(options)
         print(summary_table(rows))

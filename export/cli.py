@@ -50,22 +50,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The exception classes that mean "the user must change something" (imported lazily: the engine
-    classes pull in nothing heavy, the export ones only what export.build imports anyway)."""
+    """The exception classes that mean "the user must change something": UserError and the project's
+    own error classes of the modules this process imported (one not imported raised nothing)."""
     classes: list[type[BaseException]] = [UserError]
     for module, names in (("export.weights", ("WeightsNotFound", "SourceError", "UnsafePickle")),
                           ("export.lora", ("LoraError",)),
                           ("export.controlnets", ("ControlNetSourceError",)),
                           ("export.single_file", ("SingleFileError",)),
-                          ("export.sources", ("UnsupportedComponent",)),
+                          ("export.pipelines", ("UnsupportedComponent",)),
                           ("export.checkpoint_dims", ("CheckpointMismatch",)),
                           ("engine.manifest", ("ManifestError",)),
                           ("engine.profiles", ("ProfileError",)),
                           ("engine.backend", ("BackendError",))):
-        try:
-            imported = __import__(module, fromlist=list(names))
-        except ImportError:
-            continue
+        imported = sys.modules.get(module)
         classes += [getattr(imported, name) for name in names if hasattr(imported, name)]
     return tuple(classes)
 

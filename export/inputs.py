@@ -118,6 +118,12 @@ def _in_hub_cache(source: Source, folder: bool) -> bool:
     return isinstance(try_to_load_from_cache(source.repo_id, probe), str)
 
 
+def _check_face_model(path: Path, what: str) -> str | None:
+    from export.face_models import check_face_model  # onnx_ir: only when there is a face model to look at
+
+    return check_face_model(path, what)
+
+
 def _hub_has(source: Source, folder: bool) -> bool:
     return _in_hub_cache(source, folder) or hub_reachable()
 
@@ -139,8 +145,6 @@ def check_available(spec: ModelSpec, names, weights_dir: Path | None, face_dir: 
                     vae_fp16_fix: bool = False) -> None:
     """Raise one UserError naming every missing need of components `names` and the flags that supply it;
     present face models are checked to be the expected ONNX models."""
-    from export.face_models import check_face_model
-
     missing, wrong, seen, supplied = [], [], set(), []
     for need in [*common_needs(spec), *(n for name in names for n in needs(spec, name, vae_fp16_fix))]:
         if need in seen:
@@ -158,7 +162,7 @@ def check_available(spec: ModelSpec, names, weights_dir: Path | None, face_dir: 
                            f"pass {' or '.join(need.flags)}")
         elif not _present(path, need.folder):
             missing.append(f"{path} ({need.what}): not found; pass {' or '.join(need.flags)}")
-        elif need.face is not None and (problem := check_face_model(path, need.what)):
+        elif need.face is not None and (problem := _check_face_model(path, need.what)):
             wrong.append(problem)
         if len(missing) > len(supplied):
             supplied.append(need.flags)

@@ -51,7 +51,9 @@ class LoraSpec:
             try:
                 return cls(Path(head), float(tail))
             except ValueError:
-                pass
+                if Path(head).is_file() and not Path(text).is_file():
+                    raise LoraError(f"--lora {text}: the scale '{tail}' is not a number; pass FILE or FILE:SCALE, "
+                                    "e.g. style.safetensors:0.8") from None
         return cls(Path(text), 1.0)
 
     def record(self) -> dict:

@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass
 
 EMPTY_FP32_LIST = re.compile(r"should be kept in float32: \[\]")
+_QUIET = False
 
 
 @dataclass
@@ -40,7 +41,12 @@ class _DropMessages(logging.Filter):
 
 
 def quiet_libraries(verbose: bool = False) -> None:
-    """Filter the known noisy messages (see the module docstring); `verbose` keeps the builder's."""
+    """Filter the known noisy messages (see the module docstring); `verbose` keeps the builder's. Loads
+    diffusers and transformers: call it once they are needed anyway; calling it again does nothing."""
+    global _QUIET
+    if _QUIET:
+        return
+    _QUIET = True
     logging.getLogger("engine.trt").setLevel(logging.INFO if verbose else logging.ERROR)
     try:
         from diffusers.utils import logging as diffusers_logging

@@ -37,6 +37,10 @@ def mistakes(tiny_weights, tmp_path_factory) -> dict[str, subprocess.CompletedPr
     torch.save({"image_proj": {"proj.weight": torch.zeros(2, 2)}, "ip_adapter": {},
                 "args": argparse.Namespace(lr=1e-4)}, evil)
     weights, out = str(tiny_weights), str(tmp / "out")
+    from engine.manifest import update_manifest
+
+    (tmp / "tiny_build").mkdir()
+    update_manifest(tmp / "tiny_build", "tiny", lambda manifest: None)  # an (empty) export of --model tiny
     export = [sys.executable, "-m", "export.build"]
     engine = [sys.executable, "-m", "engine"]
     cases = {
@@ -59,6 +63,9 @@ def mistakes(tiny_weights, tmp_path_factory) -> dict[str, subprocess.CompletedPr
                                            "--weights", weights, "--stage", "onnx", "--out", out, "-v"],
         "unknown_component": export + ["--model", "tiny", "--components", "unet", "--out", out],
         "unknown_pipeline": export + ["--model", "tiny", "--pipeline", "faceswap"],
+        "lora_scale_not_a_number": export + ["--model", "tiny", "--lora", f"{evil}:strong", "--out", out],
+        "out_is_a_file": export + ["--model", "tiny", "--out", str(evil)],
+        "out_holds_another_model": export + ["--model", "tiny-sd15", "--out", str(tmp / "tiny_build")],
         "tiny_into_a_file": [sys.executable, "-m", "export.tiny", str(garbage / "glintr100.onnx")],
         "engine_missing_folder": engine + ["build", str(tmp / "missing")],
         "engine_not_a_build": engine + [str(tmp / "notes")],
@@ -90,6 +97,9 @@ HINTS = {  # case: what the one error line must say (the message's text)
                       "to-safetensors", ".safetensors"],
     "unknown_component": ["--components unet", "choose from", "unet_instantid", "vae_decoder"],
     "unknown_pipeline": ["--pipeline", "faceswap", "instantid", "ip-adapter-plus"],
+    "lora_scale_not_a_number": ["scale 'strong' is not a number", "FILE:SCALE"],
+    "out_is_a_file": ["--out", "is a file"],
+    "out_holds_another_model": ["holds an export of --model tiny, not tiny-sd15", "another --out"],
     "tiny_into_a_file": ["is a file", "folder"],
     "engine_missing_folder": ["is not a folder", "python -m export.build"],
     "engine_not_a_build": ["holds no export", "python -m export.build"],
@@ -216,3 +226,13 @@ def test_help_exits_zero():
     done = [subprocess.run([sys.executable, "-m", *entry.split(), "--help"], cwd=REPO, capture_output=True, text=True,
                            timeout=120) for entry in ("export.build", "engine refit")]
     assert all(d.returncode == 0 and "examples:" in d.stdout and d.stderr == "" for d in done)
+
+
+def test_the_command_line_answers_before_torch_loads():
+    """Parsing, the --components / --pipeline checks and the missing-weights message need no torch,
+    diffusers or ONNX tooling: a mistake is answered in a second."""
+    code = ("import sys, export.build, engine.__main__; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'transformers', 'onnx', "
+            "'onnx_ir', 'tensorrt_rtx', 'tensorrt'}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
