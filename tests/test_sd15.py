@@ -313,3 +313,24 @@ def test_server_memory_limit_counts_sd15_attention_at_the_full_latent(tiny_sd15_
     scores = ATTENTION_PEAK_FACTOR * 2 * 2 * tokens * tokens * 4  # CFG rows x heads x tokens² x fp32
     print(f"tiny-sd15 at 4 GiB: max side {limits.max_side} px, attention {scores / 2**30:.2f} GiB")
     assert scores <= limits.memory_bytes < ATTENTION_PEAK_FACTOR * 2 * 2 * ((limits.max_side + 64) // 8) ** 4 * 4
+
+
+def test_sd15_long_weighted_prompt_equals_compel(tiny_sd15_build, tiny_sd15_weights):
+    """SD1.5's one text encoder takes long weighted prompts as compel does (last hidden state, normalized):
+    the runtime's ONNX Runtime encoding of a 3-chunk prompt = compel's on diffusers' encoder."""
+    pytest.importorskip("compel", reason="compel (the dev extra) is the oracle")
+    from compel import Compel, DownweightMode
+
+    from export import loaders
+    from runtime.pipelines import IPAdapterPipeline
+
+    prompt = ("an old (harbor:1.3) town at dusk, boats on the water, [fog] over the hills. " * 10).strip()
+    compel_prompt = prompt.replace("(harbor:1.3)", "(harbor)1.3").replace("[fog]", f"(fog){1 / 1.1:.12f}")
+    text = loaders.load_text_stack(TINY_SD15, tiny_sd15_weights)
+    oracle = Compel(tokenizer=text.tokenizer, text_encoder=text.text_encoder, truncate_long_prompts=False,
+                    downweight_mode=DownweightMode.REMOVE)
+    with torch.no_grad():
+        expected = oracle(compel_prompt)
+    tokens, pooled = IPAdapterPipeline.from_build(tiny_sd15_build).prompts(prompt)
+    assert tokens.shape == expected.shape and tokens.shape[1] == 3 * 77 and pooled.shape[1] == 0
+    assert float((tokens - expected).abs().max()) <= 1e-5
