@@ -73,7 +73,7 @@ class LoopInputs:
     latents: (B, 4, h, w) float32 initial latents (already x init_noise_sigma).
     step_noise: (N, B, 4, h, w) float32 noise per step (`draw_noise`), or None.
     guidance: 0-d float32; CFG is on when the rows of unet_feeds are 2B.
-    unet_feeds: text_tokens (R, 77, C), ip_tokens (R, K, C), ip_scale (L,) float32, text_embeds (R, P),
+    unet_feeds: text_tokens (R, T, C) (T = 77·k prompt tokens), ip_tokens (R, K, C), ip_scale (L,) float32, text_embeds (R, P),
         time_ids (R, 6) (SDXL only: `unet_conditioning`); without a ControlNet also the zero residuals.
     controlnet_feeds: face_tokens (R, K, C), control_image (R, 3, H, W), text_embeds, time_ids,
         conditioning_scale (1,) float32; None without a ControlNet.
@@ -116,7 +116,7 @@ class LoopInputs:
 
 def unet_conditioning(unet: Session, text_tokens: torch.Tensor, ip_tokens: torch.Tensor, ip_scale: torch.Tensor,
                       text_embeds: torch.Tensor, height: int, width: int) -> dict[str, torch.Tensor]:
-    """The UNet's per-request feeds: text_tokens (R, 77, C), ip_tokens (R, K, C), ip_scale (L,) float32, and
+    """The UNet's per-request feeds: text_tokens (R, T, C) (T = 77·k), ip_tokens (R, K, C), ip_scale (L,) float32, and
     where the UNet takes SDXL's added conditioning, text_embeds (R, P) and time_ids (R, 6) float32 = the
     baseline's (H, W, 0, 0, H, W) for an H x W px output. An SD1.5 UNet has neither (its pooled rows are (R, 0))."""
     feeds = {"text_tokens": text_tokens, "ip_tokens": ip_tokens, "ip_scale": ip_scale}

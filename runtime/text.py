@@ -184,7 +184,8 @@ class PromptEncoder:
     pooled embedding is the last encoder's `text_embeds` (1, P), or (1, 0) when no encoder has one.
     zero_negative: the model's force_zeros_for_empty_prompt (SDXL: a missing negative prompt is zeros;
     SD1.5: the empty prompt "" encoded). max_text_tokens: what the UNet takes (`text_capacity`; None:
-    no limit); raise_hint: how to raise it, for the truncation warning.
+    no limit); raise_hint: how to raise it, for the truncation warning ('{needed}' becomes the text tokens
+    the prompt needs).
     """
 
     def __init__(self, encoders: list, tokenizers: list[ClipTokenizer], device, zero_negative: bool = True,
@@ -257,7 +258,7 @@ class PromptEncoder:
         return (f"prompt {shown!r} truncated: {chunks.dropped} of its {chunks.tokens} tokens were dropped; this "
                 f"build's UNet takes {self.max_text_tokens} text tokens ({self.max_chunks} chunk(s) of up to 75 "
                 f"prompt tokens), the whole prompt needs {needed_chunks * CHUNK}. Shorten the prompt, or raise the "
-                f"limit: {self.raise_hint}".rstrip(": "))
+                f"limit: {self.raise_hint.replace('{needed}', str(needed_chunks * CHUNK))}".rstrip(": "))
 
     def __contains__(self, prompt: str) -> bool:
         """Whether `prompt`'s encoding is cached."""

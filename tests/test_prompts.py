@@ -196,7 +196,7 @@ def test_long_prompt_changes_the_image_and_truncation_warns(ip_adapter):
     [warning] = long.warnings
     dropped = len(ip_adapter.prompts.tokenizers[0].ids(WORDS_300)) - 225
     assert f"truncated: {dropped} of its {dropped + 225} tokens were dropped" in warning
-    assert "takes 231 text tokens" in warning and "--text-tokens" in warning
+    assert "takes 231 text tokens" in warning and "--text-tokens 77:77:308 --force" in warning
     assert ip_adapter.prompts(WORDS_300)[0].shape[1] == 231
 
 

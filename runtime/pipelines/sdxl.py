@@ -167,7 +167,7 @@ class _SDXLPipeline:
                     f"{self.manifest.model} --out {self.build_dir}) to take prompts of up to 3 chunks, or more with "
                     "python -m engine ... --text-tokens")
         return (f"rebuild the UNet engine with a longer text axis: python -m engine {self.build_dir} --components "
-                f"{self.unet_component} --text-tokens 77:77:<77 x chunks> --force (ONNX Runtime and torch take "
+                f"{self.unet_component} --text-tokens 77:77:{{needed}} --force (ONNX Runtime and torch take "
                 "the default engine profile's 231)")
 
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
