@@ -322,3 +322,23 @@ def test_baseline_encodes_prompts_as_the_runtime(ip_adapter, tiny_build):
         error = relative_error(runtime_generation(ip_adapter, prompt, NEGATIVE).latents.numpy(), expected.numpy())
         print(f"runtime vs baseline, {len(prompt.split())}-word prompt: latents rel {error:.2e}")
         assert error <= 1e-5
+
+
+def test_text_capacity_reads_the_session():
+    """The limit: a static axis' size (old builds), the engine profile's max (TensorRT: the manifest's
+    range), else the default profile's 231 (ONNX Runtime, torch)."""
+    from engine.tensors import TensorSpec
+    from runtime.text import text_capacity
+
+    class Unet:
+        def __init__(self, spec):
+            self.spec = spec
+
+        def input(self, name):
+            return self.spec
+
+    dims = ("2B", "text_tokens", 64)
+    assert text_capacity(Unet(TensorSpec("text_tokens", torch.float16, dims, (1, 77, 64), (2, 77, 64),
+                                         (8, 308, 64)))) == (308, True)
+    assert text_capacity(Unet(TensorSpec("text_tokens", torch.float32, dims))) == (231, True)
+    assert text_capacity(Unet(TensorSpec("text_tokens", torch.float32, ("2B", 77, 64)))) == (77, False)
