@@ -26,7 +26,6 @@ unfused.
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 import tempfile
@@ -133,13 +132,18 @@ def graphs_of(path: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI (see module docstring): one report line per graph, then the unfused Softmax names."""
-    parser = argparse.ArgumentParser(prog="python -m engine.fusion", description=__doc__.split("\n")[0])
+    from export.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m engine fusion", description=__doc__.split("\n")[0],
+                            epilog="examples:\n  python -m engine fusion build/tiny\n"
+                                   "  python -m engine fusion build/sdxl/onnx/unet_instantid.onnx --size 1024 "
+                                   "--save-log unet.log")
     parser.add_argument("path", type=Path, help="build directory or .onnx file")
     parser.add_argument("--log", type=Path, help="saved VERBOSE builder log of the (single) graph: no build")
     parser.add_argument("--save-log", type=Path, help="write the builder's VERBOSE log here (single graph)")
     parser.add_argument("--backend", default=None, help="tensorrt-rtx | tensorrt (default: detect)")
     parser.add_argument("--size", type=int, default=1024, help="image size of the build profile, pixels")
-    parser.add_argument("--opt-level", type=int, default=3)
+    parser.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0-5")
     args = parser.parse_args(argv)
     graphs = graphs_of(args.path)
     if (args.log or args.save_log) and len(graphs) != 1:

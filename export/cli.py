@@ -10,6 +10,7 @@ turns argparse's usage dump into the same one line. Anything else is a bug: its 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from typing import Callable, Sequence
@@ -81,6 +82,9 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped (`... --help | head`): end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except SystemExit as exit_:  # a `raise SystemExit("message")` is a user mistake said in words
         if isinstance(exit_.code, str):
             return fail(exit_.code, verbose)

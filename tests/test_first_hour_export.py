@@ -202,14 +202,14 @@ def _parsers(monkeypatch, main, argv: list[str]) -> argparse.ArgumentParser:
     return seen[0]
 
 
-@pytest.mark.parametrize("entry", ["export.build", "export.tiny", "engine", "engine refit"])
+@pytest.mark.parametrize("entry", ["export.build", "export.tiny", "engine", "engine refit", "engine fusion"])
 def test_help_documents_every_flag_with_examples(entry, monkeypatch):
     from engine.__main__ import main as engine_main
     from export.build import main as export_main
     from export.tiny import main as tiny_main
 
     main, argv = {"export.build": (export_main, []), "export.tiny": (tiny_main, []), "engine": (engine_main, []),
-                  "engine refit": (engine_main, ["refit"])}[entry]
+                  "engine refit": (engine_main, ["refit"]), "engine fusion": (engine_main, ["fusion"])}[entry]
     parser = _parsers(monkeypatch, main, argv)
     undocumented = [action.option_strings or action.dest for action in parser._actions if not action.help]
     assert not undocumented
