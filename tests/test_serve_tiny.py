@@ -228,9 +228,9 @@ def test_a_batch_of_requests_shares_one_denoising_loop(serve_build):
                 InstantIDRequest(face, "a sketch", seed=4, **common)]
     rows, run = [], pipe.loop.run
 
-    def counting_run(plan, inputs):
+    def counting_run(plan, inputs, *args, **kwargs):
         rows.append(inputs.latents.shape[0])
-        return run(plan, inputs)
+        return run(plan, inputs, *args, **kwargs)
 
     pipe.loop.run = counting_run
     try:
