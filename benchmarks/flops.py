@@ -1,6 +1,7 @@
 """The physical floor: FLOPs of every stage for one request shape, and the device's matmul peak.
 
     python -m benchmarks.flops --model sdxl --pipeline instantid --resolution 1024 --batch 1 --steps 30
+    python -m benchmarks.flops --text-chunks 3 --controlnets 1 --control-guidance-end 0.6
 
 FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` on the PyTorch modules of the
 baseline (diffusers UNet with decoupled attention on every attn2 layer, ControlNet, VAE decoder,
@@ -10,14 +11,17 @@ are counted (the counter's registry); normalisations and element-wise work are n
 usual definition of a compute floor.
 
 Stage shapes (B images, H x W pixels, CFG on: 2B rows through the per-step networks):
-  text_encoding   both CLIP text encoders on (1, 77) token ids (one prompt; zero negatives)
+  text_encoding   both CLIP text encoders on (k, 77) token ids: one prompt of k 77-token chunks
+                  (`text_chunks`, long prompts; zero negatives)
   image_tokens    InstantID: Resampler on (1, 1, 512); IP-Adapter: CLIP vision (1, 3, 224, 224)
                   + ImageProj / Resampler (the cached negative is excluded)
-  controlnet_step IdentityNet on (2B, 4, H/8, W/8), 16 face tokens, control image (2B, 3, H, W)
-  unet_step       UNet on (2B, 4, H/8, W/8) with 77 text + K image tokens (93 for InstantID)
+  controlnet_step IdentityNet on (2B, 4, H/8, W/8), 16 face tokens, control image (2B, 3, H, W),
+                  + each extra ControlNet (`controlnets`: an SDXL ControlNet of the model's config with
+                  the 77k text tokens as its context, runtime.controlnets)
+  unet_step       UNet on (2B, 4, H/8, W/8) with 77k text + K image tokens (93 for InstantID, k = 1)
   denoise_step    unet_step + controlnet_step
-  denoise_loop    steps x unet_step + (steps inside the IdentityNet's window) x controlnet_step: the
-                  window (control_guidance_start / _end, runtime.control_window) skips it elsewhere
+  denoise_loop    steps x unet_step + (steps inside the ControlNets' window) x controlnet_step: the
+                  window (control_guidance_start / _end, runtime.control_window) skips them elsewhere
   vae_decode      VAE decoder on (B, 4, H/8, W/8)
   end_to_end      text_encoding + image_tokens + denoise_loop + vae_decode (face analysis: ONNX,
                   not counted)
@@ -103,12 +107,13 @@ def _randn(*shape) -> torch.Tensor:
     return torch.empty(*shape, device="meta")
 
 
-def unet_step_flops(spec: ModelSpec, pipeline: str, height: int, width: int, rows: int, unet=None) -> int:
-    """One UNet call on `rows` rows (2B with CFG) at H x W pixels, context 77 + K tokens."""
+def unet_step_flops(spec: ModelSpec, pipeline: str, height: int, width: int, rows: int, unet=None,
+                    text_chunks: int = 1) -> int:
+    """One UNet call on `rows` rows (2B with CFG) at H x W pixels, context 77k + K tokens."""
     unet = unet or meta_unet(spec, pipeline)
     factor, cross = spec.vae_scale_factor, spec.cross_attention_dim
     sample = _randn(rows, unet.config.in_channels, height // factor, width // factor)
-    context = _randn(rows, TEXT_TOKENS + image_token_count(spec, pipeline), cross)
+    context = _randn(rows, TEXT_TOKENS * text_chunks + image_token_count(spec, pipeline), cross)
     added = _added_cond(spec, rows)
     return count_flops(unet, sample, torch.tensor(500.0, device="meta"), encoder_hidden_states=context,
                        added_cond_kwargs=added)
@@ -135,6 +140,20 @@ def controlnet_step_flops(spec: ModelSpec, height: int, width: int, rows: int) -
                        added_cond_kwargs=_added_cond(spec, rows), return_dict=False)
 
 
+def extra_controlnet_step_flops(spec: ModelSpec, height: int, width: int, rows: int, text_chunks: int = 1) -> int:
+    """One extra ControlNet call (a `controlnet_<name>` of the model's ControlNet config): `rows` rows at
+    H x W, the 77k text tokens as its context."""
+    from diffusers import ControlNetModel
+
+    controlnet = _meta(ControlNetModel.from_config, spec.controlnet)
+    factor = spec.vae_scale_factor
+    sample = _randn(rows, controlnet.config.in_channels, height // factor, width // factor)
+    text = _randn(rows, TEXT_TOKENS * text_chunks, spec.cross_attention_dim)
+    return count_flops(controlnet, sample, torch.tensor(500.0, device="meta"), encoder_hidden_states=text,
+                       controlnet_cond=_randn(rows, 3, height, width), conditioning_scale=1.0,
+                       added_cond_kwargs=_added_cond(spec, rows), return_dict=False)
+
+
 def vae_decode_flops(spec: ModelSpec, height: int, width: int, batch: int) -> int:
     """VAE decoder on (batch, 4, H/8, W/8) latents."""
     from diffusers import AutoencoderKL
@@ -146,7 +165,8 @@ def vae_decode_flops(spec: ModelSpec, height: int, width: int, batch: int) -> in
 
 
 def text_encoding_flops(spec: ModelSpec, prompts: int = 1) -> int:
-    """The CLIP text encoders (SDXL's two, SD1.5's one) on `prompts` rows of 77 token ids."""
+    """The CLIP text encoders (SDXL's two, SD1.5's one) on `prompts` rows of 77 token ids (a long prompt's
+    k chunks are k rows)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     total = 0
@@ -180,16 +200,23 @@ def image_tokens_flops(spec: ModelSpec, pipeline: str, images: int = 1) -> int:
 
 
 def stage_flops(model: str | ModelSpec, pipeline: str, height: int, width: int, batch: int = 1,
-                steps: int = 30, control_guidance_start: float = 0.0, control_guidance_end: float = 1.0) -> StageFlops:
-    """FLOPs of every stage (module docstring) for B images of H x W pixels with CFG, `steps` steps, the
-    IdentityNet run on the steps of its window (diffusers' control_guidance_start / _end)."""
+                steps: int = 30, control_guidance_start: float = 0.0, control_guidance_end: float = 1.0, *,
+                text_chunks: int = 1, controlnets: int = 0) -> StageFlops:
+    """FLOPs of every stage (module docstring) for B images of H x W pixels with CFG, `steps` steps, a
+    prompt of `text_chunks` 77-token chunks, the IdentityNet (InstantID) and `controlnets` extra
+    ControlNets run on the steps of their window (diffusers' control_guidance_start / _end)."""
     if pipeline not in PIPELINES:
         raise ValueError(f"unknown pipeline {pipeline!r}: choose one of {list(PIPELINES)}")
+    if text_chunks < 1 or controlnets < 0:
+        raise ValueError(f"text_chunks must be >= 1 and controlnets >= 0, got {text_chunks} and {controlnets}")
     spec = get_spec(model) if isinstance(model, str) else model
     rows = 2 * batch
-    flops = {"text_encoding": text_encoding_flops(spec), "image_tokens": image_tokens_flops(spec, pipeline)}
-    flops["unet_step"] = unet_step_flops(spec, pipeline, height, width, rows)
-    flops["controlnet_step"] = controlnet_step_flops(spec, height, width, rows) if pipeline == "instantid" else 0
+    flops = {"text_encoding": text_encoding_flops(spec, text_chunks),
+             "image_tokens": image_tokens_flops(spec, pipeline)}
+    flops["unet_step"] = unet_step_flops(spec, pipeline, height, width, rows, text_chunks=text_chunks)
+    identitynet = controlnet_step_flops(spec, height, width, rows) if pipeline == "instantid" else 0
+    extra = extra_controlnet_step_flops(spec, height, width, rows, text_chunks) if controlnets else 0
+    flops["controlnet_step"] = identitynet + controlnets * extra
     flops["denoise_step"] = flops["unet_step"] + flops["controlnet_step"]
     window = control_window(steps, control_guidance_start, control_guidance_end)
     controlnet_steps = (steps if window is None else sum(window)) if flops["controlnet_step"] else 0
@@ -245,6 +272,7 @@ def measure_matmul_peak(device: str | torch.device | None = None, n: int | None 
 EXAMPLES = """examples:
   python -m benchmarks.flops --model sdxl --pipeline instantid --resolution 1024 --steps 30
   python -m benchmarks.flops --model tiny --resolution 128 --steps 4 --peak     # with this machine's floor
+  python -m benchmarks.flops --text-chunks 3 --controlnets 1 --control-guidance-end 0.6  # long prompt, canny
 """
 
 
@@ -269,9 +297,19 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--resolution", type=int, default=1024, help="output side in pixels (square)")
     parser.add_argument("--batch", type=int, default=1, help="images per request (CFG doubles the rows)")
     parser.add_argument("--steps", type=int, default=30, help="denoising steps")
+    parser.add_argument("--text-chunks", type=int, default=1,
+                        help="77-token chunks of the prompt (a long prompt: 2 or 3)")
+    parser.add_argument("--controlnets", type=int, default=0,
+                        help="extra ControlNets beside the IdentityNet (python -m export.build --controlnet)")
+    parser.add_argument("--control-guidance-start", type=float, default=0.0,
+                        help="ControlNets' step window start (fraction of the steps)")
+    parser.add_argument("--control-guidance-end", type=float, default=1.0,
+                        help="ControlNets' step window end (fraction of the steps)")
     parser.add_argument("--peak", action="store_true", help="also measure this device's matmul peak")
     args = parser.parse_args(argv)
-    counted = stage_flops(args.model, args.pipeline, args.resolution, args.resolution, args.batch, args.steps)
+    counted = stage_flops(args.model, args.pipeline, args.resolution, args.resolution, args.batch, args.steps,
+                          args.control_guidance_start, args.control_guidance_end, text_chunks=args.text_chunks,
+                          controlnets=args.controlnets)
     out = {**asdict(counted), "tflops": {k: v / 1e12 for k, v in counted.flops.items()}}
     if args.peak:
         peak = measure_matmul_peak()

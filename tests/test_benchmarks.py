@@ -52,6 +52,26 @@ def test_tiny_stage_flops_are_positive_and_add_up():
     assert flops.stage_flops("tiny", "ip-adapter", 64, 64, steps=2).flops["controlnet_step"] == 0
 
 
+def test_long_prompts_and_extra_controlnets_add_their_work():
+    """A 3-chunk prompt: 3 rows through the text encoders and 231 text keys in every cross-attention; each
+    extra ControlNet is one more ControlNet call per in-window step (the IdentityNet's shape with the text
+    tokens as context)."""
+    spec = flops.get_spec("tiny")
+    plain = flops.stage_flops("tiny", "instantid", 64, 64, steps=4).flops
+    long = flops.stage_flops("tiny", "instantid", 64, 64, steps=4, text_chunks=3).flops
+    assert long["text_encoding"] == pytest.approx(3 * plain["text_encoding"], rel=1e-6)
+    assert long["unet_step"] > plain["unet_step"] and long["controlnet_step"] == plain["controlnet_step"]
+    extra = flops.extra_controlnet_step_flops(spec, 64, 64, rows=2)
+    two = flops.stage_flops("tiny", "instantid", 64, 64, steps=4, controlnets=2, control_guidance_end=0.5)
+    assert two.flops["controlnet_step"] == pytest.approx(plain["controlnet_step"] + 2 * extra, rel=1e-6)
+    assert two.controlnet_steps == 2
+    assert two.flops["denoise_loop"] == pytest.approx(4 * plain["unet_step"] + 2 * two.flops["controlnet_step"])
+    only = flops.stage_flops("tiny", "ip-adapter", 64, 64, steps=4, controlnets=1).flops
+    assert only["controlnet_step"] == pytest.approx(extra, rel=1e-6)
+    with pytest.raises(ValueError, match="text_chunks"):
+        flops.stage_flops("tiny", "instantid", 64, 64, text_chunks=0)
+
+
 @pytest.mark.slow
 def test_sdxl_flops_match_reference_numbers():
     """REFERENCE.md: 1024², batch 2: UNet 13.56 TFLOP/step (93 tokens), ControlNet 5.98; VAE decode 10.5."""
