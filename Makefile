@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# CPU build of torch from PyTorch's CPU index (~200 MB instead of ~3 GB of CUDA wheels); any torch >= 2.4
-# works: on a GPU machine pass TORCH_INDEX=https://download.pytorch.org/whl/cu128 (or empty for PyPI's build).
+# torch from the package registry (any torch >= 2.4 works). PyPI's Linux build carries CUDA (~3 GB); where
+# PyTorch's own index is reachable, TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the ~200 MB CPU
+# build (or .../whl/cu128 on a GPU machine).
 TORCH ?= torch==2.13.0
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 # Everything the tests and the demo use: the runtime, ONNX Runtime (CPU), the build-time stack, the server,
 # TensorRT-RTX (CPU builds) and the test tools (pyproject.toml lists what each extra is for).
 EXTRAS ?= cpu,export,serve,rtx,dev
@@ -18,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@echo "==> creating the virtual environment $(VENV) ($(PYTHON) -m venv); installing takes ~5 min and ~3 GB"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	@echo "==> installing $(TORCH) (CPU build, ~1 GB with its dependencies unpacked; 1-3 min)"
+	@echo "==> installing $(TORCH) (1-3 min; ~1 GB unpacked for a CPU build)"
 	$(PIP) install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	@echo "==> installing instantrt with the extras [$(EXTRAS)]: diffusers, transformers, ONNX Runtime, ONNX tools,"
 	@echo "    TensorRT-RTX, the server and the test tools (~1.5 GB; 2-4 min)"
