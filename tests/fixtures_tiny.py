@@ -110,6 +110,26 @@ def run_onnx(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: value.astype(np.float32) for name, value in zip(names, session.run(names, cast))}
 
 
+def diffusers_sdxl_ip_adapter(weights: Path):
+    """diffusers' StableDiffusionXLPipeline on the tiny model's files (Euler) + load_ip_adapter (plain
+    IP-Adapter and its image encoder from weights/IP-Adapter): the oracle of the IP-Adapter pipeline."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from export import loaders
+    from export.specs import TINY
+
+    text = loaders.load_text_stack(TINY, weights)
+    pipe = StableDiffusionXLPipeline(
+        vae=loaders.load_vae(TINY, weights), text_encoder=text.text_encoder, text_encoder_2=text.text_encoder_2,
+        tokenizer=text.tokenizer, tokenizer_2=text.tokenizer_2, unet=loaders.load_unet(TINY, weights),
+        scheduler=EulerDiscreteScheduler.from_config(loaders.load_scheduler_config(TINY, weights)),
+        add_watermarker=False)
+    pipe.load_ip_adapter(str(weights / "IP-Adapter"), subfolder="sdxl_models",
+                         weight_name="ip-adapter_sdxl_vit-h.safetensors", image_encoder_folder="models/image_encoder")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def relative_error(value: np.ndarray, reference: np.ndarray) -> float:
     """‖value − reference‖ / ‖reference‖ in float64."""
     value, reference = np.asarray(value, np.float64), np.asarray(reference, np.float64)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures_tiny import diffusers_sdxl_ip_adapter, relative_error
 
 from export.specs import TINY, get_spec
 from runtime.ip_scales import PRESETS, BlockScaleError, BlockScales, cross_attention_layer_names, parse_block_scales
@@ -19,28 +20,10 @@ CUSTOM = {"down": 0.5, "mid": 0.7, "up": {"block_1": [0.1, 0.2, 0.3]}}
 DICTS = [PRESETS["style"], PRESETS["style_layout"], CUSTOM, {"up": {"block_0": 0.9}, "mid": [0.4]}, {"down": 1.0}]
 
 
-def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((value.float() - reference.float()).norm() / reference.float().norm())
-
-
 @pytest.fixture(scope="module")
 def oracle(tiny_build):
     """diffusers' SDXL pipeline on the tiny build's weights + load_ip_adapter (plain IP-Adapter)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
-    from export import loaders
-
-    weights = tiny_build / "weights"
-    text = loaders.load_text_stack(TINY, weights)
-    pipe = StableDiffusionXLPipeline(
-        vae=loaders.load_vae(TINY, weights), text_encoder=text.text_encoder, text_encoder_2=text.text_encoder_2,
-        tokenizer=text.tokenizer, tokenizer_2=text.tokenizer_2, unet=loaders.load_unet(TINY, weights),
-        scheduler=EulerDiscreteScheduler.from_config(loaders.load_scheduler_config(TINY, weights)),
-        add_watermarker=False)
-    pipe.load_ip_adapter(str(weights / "IP-Adapter"), subfolder="sdxl_models",
-                         weight_name="ip-adapter_sdxl_vit-h.safetensors", image_encoder_folder="models/image_encoder")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_sdxl_ip_adapter(tiny_build / "weights")
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_tiny import export_lora_build, module_weight, random_lora_factors, relative_error
+from fixtures_tiny import diffusers_sdxl_ip_adapter, export_lora_build, module_weight, random_lora_factors, relative_error
 from safetensors.torch import save_file
 
 from export.specs import TINY
@@ -122,18 +122,7 @@ def test_files_are_the_formats_diffusers_reads(lora_files):
 
 def _diffusers_pipeline(weights: Path, lora: Path, fuse: bool):
     """diffusers' SDXL pipeline on the tiny files + load_ip_adapter + load_lora_weights (fused at SCALE if asked)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
-    from export import loaders
-
-    text = loaders.load_text_stack(TINY, weights)
-    pipe = StableDiffusionXLPipeline(
-        vae=loaders.load_vae(TINY, weights), text_encoder=text.text_encoder, text_encoder_2=text.text_encoder_2,
-        tokenizer=text.tokenizer, tokenizer_2=text.tokenizer_2, unet=loaders.load_unet(TINY, weights),
-        scheduler=EulerDiscreteScheduler.from_config(loaders.load_scheduler_config(TINY, weights)),
-        add_watermarker=False)
-    pipe.load_ip_adapter(str(weights / "IP-Adapter"), subfolder="sdxl_models",
-                         weight_name="ip-adapter_sdxl_vit-h.safetensors", image_encoder_folder="models/image_encoder")
+    pipe = diffusers_sdxl_ip_adapter(weights)
     pipe.set_ip_adapter_scale(IP_SCALE)
     pipe.load_lora_weights(str(lora))
     if fuse:

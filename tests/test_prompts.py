@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures_tiny import relative_error
+from fixtures_tiny import diffusers_sdxl_ip_adapter, relative_error
 
 from export.specs import TINY
 from runtime.prompt_weights import parse_prompt
@@ -140,19 +140,7 @@ def test_embeddings_equal_compel(ip_adapter, tiny_build):
 @pytest.fixture(scope="module")
 def diffusers_pipe(tiny_build):
     """diffusers' SDXL pipeline + load_ip_adapter on the tiny files."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
-    from export import loaders
-
-    weights = tiny_build / "weights"
-    text = loaders.load_text_stack(TINY, weights)
-    pipe = StableDiffusionXLPipeline(
-        vae=loaders.load_vae(TINY, weights), text_encoder=text.text_encoder, text_encoder_2=text.text_encoder_2,
-        tokenizer=text.tokenizer, tokenizer_2=text.tokenizer_2, unet=loaders.load_unet(TINY, weights),
-        scheduler=EulerDiscreteScheduler.from_config(loaders.load_scheduler_config(TINY, weights)),
-        add_watermarker=False)
-    pipe.load_ip_adapter(str(weights / "IP-Adapter"), subfolder="sdxl_models",
-                         weight_name="ip-adapter_sdxl_vit-h.safetensors", image_encoder_folder="models/image_encoder")
+    pipe = diffusers_sdxl_ip_adapter(tiny_build / "weights")
     pipe.set_ip_adapter_scale(IP_SCALE)
     return pipe
 
