@@ -5,7 +5,10 @@ do with a user's mistake: one `error: <what to do>` line on stderr, exit status 
 `UserError` is the base of the mistakes the code raises with a message that says what to do;
 `USER_ERRORS` adds the project's existing error classes that are user mistakes too (missing weights,
 a bad --base file, an unknown component, a manifest that is not there, ...). `ArgumentParser`
-turns argparse's usage dump into the same one line. Anything else is a bug: its traceback is shown.
+turns argparse's usage dump into the same one line; its help is the runtime commands' (runtime.console).
+The runtime's commands share the behaviour through runtime.console.run_command; these differ in that a
+message may carry an indented list under its `error:` line (every missing checkpoint and its flag).
+Anything else is a bug: its traceback is shown.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import os
 import sys
 import traceback
 from typing import Callable, Sequence
+
+from runtime.console import HelpFormatter  # the runtime's commands' help: examples kept, defaults shown
 
 EXIT_USAGE = 2
 
@@ -36,18 +41,6 @@ class ArgumentParser(argparse.ArgumentParser):
             traceback.print_stack()
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Description and epilog as written (their examples keep their lines); an option's default is
-    appended to its help unless the help already says it (or there is none: unset, or a switch)."""
-
-    def _get_help_string(self, action):
-        help_ = action.help or ""
-        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
-        if "default" in help_ or unset or not action.option_strings or action.default == []:
-            return help_
-        return f"{help_} (default: %(default)s)"
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
