@@ -17,9 +17,11 @@ from __future__ import annotations
 import math
 import os
 import resource
+from dataclasses import dataclass
 from pathlib import Path
 
 from engine.manifest import load_manifest
+from runtime.images import MAX_ASPECT_RATIO, MAX_SIDE
 
 ATTENTION_HEADS = {"sdxl": 10, "tiny": 4,  # heads of the largest self-attention (block 1, latent/2)
                    # SD1.5 attends at the full latent (block 0): 8 (tiny: 2) heads over 4x the tokens,
@@ -28,6 +30,30 @@ ATTENTION_HEADS = {"sdxl": 10, "tiny": 4,  # heads of the largest self-attention
 ATTENTION_PEAK_FACTOR = 6.5  # peak memory per byte of one score tensor (measured, see above)
 RUNTIME_BYTES = 2 * 2**30  # libraries, arenas, thread stacks, activations beside the weights and scores
 SIDE_MULTIPLE = 64
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits (`python -m runtime serve` derives them with `capacity.limits_for`).
+
+    max_body_bytes: the body (413). max_image_pixels (413), max_image_side, max_image_aspect (422):
+        each input photo, from its header before decoding.
+    max_side, min_side: output side (px, 422 size_out_of_profile); max_side_source: what set max_side.
+    max_cost: width x height / 2^20 x steps x num_images, in megapixel-steps (422 over_budget).
+    memory_bytes: what one request's run may use for ONNX Runtime's attention (422 over_memory;
+        None: not checked, e.g. TensorRT), with attention_heads at latent/2 (`capacity`).
+    """
+
+    max_body_bytes: int = 20 * 2**20
+    max_image_pixels: int = 25_000_000
+    max_image_side: int = MAX_SIDE
+    max_image_aspect: float = MAX_ASPECT_RATIO
+    max_side: int = 2048
+    min_side: int = 64
+    max_side_source: str = "--max-side"
+    max_cost: float = 200.0
+    memory_bytes: int | None = None
+    attention_heads: int = 10
 
 
 def attention_bytes(width: int, height: int, rows: int, heads: int) -> int:
@@ -126,7 +152,6 @@ def limits_for(build_dir: str | os.PathLike, backend: str, pipelines: list[str],
     requests of one size share a denoising loop. fixed: the other Limits fields (body, photo, cost).
     """
     from runtime.pipelines import PIPELINES  # torch: only when a server starts
-    from runtime.serve.inputs import Limits  # inputs imports this module
     from runtime.serve.served import available_pipelines
 
     manifest = load_manifest(Path(build_dir))

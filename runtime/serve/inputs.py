@@ -12,7 +12,7 @@ import io
 import json
 import re
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -20,39 +20,15 @@ from PIL import Image
 from pydantic import ValidationError
 from starlette.requests import Request
 
-from runtime.images import MAX_ASPECT_RATIO, MAX_SIDE, ImageError, instantid_size, load_image, model_size
+from runtime.images import ImageError, instantid_size, load_image, model_size
 from runtime.pipelines import PIPELINES
 from runtime.requests import GenerateRequest, LoopSettings, loop_settings
-from runtime.serve.capacity import attention_bytes, largest_square
+from runtime.serve.capacity import Limits, attention_bytes, largest_square
 from runtime.serve.schemas import (CONTROL_FIELDS, IMAGE_FIELDS, REQUEST_MODELS, BadRequest, ServeFields,
                                    decode_base64, format_validation_errors, shorten)
 
 MAX_JSON_SEPARATORS = 50_000  # '[', '{', ',' and ':' in a JSON body: a request has a few hundred at most
 MEGAPIXEL = 2**20  # cost unit: one 1024 x 1024 image for one step
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-request limits (`python -m runtime serve` derives them with `capacity.limits_for`).
-
-    max_body_bytes: the body (413). max_image_pixels (413), max_image_side, max_image_aspect (422):
-        each input photo, from its header before decoding.
-    max_side, min_side: output side (px, 422 size_out_of_profile); max_side_source: what set max_side.
-    max_cost: width x height / 2^20 x steps x num_images, in megapixel-steps (422 over_budget).
-    memory_bytes: what one request's run may use for ONNX Runtime's attention (422 over_memory;
-        None: not checked, e.g. TensorRT), with attention_heads at latent/2 (`capacity`).
-    """
-
-    max_body_bytes: int = 20 * 2**20
-    max_image_pixels: int = 25_000_000
-    max_image_side: int = MAX_SIDE
-    max_image_aspect: float = MAX_ASPECT_RATIO
-    max_side: int = 2048
-    min_side: int = 64
-    max_side_source: str = "--max-side"
-    max_cost: float = 200.0
-    memory_bytes: int | None = None
-    attention_heads: int = 10
 
 
 def parse_fields(content_type: str, body: bytes, form: dict[str, Any] | None) -> dict[str, Any]:
