@@ -257,7 +257,8 @@ def component_inputs(spec: ModelSpec, name: str, *, weights_dir: Path | None, fa
             if path is None:
                 path = resolve(need.source, None, folder=need.folder)
             for file in _files_of(path):
-                label = f"{need.what}: {file.relative_to(path).as_posix() if file != path else file.name}"
+                inside = file != path and file.is_relative_to(path)  # a single-file base's .safetensors is not
+                label = f"{need.what}: {file.relative_to(path).as_posix() if inside else file.name}"
                 files[label] = digests.sha256(file)
     return {"model": spec.name, "component": name, **flags, "files": files, "exporter": exporter}
 
