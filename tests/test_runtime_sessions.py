@@ -88,9 +88,11 @@ def test_ort_binds_feeds_in_place_and_hands_over_outputs(tmp_path):
 
 
 def _feeds(session, sizes: dict[str, int], seed: int) -> dict[str, torch.Tensor]:
-    """Random feeds at base sizes {'batch', 'height', 'width'} (token ids < 1000, floats N(0, 1))."""
-    from engine.profiles import parse_dim
+    """Random feeds at base sizes {'batch', 'height', 'width'} and 2 prompt chunks of text tokens (token ids
+    < 1000, floats N(0, 1))."""
+    from engine.profiles import TEXT_CHUNK, TEXT_TOKENS_AXIS, parse_dim
 
+    sizes = {TEXT_TOKENS_AXIS: 2 * TEXT_CHUNK, **sizes}
     generator = torch.Generator().manual_seed(seed)
     feeds = {}
     for info in session.inputs:
