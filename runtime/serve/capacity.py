@@ -187,6 +187,20 @@ def stepped_components(entries) -> list[str]:
         entry.pipeline.uses_controlnet for entry in entries) else [])
 
 
+def memory_shortfall(limits: Limits, width: int, height: int, num_images: int, guidance: float
+                     ) -> tuple[int, int] | None:
+    """(bytes ONNX Runtime's attention needs, the largest square side that fits) when a width x height run
+    of `num_images` images (x2 rows with guidance > 1) needs more than `limits.memory_bytes`; else None
+    (it fits, or memory is not checked)."""
+    if limits.memory_bytes is None:
+        return None
+    rows = num_images * (2 if guidance > 1.0 else 1)
+    need = attention_bytes(width, height, rows, limits.attention_heads)
+    if need <= limits.memory_bytes:
+        return None
+    return need, largest_square(limits.memory_bytes, rows, limits.attention_heads)
+
+
 def check_run(build_dir: str | os.PathLike, backend: str, pipeline: str, width: int, height: int,
               num_images: int = 1, guidance: float = 5.0) -> None:
     """Before anything loads (`python -m runtime generate`): RequestError when a width x height run of
@@ -200,12 +214,9 @@ def check_run(build_dir: str | os.PathLike, backend: str, pipeline: str, width: 
         raise RequestError(f"{width}x{height} is larger than the build's engines allow ({engines} px per side): "
                            f"ask for at most {engines}x{engines}, or rebuild the engines for larger sizes")
     limits = limits_for(build_dir, backend, [pipeline])
-    if limits.memory_bytes is None:
-        return
-    rows = num_images * (2 if guidance > 1.0 else 1)
-    need = attention_bytes(width, height, rows, limits.attention_heads)
-    if need > limits.memory_bytes:
-        side = largest_square(limits.memory_bytes, rows, limits.attention_heads)
+    short = memory_shortfall(limits, width, height, num_images, guidance)
+    if short is not None:
+        need, side = short
         raise RequestError(f"{width}x{height} with {num_images} image(s) needs about {_gb(need)} for ONNX Runtime's "
                            f"attention and this machine has {_gb(limits.memory_bytes)} free for it: ask for at most "
                            f"{side}x{side} (the need grows with (width x height)^2), fewer images, or use a GPU "

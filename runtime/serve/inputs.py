@@ -23,7 +23,7 @@ from starlette.requests import Request
 from runtime.images import ImageError, instantid_size, load_image, model_size
 from runtime.pipelines import PIPELINES
 from runtime.requests import GenerateRequest, LoopSettings, loop_settings
-from runtime.serve.capacity import Limits, attention_bytes, largest_square
+from runtime.serve.capacity import Limits, memory_shortfall
 from runtime.serve.schemas import (CONTROL_FIELDS, IMAGE_FIELDS, REQUEST_MODELS, BadRequest, ServeFields,
                                    decode_base64, format_validation_errors, shorten)
 
@@ -195,12 +195,9 @@ def check_size(width: int, height: int, request: ServeFields, limits: Limits) ->
                          f"image(s) = {cost:,.1f} megapixel-steps (1 MP = 1024x1024 px), the limit is "
                          f"{limits.max_cost:g} (--max-cost): lower steps, num_images or width/height{given}",
                          422, "over_budget")
-    if limits.memory_bytes is None:
-        return
-    rows = request.num_images * (2 if request.guidance > 1.0 else 1)
-    need = attention_bytes(width, height, rows, limits.attention_heads)
-    if need > limits.memory_bytes:
-        side = largest_square(limits.memory_bytes, rows, limits.attention_heads)
+    short = memory_shortfall(limits, width, height, request.num_images, request.guidance)
+    if short is not None:
+        need, side = short
         raise BadRequest(f"{width}x{height} with {request.num_images} image(s) needs about {need / 2**30:.1f} GiB "
                          f"for ONNX Runtime's attention, this server has {limits.memory_bytes / 2**30:.1f} GiB per "
                          f"request: ask for at most {side}x{side} px at {request.num_images} image(s) (the need grows "
